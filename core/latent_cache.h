@@ -1,0 +1,79 @@
+// The paged MLA latent cache (MODEL_SPEC.md 3.5).
+//
+// Per token per layer an entry holds exactly the normalized latent c
+// (kv_lora_rank floats) followed by the roped key k_pe (qk_rope_head_dim
+// floats): 576 values for DeepSeek-V2/V3. Entries live in fixed-size pages
+// (default 64 tokens, as FlashMLA uses) handed out by a free-list allocator;
+// each sequence has a block table (its pages in position order).
+//
+// Not thread-safe: one owner (the engine's step loop, or an attention node)
+// calls it. Entry pointers stay valid until the sequence is freed.
+#ifndef DMOE_CORE_LATENT_CACHE_H_
+#define DMOE_CORE_LATENT_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace dmoe {
+
+struct LatentCacheOptions {
+  int64_t num_layers = 0;
+  int64_t kv_lora_rank = 0;       // r
+  int64_t qk_rope_head_dim = 0;   // dr
+  int64_t page_size = 64;         // tokens per page
+  int64_t num_pages = 0;          // pool size
+};
+
+using SequenceId = int64_t;
+
+class LatentCache {
+ public:
+  // INVALID_ARGUMENT on a non-positive size.
+  static absl::StatusOr<std::unique_ptr<LatentCache>> Create(const LatentCacheOptions& options);
+
+  const LatentCacheOptions& options() const { return options_; }
+  int64_t entry_width() const { return options_.kv_lora_rank + options_.qk_rope_head_dim; }
+
+  int64_t pages_total() const { return options_.num_pages; }
+  int64_t pages_free() const { return static_cast<int64_t>(free_pages_.size()); }
+  // Tokens whose entries the sequence holds (0 for an unknown sequence).
+  int64_t SequenceLength(SequenceId seq) const;
+  // Pages the sequence must get before it can hold `new_tokens` more tokens.
+  int64_t PagesNeeded(SequenceId seq, int64_t new_tokens) const;
+  // Grows the sequence (creating it if new) by `new_tokens` positions.
+  // RESOURCE_EXHAUSTED, with nothing allocated, when the free pages do not
+  // suffice.
+  absl::Status Extend(SequenceId seq, int64_t new_tokens);
+  // Shrinks the sequence to `length` tokens, returning pages no longer needed.
+  void Truncate(SequenceId seq, int64_t length);
+  // Returns all the sequence's pages to the free list. Unknown ids: no-op.
+  void Free(SequenceId seq);
+  bool Contains(SequenceId seq) const { return sequences_.contains(seq); }
+
+  // REQUIRES: pos < SequenceLength(seq). [entry_width()] floats.
+  float* Entry(SequenceId seq, int64_t layer, int64_t pos);
+  const float* Entry(SequenceId seq, int64_t layer, int64_t pos) const;
+  // The sequence's pages in position order.
+  const std::vector<int64_t>& BlockTable(SequenceId seq) const;
+
+ private:
+  explicit LatentCache(const LatentCacheOptions& options);
+  struct Sequence {
+    int64_t length = 0;
+    std::vector<int64_t> block_table;
+  };
+
+  LatentCacheOptions options_;
+  std::vector<float> pool_;  // [num_pages][num_layers][page_size][entry_width]
+  std::vector<int64_t> free_pages_;
+  absl::flat_hash_map<SequenceId, Sequence> sequences_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_CORE_LATENT_CACHE_H_
