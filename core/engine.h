@@ -1,0 +1,84 @@
+// The forward pass of a DeepSeek-V2/V3 model over a batch of sequences
+// (MODEL_SPEC.md 3), on the CPU backend. The single-process CLI and the
+// cluster's attention nodes run this same step; only the ExpertBackend
+// differs (in-process experts, or expert nodes over the transport).
+#ifndef DMOE_CORE_ENGINE_H_
+#define DMOE_CORE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/latent_cache.h"
+#include "core/mla.h"
+#include "core/mlp.h"
+#include "core/model_weights.h"
+#include "core/moe_gate.h"
+#include "core/rope.h"
+
+namespace dmoe {
+
+struct EngineOptions {
+  // kAuto: expanded MLA for prefill chunks, absorbed for decode tokens.
+  MlaForm mla_form = MlaForm::kAuto;
+};
+
+// One sequence's part of a step: `tokens` appended at positions
+// [cache length, cache length + tokens.size()).
+struct StepSequence {
+  SequenceId seq = 0;
+  std::vector<int32_t> tokens;
+  bool all_logits = false;  // logits of every position, else only the last
+};
+
+struct SequenceLogits {
+  std::vector<int64_t> positions;
+  std::vector<float> logits;  // [positions.size(), vocab_size]
+};
+
+// Per-step hooks into the MoE layers, e.g. the balancer's serving bias.
+struct StepRouting {
+  // Per MoE layer serving bias [E] added to the selection score (empty: none).
+  const std::vector<std::vector<float>>* serving_bias = nullptr;
+  // When set, receives every token's chosen experts: [layer][n * k].
+  std::vector<std::vector<int32_t>>* topk_idx_out = nullptr;
+};
+
+// Holds the weights (shared, immutable) and derived tables. Step() may be
+// called from one thread at a time per LatentCache.
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(std::shared_ptr<const ModelWeights> weights,
+                                                        const EngineOptions& options = {});
+
+  const ModelConfig& config() const { return weights_->config; }
+  const ModelWeights& weights() const { return *weights_; }
+
+  // LatentCacheOptions sized for this model with `num_pages` pages.
+  LatentCacheOptions CacheOptions(int64_t num_pages, int64_t page_size = 64) const;
+
+  // Runs one forward step: extends each sequence's cache by its tokens,
+  // runs every layer, returns logits in input order. INVALID_ARGUMENT for a
+  // token outside the vocabulary, an empty chunk, a repeated sequence or a
+  // context beyond max_position_embeddings; RESOURCE_EXHAUSTED when the
+  // cache lacks pages (nothing is changed then).
+  absl::StatusOr<std::vector<SequenceLogits>> Step(const std::vector<StepSequence>& batch, LatentCache& cache,
+                                                   ExpertBackend& experts, const StepRouting& routing = {}) const;
+
+ private:
+  Engine(std::shared_ptr<const ModelWeights> weights, const EngineOptions& options);
+  absl::Status Validate(const std::vector<StepSequence>& batch, const LatentCache& cache) const;
+  absl::Status MoeLayer(int64_t layer, const float* h, int64_t n, ExpertBackend& experts,
+                        const StepRouting& routing, float* out) const;
+
+  std::shared_ptr<const ModelWeights> weights_;
+  EngineOptions options_;
+  Rope rope_;
+  MoeGate gate_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_CORE_ENGINE_H_

@@ -1,0 +1,48 @@
+// SwiGLU MLPs (MODEL_SPEC.md 3.6) and routed-expert execution (3.8) on CPU.
+#ifndef DMOE_CORE_MLP_H_
+#define DMOE_CORE_MLP_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "core/model_weights.h"
+
+namespace dmoe {
+
+// out[n, D] = W_down (silu(W_gate x) ⊙ W_up x) for n tokens x[n, D].
+void MlpForward(const MlpWeights& mlp, const float* x, int64_t n, float* out);
+
+// Runs routed experts for a batch of one MoE layer's tokens.
+// Implementations: LocalExperts (in this process) and, in the cluster, the
+// attention node's dispatcher to expert nodes.
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  // x: [n, D] normalized hidden states; topk_idx, topk_weights: [n, k]
+  // (an index < 0 marks a slot to skip). Writes out[n, D] =
+  // sum over slots of topk_weights * MLP_expert(x), summed in slot order.
+  virtual absl::Status RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k,
+                                        const int32_t* topk_idx, const float* topk_weights, float* out) = 0;
+};
+
+// Routed experts held by this process's ModelWeights. Each expert runs once
+// over all its tokens of the step (grouped). Thread-compatible.
+class LocalExperts : public ExpertBackend {
+ public:
+  explicit LocalExperts(const ModelWeights& weights) : weights_(weights) {}
+  // FAILED_PRECONDITION when a requested expert is not loaded here.
+  absl::Status RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
+                                const float* topk_weights, float* out) override;
+
+  // Per-slot outputs without combining: y[n, k, D] = MLP_expert(x) (unweighted;
+  // skipped slots are left untouched). The cluster's expert nodes use this.
+  absl::Status RunExpertSlots(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
+                              float* y);
+
+ private:
+  const ModelWeights& weights_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_CORE_MLP_H_
