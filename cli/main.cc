@@ -1,1 +1,54 @@
-int main() { return 0; }
+// dmoe: the command-line entry point (docs/cli.md).
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: dmoe <command> [flags]\n"
+    "commands:\n"
+    "  forward     --model DIR --ids 3,17,42 [--all-positions]       logits as JSON\n"
+    "  generate    --model DIR (--prompt TEXT | --ids 1,2,3) --max-tokens N\n"
+    "              [--temperature T] [--top-p P] [--top-k K] [--min-p M] [--seed S] [--json]\n"
+    "  tokenize    --model DIR --text TEXT                            {\"ids\": [..]}\n"
+    "  detokenize  --model DIR --ids 1,2,3                            the text\n"
+    "  make-model  --preset tiny|v2-lite-shape|v3-shape --out DIR [--layers N] [--dtype f32|bf16|fp8] [--seed S]\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  absl::Status status;
+  if (command == "forward") {
+    status = dmoe::cli::RunForward(args);
+  } else if (command == "generate") {
+    status = dmoe::cli::RunGenerate(args);
+  } else if (command == "tokenize") {
+    status = dmoe::cli::RunTokenize(args);
+  } else if (command == "detokenize") {
+    status = dmoe::cli::RunDetokenize(args);
+  } else if (command == "make-model") {
+    status = dmoe::cli::RunMakeModel(args);
+  } else {
+    std::fprintf(stderr, "dmoe: unknown command '%s'\n%s", command.c_str(), kUsage);
+    return 2;
+  }
+  if (!status.ok()) {
+    std::string message(status.message());
+    for (char& c : message) {
+      if (c == '\n') c = ' ';
+    }
+    std::fprintf(stderr, "dmoe %s: error: %s\n", command.c_str(), message.c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -79,18 +79,22 @@ float Fp8E4M3ToFloat(uint8_t v) {
 uint8_t FloatToFp8E4M3(float f) {
   if (std::isnan(f)) return 0x7f;
   const uint8_t sign = std::signbit(f) ? 0x80 : 0;
-  float a = std::min(std::fabs(f), 448.0f);
-  // Find the nearest representable magnitude among the 127 finite codes.
-  uint8_t best = 0;
-  float best_err = std::numeric_limits<float>::infinity();
-  for (int code = 0; code < 0x7f; ++code) {
-    const float err = std::fabs(Fp8E4M3ToFloat(static_cast<uint8_t>(code)) - a);
-    if (err < best_err || (err == best_err && (code & 1) == 0)) {
-      best = static_cast<uint8_t>(code);
-      best_err = err;
-    }
+  const float a = std::fabs(f);
+  if (a >= 448.0f) return sign | 0x7e;  // saturate at the largest finite value
+  if (a < std::ldexp(1.0f, -6)) {
+    // Subnormals are multiples of 2^-9; q == 8 is the smallest normal, code 0x08.
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
   }
-  return sign | best;
+  int e;
+  const float frac = std::frexp(a, &e);  // a = frac * 2^e, frac in [0.5, 1)
+  int exp_field = e - 1 + 7;
+  int mant = static_cast<int>(std::nearbyint((2.0f * frac - 1.0f) * 8.0f));  // ties to even
+  if (mant == 8) {
+    mant = 0;
+    ++exp_field;
+  }
+  if (exp_field > 15 || (exp_field == 15 && mant == 7)) return sign | 0x7e;
+  return sign | static_cast<uint8_t>((exp_field << 3) | mant);
 }
 
 }  // namespace dmoe

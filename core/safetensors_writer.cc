@@ -11,22 +11,27 @@
 
 namespace dmoe {
 
+int64_t TensorToWrite::nbytes() const {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  return numel * DTypeSize(dtype);
+}
+
 absl::Status WriteSafetensors(const std::filesystem::path& file, const std::vector<TensorToWrite>& tensors) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   std::map<std::string, const TensorToWrite*> sorted;
   for (const TensorToWrite& t : tensors) sorted[t.name] = &t;
   uint64_t offset = 0;
   for (const auto& [name, t] : sorted) {
-    int64_t numel = 1;
-    for (int64_t d : t->shape) numel *= d;
-    if (static_cast<int64_t>(t->bytes.size()) != numel * DTypeSize(t->dtype)) {
+    if (!t->produce && static_cast<int64_t>(t->bytes.size()) != t->nbytes()) {
       return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': ", t->bytes.size(),
                                                      " bytes do not match its dtype and shape"));
     }
+    const uint64_t size = static_cast<uint64_t>(t->nbytes());
     header[name] = {{"dtype", std::string(DTypeName(t->dtype))},
                     {"shape", t->shape},
-                    {"data_offsets", {offset, offset + t->bytes.size()}}};
-    offset += t->bytes.size();
+                    {"data_offsets", {offset, offset + size}}};
+    offset += size;
   }
   std::string text = header.dump();
   while (text.size() % 8 != 0) text.push_back(' ');
@@ -36,7 +41,15 @@ absl::Status WriteSafetensors(const std::filesystem::path& file, const std::vect
   out.write(reinterpret_cast<const char*>(&n), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& [name, t] : sorted) {
-    out.write(reinterpret_cast<const char*>(t->bytes.data()), static_cast<std::streamsize>(t->bytes.size()));
+    if (t->produce && t->bytes.empty()) {
+      const std::vector<uint8_t> bytes = t->produce();
+      if (static_cast<int64_t>(bytes.size()) != t->nbytes()) {
+        return absl::InternalError(absl::StrCat("tensor '", name, "': producer gave ", bytes.size(), " bytes"));
+      }
+      out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    } else {
+      out.write(reinterpret_cast<const char*>(t->bytes.data()), static_cast<std::streamsize>(t->bytes.size()));
+    }
   }
   out.close();
   if (!out) return absl::DataLossError(absl::StrCat(file.string(), ": write failed"));
@@ -50,12 +63,12 @@ absl::Status WriteCheckpoint(const std::filesystem::path& dir, const std::vector
   std::vector<std::vector<TensorToWrite>> shards(1);
   int64_t cur = 0;
   for (const TensorToWrite& t : tensors) {
-    if (cur > 0 && shard_bytes > 0 && cur + static_cast<int64_t>(t.bytes.size()) > shard_bytes) {
+    if (cur > 0 && shard_bytes > 0 && cur + t.nbytes() > shard_bytes) {
       shards.emplace_back();
       cur = 0;
     }
     shards.back().push_back(t);
-    cur += static_cast<int64_t>(t.bytes.size());
+    cur += t.nbytes();
   }
   if (shards.size() == 1) {
     std::filesystem::remove(dir / "model.safetensors.index.json", ec);
@@ -70,7 +83,7 @@ absl::Status WriteCheckpoint(const std::filesystem::path& dir, const std::vector
     DMOE_RETURN_IF_ERROR(WriteSafetensors(dir / name, shards[s]));
     for (const TensorToWrite& t : shards[s]) {
       index["weight_map"][t.name] = name;
-      total += static_cast<int64_t>(t.bytes.size());
+      total += t.nbytes();
     }
   }
   index["metadata"]["total_size"] = total;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,11 @@ struct TensorToWrite {
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
   std::vector<uint8_t> bytes;  // little-endian, row-major, numel * DTypeSize
+  // When set (and `bytes` is empty), produces the bytes at write time, so
+  // checkpoints larger than memory can be written tensor by tensor.
+  std::function<std::vector<uint8_t>()> produce;
+
+  int64_t nbytes() const;
 };
 
 // Writes `tensors` to `file` (header padded to 8 bytes, sorted by name).

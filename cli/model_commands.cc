@@ -1,0 +1,136 @@
+// dmoe forward | generate | tokenize | detokenize: one process, in-process
+// experts. The JSON they print is a contract (docs/cli.md).
+#include <cstdio>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "core/engine.h"
+#include "core/generate.h"
+#include "core/status_macros.h"
+#include "core/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+namespace dmoe::cli {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+struct LoadedModel {
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<LocalExperts> experts;
+};
+
+absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
+  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights, ModelWeights::Load(dir));
+  LoadedModel m;
+  DMOE_ASSIGN_OR_RETURN(m.engine, Engine::Create(weights));
+  m.experts = std::make_unique<LocalExperts>(m.engine->weights());
+  return m;
+}
+
+// Enough pages for `tokens` positions.
+absl::StatusOr<std::unique_ptr<LatentCache>> CacheFor(const Engine& engine, int64_t tokens) {
+  const int64_t page = 64;
+  return LatentCache::Create(engine.CacheOptions(std::max<int64_t>(1, (tokens + page - 1) / page), page));
+}
+
+void PrintJson(const json& j) { std::cout << j.dump() << "\n"; }
+
+}  // namespace
+
+absl::Status RunForward(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"model", "ids"}, {"all-positions"}));
+  DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
+  DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, flags.GetIds("ids"));
+  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, CacheFor(*m.engine, static_cast<int64_t>(ids.size())));
+  StepSequence seq{0, ids, flags.Has("all-positions")};
+  DMOE_ASSIGN_OR_RETURN(std::vector<SequenceLogits> out, m.engine->Step({seq}, *cache, *m.experts));
+  const int64_t V = m.engine->config().vocab_size;
+  json logits = json::array();
+  for (size_t p = 0; p < out[0].positions.size(); ++p) {
+    logits.push_back(std::vector<float>(out[0].logits.begin() + p * V, out[0].logits.begin() + (p + 1) * V));
+  }
+  PrintJson({{"positions", out[0].positions}, {"logits", logits}});
+  return absl::OkStatus();
+}
+
+absl::Status RunGenerate(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
+                                                  {"model", "prompt", "ids", "max-tokens", "temperature", "top-p",
+                                                   "top-k", "min-p", "seed", "prefill-chunk"},
+                                                  {"json", "ignore-eos"}));
+  DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
+  if (flags.Has("prompt") == flags.Has("ids")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --ids 1,2,3");
+  }
+  GenerateOptions opts;
+  DMOE_ASSIGN_OR_RETURN(opts.max_tokens, flags.GetInt("max-tokens", 16));
+  DMOE_ASSIGN_OR_RETURN(double temperature, flags.GetDouble("temperature", 0.0));
+  DMOE_ASSIGN_OR_RETURN(double top_p, flags.GetDouble("top-p", 1.0));
+  DMOE_ASSIGN_OR_RETURN(int64_t top_k, flags.GetInt("top-k", 0));
+  DMOE_ASSIGN_OR_RETURN(double min_p, flags.GetDouble("min-p", 0.0));
+  DMOE_ASSIGN_OR_RETURN(int64_t seed, flags.GetInt("seed", 0));
+  DMOE_ASSIGN_OR_RETURN(opts.prefill_chunk, flags.GetInt("prefill-chunk", 0));
+  opts.sampling.temperature = static_cast<float>(temperature);
+  opts.sampling.top_p = static_cast<float>(top_p);
+  opts.sampling.top_k = static_cast<int32_t>(top_k);
+  opts.sampling.min_p = static_cast<float>(min_p);
+  opts.sampling.seed = static_cast<uint64_t>(seed);
+  opts.stop_at_eos = !flags.Has("ignore-eos");
+  DMOE_RETURN_IF_ERROR(ValidateSamplingParams(opts.sampling));
+  if (opts.max_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-tokens = ", opts.max_tokens, " must be positive"));
+  }
+
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(dir));
+  std::vector<int32_t> prompt;
+  if (flags.Has("ids")) {
+    DMOE_ASSIGN_OR_RETURN(prompt, flags.GetIds("ids"));
+  } else {
+    DMOE_ASSIGN_OR_RETURN(prompt, tokenizer->EncodeChecked(*flags.Get("prompt")));
+    if (tokenizer->add_bos_token() && tokenizer->bos_token_id().has_value()) {
+      prompt.insert(prompt.begin(), *tokenizer->bos_token_id());
+    }
+  }
+  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache,
+                        CacheFor(*m.engine, static_cast<int64_t>(prompt.size()) + opts.max_tokens));
+  const bool as_json = flags.Has("json");
+  StreamingDetokenizer stream(*tokenizer);
+  DMOE_ASSIGN_OR_RETURN(GenerateResult result,
+                        Generate(*m.engine, *cache, *m.experts, prompt, opts, [&](const SampleResult& s) {
+                          if (as_json) return;
+                          std::cout << stream.Push(s.token) << std::flush;
+                        }));
+  if (as_json) {
+    PrintJson({{"ids", result.ids}, {"text", tokenizer->Decode(result.ids)}});
+  } else {
+    std::cout << stream.Finish() << std::endl;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunTokenize(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"model", "text"}, {}));
+  DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
+  DMOE_ASSIGN_OR_RETURN(std::string text, flags.Require("text"));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(dir));
+  DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tokenizer->EncodeChecked(text));
+  PrintJson({{"ids", ids}});
+  return absl::OkStatus();
+}
+
+absl::Status RunDetokenize(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"model", "ids"}, {}));
+  DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
+  DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, flags.GetIds("ids"));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(dir));
+  DMOE_RETURN_IF_ERROR(tokenizer->ValidateIds(ids));
+  std::cout << tokenizer->Decode(ids) << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe::cli

@@ -1,0 +1,63 @@
+// Random checkpoints in the hub layout (config.json, safetensors, the
+// bundled tokenizer) with the real dimensions of DeepSeek models, so that
+// benchmarks and tests get real-size models without downloads; and the
+// dtype encoders (BF16, FP8 block-scaled) they and checkpoint conversions use.
+#ifndef DMOE_CORE_SYNTHETIC_CHECKPOINT_H_
+#define DMOE_CORE_SYNTHETIC_CHECKPOINT_H_
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/config.h"
+#include "core/dtype.h"
+#include "core/safetensors.h"
+#include "core/safetensors_writer.h"
+
+namespace dmoe {
+
+struct SyntheticModelOptions {
+  // tiny (tiny-v3's dimensions), v2-lite-shape (DeepSeek-V2-Lite's),
+  // v3-shape (DeepSeek-V3's).
+  std::string preset = "tiny";
+  // 0: the preset's own depth. With fewer layers than the real model,
+  // first_k_dense_replace is capped at layers - 1 so one MoE layer remains.
+  int64_t num_layers = 0;
+  // kF32, kBF16, or kF8E4M3 (projections FP8 block-scaled, the rest BF16,
+  // as DeepSeek-V3's release).
+  DType dtype = DType::kBF16;
+  uint64_t seed = 0;
+  int64_t shard_bytes = 4ll << 30;
+};
+
+// The preset's config.json text. INVALID_ARGUMENT for an unknown preset.
+absl::StatusOr<std::string> SyntheticConfigJson(const SyntheticModelOptions& options);
+
+// Writes config.json, the weights, tokenizer.json and tokenizer_config.json
+// into `out_dir`, logging progress per tensor group.
+absl::Status WriteSyntheticModel(const SyntheticModelOptions& options, const std::filesystem::path& out_dir);
+
+// True for the weights DeepSeek-V3's FP8 release stores block-scaled: every
+// attention and MLP/expert projection ("*_proj.weight", "*_proj_with_mqa.weight").
+bool IsFp8Projection(const std::string& name);
+
+// Encodes float values [rows, cols] (or a vector) as `dtype`; for kF8E4M3
+// also emits `<name>_scale_inv` with the given block size.
+std::vector<TensorToWrite> EncodeTensor(const std::string& name, const std::vector<float>& values,
+                                        const std::vector<int64_t>& shape, DType dtype,
+                                        std::array<int64_t, 2> block = {128, 128});
+
+// Every tensor of `store` as float32 values (FP8 dequantized with its scales).
+absl::StatusOr<std::vector<float>> ReadAsFloats(const TensorStore& store, const std::string& name,
+                                                std::array<int64_t, 2> block = {128, 128});
+
+// The bundled tokenizer (tiny-v3's byte-level BPE), compiled in.
+const std::string& BundledTokenizerJson();
+const std::string& BundledTokenizerConfigJson();
+
+}  // namespace dmoe
+
+#endif  // DMOE_CORE_SYNTHETIC_CHECKPOINT_H_
