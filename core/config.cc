@@ -92,7 +92,7 @@ absl::Status ParseRopeScaling(const json& root, ModelConfig& c) {
   }
   DMOE_ASSIGN_OR_RETURN(y.original_max_position_embeddings,
                         GetInt(*rs, "original_max_position_embeddings", 0));
-  DMOE_RETURN_IF_ERROR(RequirePositive("rope_scaling.original_max_position_embeddings",
+  DMOE_RETURN_IF_ERROR(RequirePositive(absl::StrCat(key, ".original_max_position_embeddings").c_str(),
                                        y.original_max_position_embeddings));
   if (Has(*rs, "factor")) {
     DMOE_ASSIGN_OR_RETURN(y.factor, GetDouble(*rs, "factor", 1.0));
@@ -100,7 +100,7 @@ absl::Status ParseRopeScaling(const json& root, ModelConfig& c) {
     y.factor = static_cast<double>(c.max_position_embeddings) /
                static_cast<double>(y.original_max_position_embeddings);
   }
-  if (!(y.factor > 0)) return FieldError("rope_scaling.factor", json(y.factor), "must be positive");
+  if (!(y.factor > 0)) return FieldError(absl::StrCat(key, ".factor"), json(y.factor), "must be positive");
   // Absent, null or 0 take the default.
   DMOE_ASSIGN_OR_RETURN(double bf, GetDouble(*rs, "beta_fast", 0.0));
   DMOE_ASSIGN_OR_RETURN(double bs, GetDouble(*rs, "beta_slow", 0.0));
@@ -245,7 +245,12 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& json_text) 
     DMOE_RETURN_IF_ERROR(RequirePositive("n_routed_experts", c.n_routed_experts));
     DMOE_RETURN_IF_ERROR(RequirePositive("num_experts_per_tok", c.num_experts_per_tok));
   }
-  DMOE_ASSIGN_OR_RETURN(c.n_shared_experts, GetInt(root, "n_shared_experts", v3 ? 1 : 2));
+  // n_shared_experts: 0 or null means none (unlike most keys, null is not "absent").
+  if (root.contains("n_shared_experts") && root["n_shared_experts"].is_null()) {
+    c.n_shared_experts = 0;
+  } else {
+    DMOE_ASSIGN_OR_RETURN(c.n_shared_experts, GetInt(root, "n_shared_experts", v3 ? 1 : 2));
+  }
   DMOE_ASSIGN_OR_RETURN(c.n_group, GetInt(root, "n_group", v3 ? 8 : 1));
   DMOE_ASSIGN_OR_RETURN(c.topk_group, GetInt(root, "topk_group", v3 ? 4 : 1));
 

@@ -281,7 +281,16 @@ absl::StatusOr<std::string> SyntheticConfigJson(const SyntheticModelOptions& o) 
 
 absl::Status WriteSyntheticModel(const SyntheticModelOptions& o, const std::filesystem::path& out_dir) {
   DMOE_ASSIGN_OR_RETURN(std::string config_text, SyntheticConfigJson(o));
+  DMOE_LOG(kInfo, "make-model") << "preset " << o.preset << ", " << DTypeName(o.dtype) << ", seed " << o.seed;
+  return WriteRandomModel(config_text, o.dtype, o.seed, out_dir, o.shard_bytes);
+}
+
+absl::Status WriteRandomModel(const std::string& config_text, DType model_dtype, uint64_t seed,
+                              const std::filesystem::path& out_dir, int64_t shard_bytes) {
   DMOE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromJson(config_text));
+  if (model_dtype == DType::kF8E4M3 && !config.fp8_weight_block_size.has_value()) {
+    return absl::InvalidArgumentError("FP8 weights need quantization_config in config.json");
+  }
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) return absl::PermissionDeniedError(absl::StrCat(out_dir.string(), ": cannot create: ", ec.message()));
@@ -293,13 +302,13 @@ absl::Status WriteSyntheticModel(const SyntheticModelOptions& o, const std::file
   int64_t total = 0;
   const std::array<int64_t, 2> block = config.fp8_weight_block_size.value_or(std::array<int64_t, 2>{128, 128});
   for (const Spec& spec : TensorSpecs(config)) {
-    const DType dtype = o.dtype == DType::kF8E4M3 ? (IsFp8Projection(spec.name) ? DType::kF8E4M3 : DType::kBF16)
+    const DType dtype = model_dtype == DType::kF8E4M3
+                            ? (IsFp8Projection(spec.name) ? DType::kF8E4M3 : DType::kBF16)
                         : spec.shape.size() == 1 ? DType::kF32  // norms and biases stay float32
-                                                 : o.dtype;
+                                                 : model_dtype;
     int64_t numel = 1;
     for (int64_t d : spec.shape) numel *= d;
     // An FP8 weight and its scales are produced from the same draw (drawn twice).
-    const uint64_t seed = o.seed;
     const int parts = dtype == DType::kF8E4M3 ? 2 : 1;
     for (int part = 0; part < parts; ++part) {
       TensorToWrite t;
@@ -316,9 +325,23 @@ absl::Status WriteSyntheticModel(const SyntheticModelOptions& o, const std::file
       tensors.push_back(std::move(t));
     }
   }
-  DMOE_LOG(kInfo, "make-model") << "writing " << tensors.size() << " tensors (" << total / (1 << 20) << " MiB) of preset "
-                                << o.preset << " to " << out_dir.string();
-  DMOE_RETURN_IF_ERROR(WriteCheckpoint(out_dir, tensors, o.shard_bytes));
+  // Progress: one line per 10% of the bytes written.
+  auto written = std::make_shared<int64_t>(0);
+  for (TensorToWrite& t : tensors) {
+    t.produce = [inner = std::move(t.produce), written, total, size = t.nbytes()] {
+      std::vector<uint8_t> bytes = inner();
+      const int64_t before = *written;
+      *written += size;
+      if (total > (64ll << 20) && (before * 10) / total != (*written * 10) / total) {
+        DMOE_LOG(kInfo, "make-model") << "written " << *written / (1 << 20) << " / " << total / (1 << 20) << " MiB ("
+                                      << 100 * *written / total << "%)";
+      }
+      return bytes;
+    };
+  }
+  DMOE_LOG(kInfo, "make-model") << "writing " << tensors.size() << " tensors (" << total / (1 << 20) << " MiB) to "
+                                << out_dir.string();
+  DMOE_RETURN_IF_ERROR(WriteCheckpoint(out_dir, tensors, shard_bytes));
   DMOE_LOG(kInfo, "make-model") << "wrote " << out_dir.string();
   return absl::OkStatus();
 }

@@ -40,6 +40,11 @@ absl::StatusOr<std::string> SyntheticConfigJson(const SyntheticModelOptions& opt
 // into `out_dir`, logging progress per tensor group.
 absl::Status WriteSyntheticModel(const SyntheticModelOptions& options, const std::filesystem::path& out_dir);
 
+// Writes random weights for any config of the family (same initialization
+// as the presets) plus config.json and the bundled tokenizer.
+absl::Status WriteRandomModel(const std::string& config_json, DType dtype, uint64_t seed,
+                              const std::filesystem::path& out_dir, int64_t shard_bytes = 4ll << 30);
+
 // True for the weights DeepSeek-V3's FP8 release stores block-scaled: every
 // attention and MLP/expert projection ("*_proj.weight", "*_proj_with_mqa.weight").
 bool IsFp8Projection(const std::string& name);
