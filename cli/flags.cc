@@ -71,7 +71,7 @@ absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) con
   return out;
 }
 
-absl::StatusOr<std::vector<int32_t>> Flags::GetIds(const std::string& name) const {
+absl::StatusOr<std::vector<int32_t>> Flags::GetIds(const std::string& name, bool allow_empty) const {
   auto v = Get(name);
   if (!v.has_value()) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
   std::vector<int32_t> ids;
@@ -84,7 +84,7 @@ absl::StatusOr<std::vector<int32_t>> Flags::GetIds(const std::string& name) cons
     }
     ids.push_back(id);
   }
-  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, " lists no token ids"));
+  if (ids.empty() && !allow_empty) return absl::InvalidArgumentError(absl::StrCat("--", name, " lists no token ids"));
   return ids;
 }
 

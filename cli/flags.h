@@ -26,8 +26,9 @@ class Flags {
   absl::StatusOr<std::string> Require(const std::string& name) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
-  // "3,17,42" -> ids; INVALID_ARGUMENT naming the bad item.
-  absl::StatusOr<std::vector<int32_t>> GetIds(const std::string& name) const;
+  // "3,17,42" -> ids; INVALID_ARGUMENT naming the bad item, or for an
+  // empty list unless `allow_empty`.
+  absl::StatusOr<std::vector<int32_t>> GetIds(const std::string& name, bool allow_empty = false) const;
 
  private:
   std::map<std::string, std::string> values_;

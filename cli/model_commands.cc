@@ -126,7 +126,7 @@ absl::Status RunTokenize(const std::vector<std::string>& args) {
 absl::Status RunDetokenize(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"model", "ids"}, {}));
   DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
-  DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, flags.GetIds("ids"));
+  DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, flags.GetIds("ids", /*allow_empty=*/true));
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(dir));
   DMOE_RETURN_IF_ERROR(tokenizer->ValidateIds(ids));
   std::cout << tokenizer->Decode(ids) << "\n";

@@ -8,6 +8,12 @@
 //
 // Not thread-safe: one owner (the engine's step loop, or an attention node)
 // calls it. Entry pointers stay valid until the sequence is freed.
+//
+// The pool starts filled with quiet NaN, so reading an entry that was never
+// written poisons the attention output instead of silently using zeros
+// (pages freed and handed out again keep their previous owner's values).
+// Allocation is deterministic (LIFO free list; a fresh cache hands out pages
+// 0, 1, 2, ...).
 #ifndef DMOE_CORE_LATENT_CACHE_H_
 #define DMOE_CORE_LATENT_CACHE_H_
 
@@ -33,7 +39,8 @@ using SequenceId = int64_t;
 
 class LatentCache {
  public:
-  // INVALID_ARGUMENT on a non-positive size.
+  // INVALID_ARGUMENT on a non-positive size (the message names the field) or
+  // a pool too large to address.
   static absl::StatusOr<std::unique_ptr<LatentCache>> Create(const LatentCacheOptions& options);
 
   const LatentCacheOptions& options() const { return options_; }
@@ -43,22 +50,29 @@ class LatentCache {
   int64_t pages_free() const { return static_cast<int64_t>(free_pages_.size()); }
   // Tokens whose entries the sequence holds (0 for an unknown sequence).
   int64_t SequenceLength(SequenceId seq) const;
-  // Pages the sequence must get before it can hold `new_tokens` more tokens.
+  // Pages the sequence must get before it can hold `new_tokens` more tokens
+  // (0 for new_tokens <= 0).
   int64_t PagesNeeded(SequenceId seq, int64_t new_tokens) const;
   // Grows the sequence (creating it if new) by `new_tokens` positions.
   // RESOURCE_EXHAUSTED, with nothing allocated, when the free pages do not
-  // suffice.
+  // suffice (the message names the sequence and pages needed vs free).
+  // INVALID_ARGUMENT on negative `new_tokens`. Extend(seq, 0) creates an
+  // empty sequence.
   absl::Status Extend(SequenceId seq, int64_t new_tokens);
   // Shrinks the sequence to `length` tokens, returning pages no longer needed.
+  // No-op for an unknown sequence or length >= SequenceLength(seq); the
+  // sequence stays known even at length 0. REQUIRES: length >= 0.
   void Truncate(SequenceId seq, int64_t length);
   // Returns all the sequence's pages to the free list. Unknown ids: no-op.
   void Free(SequenceId seq);
   bool Contains(SequenceId seq) const { return sequences_.contains(seq); }
 
   // REQUIRES: pos < SequenceLength(seq). [entry_width()] floats.
+  // Aborts (internal invariant) on an unknown sequence or out-of-range
+  // layer/pos.
   float* Entry(SequenceId seq, int64_t layer, int64_t pos);
   const float* Entry(SequenceId seq, int64_t layer, int64_t pos) const;
-  // The sequence's pages in position order.
+  // The sequence's pages in position order (empty for an unknown sequence).
   const std::vector<int64_t>& BlockTable(SequenceId seq) const;
 
  private:
