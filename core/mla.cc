@@ -40,7 +40,6 @@ void AttentionWeightsFor(int64_t len, float scale, ScoreFn score_fn, std::vector
 void ExpandedAttention(const Dims& d, const AttentionWeights& w, float scale, int64_t layer, const MlaSequence& s,
                        const float* q, const LatentCache& cache, float* o) {
   const int64_t ctx = s.start_pos + s.num_tokens;
-  const int64_t width = d.r + d.dr;
   std::vector<float> latent(ctx * d.r);
   for (int64_t j = 0; j < ctx; ++j) {
     const float* e = cache.Entry(s.seq, layer, j);
