@@ -62,33 +62,60 @@ absl::Status Engine::Validate(const std::vector<StepSequence>& batch, const Late
   return absl::OkStatus();
 }
 
-absl::Status Engine::MoeLayer(int64_t layer, const float* h, int64_t n, ExpertBackend& experts,
-                              const StepRouting& routing, float* out) const {
+// One micro-batch of a step: a contiguous run of the batch's sequences.
+struct Engine::MicroBatch {
+  std::vector<MlaSequence> seqs;  // row_begin relative to this micro-batch
+  int64_t n = 0;
+  std::vector<float> x, h, delta, shared;
+  std::vector<int32_t> topk_idx;
+  int64_t pending_layer = -1;  // MoE layer whose routed experts are in flight
+};
+
+absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCache& cache, ExpertBackend& experts,
+                                const StepRouting& routing) const {
   const ModelConfig& c = config();
-  const MoeWeights& moe = weights_->layers[layer].moe;
-  const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, D = c.hidden_size;
+  const LayerWeights& lw = weights_->layers[l];
+  const int64_t D = c.hidden_size, n = mb.n;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  cpu::RmsNorm(mb.x.data(), n, D, lw.input_layernorm.data(), eps, mb.h.data());
+  MlaForward(c, lw.attn, rope_, l, mb.seqs, options_.mla_form, mb.h.data(), n, cache, mb.delta.data());
+  for (int64_t i = 0; i < n * D; ++i) mb.x[i] += mb.delta[i];
+  cpu::RmsNorm(mb.x.data(), n, D, lw.post_attention_layernorm.data(), eps, mb.h.data());
+  if (!c.is_moe_layer(l)) {
+    MlpForward(lw.mlp, mb.h.data(), n, mb.delta.data());
+    for (int64_t i = 0; i < n * D; ++i) mb.x[i] += mb.delta[i];
+    return absl::OkStatus();
+  }
+  const MoeWeights& moe = lw.moe;
+  const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
   std::vector<float> logits(n * E);
-  cpu::MatMul(h, n, moe.router, logits.data());  // float32 router
-  std::vector<int32_t> topk_idx(n * k);
+  cpu::MatMul(mb.h.data(), n, moe.router, logits.data());  // float32 router
+  mb.topk_idx.resize(n * k);
   std::vector<float> topk_weights(n * k);
   absl::Span<const float> serving_bias;
-  if (routing.serving_bias != nullptr && layer < static_cast<int64_t>(routing.serving_bias->size())) {
-    serving_bias = (*routing.serving_bias)[layer];
+  if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
+    serving_bias = (*routing.serving_bias)[l];
   }
   for (int64_t t = 0; t < n; ++t) {
     gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
-                topk_idx.data() + t * k, topk_weights.data() + t * k);
+                mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
   }
-  if (routing.topk_idx_out != nullptr) {
-    if (static_cast<int64_t>(routing.topk_idx_out->size()) <= layer) routing.topk_idx_out->resize(layer + 1);
-    (*routing.topk_idx_out)[layer] = topk_idx;
-  }
-  DMOE_RETURN_IF_ERROR(experts.RunRoutedExperts(layer, h, n, k, topk_idx.data(), topk_weights.data(), out));
-  if (moe.shared_experts.loaded()) {
-    std::vector<float> shared(n * D);
-    MlpForward(moe.shared_experts, h, n, shared.data());
-    for (int64_t i = 0; i < n * D; ++i) out[i] += shared[i];
-  }
+  DMOE_RETURN_IF_ERROR(
+      experts.BeginRoutedExperts(l, index, mb.h.data(), n, k, mb.topk_idx.data(), topk_weights.data()));
+  mb.pending_layer = l;
+  // The shared experts run while the routed ones are in flight.
+  mb.shared.assign(n * D, 0.0f);
+  if (moe.shared_experts.loaded()) MlpForward(moe.shared_experts, mb.h.data(), n, mb.shared.data());
+  return absl::OkStatus();
+}
+
+absl::Status Engine::FinishLayer(int index, MicroBatch& mb, ExpertBackend& experts) const {
+  if (mb.pending_layer < 0) return absl::OkStatus();
+  const int64_t layer = mb.pending_layer;
+  mb.pending_layer = -1;
+  DMOE_RETURN_IF_ERROR(experts.FinishRoutedExperts(layer, index, mb.delta.data()));
+  const int64_t count = mb.n * config().hidden_size;
+  for (int64_t i = 0; i < count; ++i) mb.x[i] += mb.delta[i] + mb.shared[i];
   return absl::OkStatus();
 }
 
@@ -100,75 +127,98 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
   const ModelWeights& w = *weights_;
   const int64_t D = c.hidden_size, V = c.vocab_size;
 
-  std::vector<MlaSequence> seqs;
-  int64_t n = 0;
-  for (const StepSequence& s : batch) {
-    MlaSequence m;
-    m.seq = s.seq;
-    m.row_begin = n;
-    m.num_tokens = static_cast<int64_t>(s.tokens.size());
-    m.start_pos = cache.SequenceLength(s.seq);
-    seqs.push_back(m);
-    n += m.num_tokens;
+  int64_t total = 0;
+  for (const StepSequence& s : batch) total += static_cast<int64_t>(s.tokens.size());
+  // Two micro-batches of about equal token counts, split between sequences.
+  size_t split = batch.size();
+  if (options_.ping_pong_min_tokens > 0 && total >= options_.ping_pong_min_tokens && batch.size() >= 2) {
+    int64_t acc = 0;
+    for (split = 0; split + 1 < batch.size() && 2 * acc < total; ++split) acc += batch[split].tokens.size();
+    if (split == 0) split = 1;
   }
-  for (const MlaSequence& m : seqs) {
-    absl::Status st = cache.Extend(m.seq, m.num_tokens);
+  std::vector<MicroBatch> mbs(split < batch.size() ? 2 : 1);
+  std::vector<int64_t> start_pos(batch.size());
+  for (size_t b = 0; b < batch.size(); ++b) {
+    MicroBatch& mb = mbs[b < split ? 0 : 1];
+    MlaSequence m;
+    m.seq = batch[b].seq;
+    m.row_begin = mb.n;
+    m.num_tokens = static_cast<int64_t>(batch[b].tokens.size());
+    m.start_pos = start_pos[b] = cache.SequenceLength(batch[b].seq);
+    mb.seqs.push_back(m);
+    mb.n += m.num_tokens;
+  }
+  for (size_t b = 0; b < batch.size(); ++b) {
+    absl::Status st = cache.Extend(batch[b].seq, static_cast<int64_t>(batch[b].tokens.size()));
     if (!st.ok()) return absl::InternalError(absl::StrCat("latent cache refused pages it reported free: ", st.message()));
   }
   // If a later stage fails, give back the positions this step added.
   auto rollback = [&] {
-    for (const MlaSequence& m : seqs) {
-      if (m.start_pos == 0) {
-        cache.Free(m.seq);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      if (start_pos[b] == 0) {
+        cache.Free(batch[b].seq);
       } else {
-        cache.Truncate(m.seq, m.start_pos);
+        cache.Truncate(batch[b].seq, start_pos[b]);
       }
     }
   };
 
-  std::vector<float> x(n * D), h(n * D), delta(n * D);
-  int64_t row = 0;
-  for (const StepSequence& s : batch) {
-    for (int32_t t : s.tokens) {
-      for (int64_t i = 0; i < D; ++i) x[row * D + i] = w.embed_tokens.at(t, i);
+  for (size_t b = 0, row = 0; b < batch.size(); ++b) {
+    MicroBatch& mb = mbs[b < split ? 0 : 1];
+    if (b == split) row = 0;
+    if (mb.x.empty()) {
+      mb.x.resize(mb.n * D);
+      mb.h.resize(mb.n * D);
+      mb.delta.resize(mb.n * D);
+    }
+    for (int32_t t : batch[b].tokens) {
+      for (int64_t i = 0; i < D; ++i) mb.x[row * D + i] = w.embed_tokens.at(t, i);
       ++row;
     }
   }
-  const float eps = static_cast<float>(c.rms_norm_eps);
+  // Layer by layer, alternating micro-batches: while one micro-batch's routed
+  // experts are in flight, the other computes its attention.
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w.layers[l];
-    cpu::RmsNorm(x.data(), n, D, lw.input_layernorm.data(), eps, h.data());
-    MlaForward(c, lw.attn, rope_, l, seqs, options_.mla_form, h.data(), n, cache, delta.data());
-    for (int64_t i = 0; i < n * D; ++i) x[i] += delta[i];
-    cpu::RmsNorm(x.data(), n, D, lw.post_attention_layernorm.data(), eps, h.data());
-    if (c.is_moe_layer(l)) {
-      absl::Status st = MoeLayer(l, h.data(), n, experts, routing, delta.data());
+    for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
+      absl::Status st = FinishLayer(i, mbs[i], experts);
+      if (st.ok()) st = BeginLayer(l, i, mbs[i], cache, experts, routing);
+      if (st.ok() && routing.topk_idx_out != nullptr && c.is_moe_layer(l)) {
+        auto& out = *routing.topk_idx_out;
+        if (static_cast<int64_t>(out.size()) <= l) out.resize(l + 1);
+        if (i == 0) out[l].clear();
+        out[l].insert(out[l].end(), mbs[i].topk_idx.begin(), mbs[i].topk_idx.end());
+      }
       if (!st.ok()) {
+        for (int j = 0; j < static_cast<int>(mbs.size()); ++j) (void)FinishLayer(j, mbs[j], experts);
         rollback();
         return st;
       }
-    } else {
-      MlpForward(lw.mlp, h.data(), n, delta.data());
     }
-    for (int64_t i = 0; i < n * D; ++i) x[i] += delta[i];
+  }
+  for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
+    absl::Status st = FinishLayer(i, mbs[i], experts);
+    if (!st.ok()) {
+      rollback();
+      return st;
+    }
   }
 
   // Head: only the positions asked for.
   std::vector<SequenceLogits> result(batch.size());
-  std::vector<int64_t> rows;
+  std::vector<const float*> rows;
   for (size_t b = 0; b < batch.size(); ++b) {
-    const MlaSequence& m = seqs[b];
+    const MicroBatch& mb = mbs[b < split ? 0 : 1];
+    const MlaSequence& m = mb.seqs[b < split ? b : b - split];
     const int64_t first = batch[b].all_logits ? 0 : m.num_tokens - 1;
     for (int64_t i = first; i < m.num_tokens; ++i) {
-      rows.push_back(m.row_begin + i);
+      rows.push_back(mb.x.data() + (m.row_begin + i) * D);
       result[b].positions.push_back(m.start_pos + i);
     }
   }
   const int64_t nr = static_cast<int64_t>(rows.size());
   std::vector<float> normed(nr * D), logits(nr * V);
-  for (int64_t i = 0; i < nr; ++i) {
-    cpu::RmsNorm(x.data() + rows[i] * D, 1, D, w.norm.data(), eps, normed.data() + i * D);
-  }
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  for (int64_t i = 0; i < nr; ++i) cpu::RmsNorm(rows[i], 1, D, w.norm.data(), eps, normed.data() + i * D);
   cpu::MatMul(normed.data(), nr, w.lm_head, logits.data());
   int64_t offset = 0;
   for (SequenceLogits& r : result) {

@@ -23,6 +23,11 @@ namespace dmoe {
 struct EngineOptions {
   // kAuto: expanded MLA for prefill chunks, absorbed for decode tokens.
   MlaForm mla_form = MlaForm::kAuto;
+  // Steps of at least this many tokens (and two sequences) run as two
+  // micro-batches, so one's expert exchange overlaps the other's attention
+  // (ping-pong, as MegaScale-Infer does). 0: never split. Results do not
+  // depend on the split.
+  int64_t ping_pong_min_tokens = 0;
 };
 
 // One sequence's part of a step: `tokens` appended at positions
@@ -70,8 +75,12 @@ class Engine {
  private:
   Engine(std::shared_ptr<const ModelWeights> weights, const EngineOptions& options);
   absl::Status Validate(const std::vector<StepSequence>& batch, const LatentCache& cache) const;
-  absl::Status MoeLayer(int64_t layer, const float* h, int64_t n, ExpertBackend& experts,
-                        const StepRouting& routing, float* out) const;
+  struct MicroBatch;
+  // Runs attention and starts the FFN of `layer` for one micro-batch.
+  absl::Status BeginLayer(int64_t layer, int index, MicroBatch& mb, LatentCache& cache, ExpertBackend& experts,
+                          const StepRouting& routing) const;
+  // Adds the routed experts' output of the pending MoE layer, if any.
+  absl::Status FinishLayer(int index, MicroBatch& mb, ExpertBackend& experts) const;
 
   std::shared_ptr<const ModelWeights> weights_;
   EngineOptions options_;

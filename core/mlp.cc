@@ -67,8 +67,29 @@ absl::Status LocalExperts::RunExpertSlots(int64_t layer, const float* x, int64_t
   return absl::OkStatus();
 }
 
-absl::Status LocalExperts::RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k,
-                                            const int32_t* topk_idx, const float* topk_weights, float* out) {
+absl::Status ExpertBackend::RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k,
+                                             const int32_t* topk_idx, const float* topk_weights, float* out) {
+  absl::Status st = BeginRoutedExperts(layer, 0, x, n, k, topk_idx, topk_weights);
+  if (!st.ok()) return st;
+  return FinishRoutedExperts(layer, 0, out);
+}
+
+absl::Status LocalExperts::BeginRoutedExperts(int64_t layer, int micro_batch, const float* x, int64_t n, int64_t k,
+                                              const int32_t* topk_idx, const float* topk_weights) {
+  std::vector<float>& result = pending_[micro_batch & 1];
+  result.assign(n * weights_.config.hidden_size, 0.0f);
+  return Compute(layer, x, n, k, topk_idx, topk_weights, result.data());
+}
+
+absl::Status LocalExperts::FinishRoutedExperts(int64_t layer, int micro_batch, float* out) {
+  std::vector<float>& result = pending_[micro_batch & 1];
+  std::copy(result.begin(), result.end(), out);
+  result.clear();
+  return absl::OkStatus();
+}
+
+absl::Status LocalExperts::Compute(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
+                                   const float* topk_weights, float* out) {
   const int64_t D = weights_.config.hidden_size;
   std::vector<float> y(n * k * D);
   absl::Status st = RunExpertSlots(layer, x, n, k, topk_idx, y.data());

@@ -12,17 +12,27 @@ namespace dmoe {
 // out[n, D] = W_down (silu(W_gate x) ⊙ W_up x) for n tokens x[n, D].
 void MlpForward(const MlpWeights& mlp, const float* x, int64_t n, float* out);
 
-// Runs routed experts for a batch of one MoE layer's tokens.
-// Implementations: LocalExperts (in this process) and, in the cluster, the
-// attention node's dispatcher to expert nodes.
+// Runs routed experts for a batch of one MoE layer's tokens, asynchronously:
+// Begin starts the work for one micro-batch and Finish collects it, so the
+// engine can compute shared experts and the other micro-batch's attention
+// meanwhile (ping-pong). Implementations: LocalExperts (in this process,
+// computes in Begin) and the attention node's dispatcher to expert nodes.
 class ExpertBackend {
  public:
   virtual ~ExpertBackend() = default;
   // x: [n, D] normalized hidden states; topk_idx, topk_weights: [n, k]
-  // (an index < 0 marks a slot to skip). Writes out[n, D] =
-  // sum over slots of topk_weights * MLP_expert(x), summed in slot order.
-  virtual absl::Status RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k,
-                                        const int32_t* topk_idx, const float* topk_weights, float* out) = 0;
+  // (an index < 0 marks a slot to skip). `micro_batch` (0 or 1) tells
+  // concurrent Begin calls of one layer apart. The inputs may be reused once
+  // Begin returns.
+  virtual absl::Status BeginRoutedExperts(int64_t layer, int micro_batch, const float* x, int64_t n, int64_t k,
+                                          const int32_t* topk_idx, const float* topk_weights) = 0;
+  // Writes out[n, D] = sum over slots of topk_weights * MLP_expert(x) for the
+  // matching Begin.
+  virtual absl::Status FinishRoutedExperts(int64_t layer, int micro_batch, float* out) = 0;
+
+  // Begin + Finish.
+  absl::Status RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
+                                const float* topk_weights, float* out);
 };
 
 // Routed experts held by this process's ModelWeights. Each expert runs once
@@ -31,8 +41,13 @@ class LocalExperts : public ExpertBackend {
  public:
   explicit LocalExperts(const ModelWeights& weights) : weights_(weights) {}
   // FAILED_PRECONDITION when a requested expert is not loaded here.
-  absl::Status RunRoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
-                                const float* topk_weights, float* out) override;
+  absl::Status BeginRoutedExperts(int64_t layer, int micro_batch, const float* x, int64_t n, int64_t k,
+                                  const int32_t* topk_idx, const float* topk_weights) override;
+  absl::Status FinishRoutedExperts(int64_t layer, int micro_batch, float* out) override;
+
+  // Synchronous form: out[n, D] = sum over slots of w * MLP_expert(x).
+  absl::Status Compute(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
+                       const float* topk_weights, float* out);
 
   // Per-slot outputs without combining: y[n, k, D] = MLP_expert(x) (unweighted;
   // skipped slots are left untouched). The cluster's expert nodes use this.
@@ -41,6 +56,7 @@ class LocalExperts : public ExpertBackend {
 
  private:
   const ModelWeights& weights_;
+  std::vector<float> pending_[2];  // results of Begin, per micro-batch
 };
 
 }  // namespace dmoe

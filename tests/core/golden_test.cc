@@ -1,6 +1,7 @@
 // The CPU forward pass against the golden HF transformers data of tiny-v3
 // (MODEL_SPEC.md 6): prefill logits, greedy decoding over the paged latent
 // cache through the absorbed form, expanded vs absorbed, chunked prefill.
+#include <algorithm>
 #include <fstream>
 #include <memory>
 
@@ -127,16 +128,41 @@ TEST_F(GoldenTest, ChunkedPrefillEqualsOnePass) {
   }
 }
 
-TEST_F(GoldenTest, BatchCompositionDoesNotChangeResults) {
-  auto engine = MakeEngine(MlaForm::kAuto);
-  LocalExperts experts(engine->weights());
-  auto cache = MakeCache(*engine, 64, 16);
-  std::vector<StepSequence> batch;
-  for (size_t i = 0; i < cases_->size(); ++i) batch.push_back({static_cast<SequenceId>(i), (*cases_)[i].prompt_ids, true});
-  auto out = engine->Step(batch, *cache, experts);
-  ASSERT_TRUE(out.ok()) << out.status();
-  for (size_t i = 0; i < cases_->size(); ++i) {
-    EXPECT_LE(MaxRelativeError((*out)[i].logits, (*cases_)[i].logits, engine->config().vocab_size), 1e-4);
+TEST_F(GoldenTest, BatchCompositionAndMicroBatchSplitDoNotChangeResults) {
+  // ping_pong_min_tokens 1 splits every multi-sequence step into two
+  // micro-batches that alternate per layer.
+  for (int64_t ping_pong : {0, 1}) {
+    auto engine = Engine::Create(*weights_, EngineOptions{MlaForm::kAuto, ping_pong});
+    ASSERT_TRUE(engine.ok());
+    LocalExperts experts((*engine)->weights());
+    auto cache = MakeCache(**engine, 64, 16);
+    std::vector<StepSequence> batch;
+    for (size_t i = 0; i < cases_->size(); ++i) {
+      batch.push_back({static_cast<SequenceId>(i), (*cases_)[i].prompt_ids, true});
+    }
+    auto out = (*engine)->Step(batch, *cache, experts);
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (size_t i = 0; i < cases_->size(); ++i) {
+      EXPECT_LE(MaxRelativeError((*out)[i].logits, (*cases_)[i].logits, 512), 1e-4) << "ping_pong " << ping_pong;
+    }
+    // Decode all four together for the golden continuation: every step is a
+    // batch of four single tokens (absorbed form), split in two when ping-ponging.
+    std::vector<std::vector<int32_t>> generated(cases_->size());
+    for (size_t i = 0; i < cases_->size(); ++i) {
+      const std::vector<float>& l = (*out)[i].logits;
+      generated[i].push_back(static_cast<int32_t>(std::max_element(l.end() - 512, l.end()) - (l.end() - 512)));
+    }
+    for (int step = 1; step < 16; ++step) {
+      std::vector<StepSequence> decode;
+      for (size_t i = 0; i < cases_->size(); ++i) decode.push_back({static_cast<SequenceId>(i), {generated[i].back()}, false});
+      auto next = (*engine)->Step(decode, *cache, experts);
+      ASSERT_TRUE(next.ok()) << next.status();
+      for (size_t i = 0; i < cases_->size(); ++i) {
+        const std::vector<float>& l = (*next)[i].logits;
+        generated[i].push_back(static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin()));
+      }
+    }
+    for (size_t i = 0; i < cases_->size(); ++i) EXPECT_EQ(generated[i], (*cases_)[i].greedy_ids);
   }
 }
 
