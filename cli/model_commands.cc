@@ -10,6 +10,8 @@
 #include "core/generate.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
+#include "expert_node/in_process_experts.h"
+#include "router/expert_placement.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe::cli {
@@ -17,16 +19,27 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
+// The one-process deployment: the cluster's step code with one expert node
+// on a thread behind the in-process transport (LocalExperts for models
+// without routed experts).
 struct LoadedModel {
   std::unique_ptr<Engine> engine;
-  std::unique_ptr<LocalExperts> experts;
+  std::unique_ptr<expert::InProcessExperts> in_process;
+  std::unique_ptr<LocalExperts> local;
+  ExpertBackend& experts() { return in_process ? static_cast<ExpertBackend&>(in_process->backend()) : *local; }
 };
 
 absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
   DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights, ModelWeights::Load(dir));
   LoadedModel m;
   DMOE_ASSIGN_OR_RETURN(m.engine, Engine::Create(weights));
-  m.experts = std::make_unique<LocalExperts>(m.engine->weights());
+  if (weights->config.has_moe()) {
+    DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement placement,
+                          router::ExpertPlacement::Contiguous(weights->config.n_routed_experts, 1));
+    DMOE_ASSIGN_OR_RETURN(m.in_process, expert::InProcessExperts::Create(m.engine->weights(), placement));
+  } else {
+    m.local = std::make_unique<LocalExperts>(m.engine->weights());
+  }
   return m;
 }
 
@@ -47,7 +60,7 @@ absl::Status RunForward(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir));
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, CacheFor(*m.engine, static_cast<int64_t>(ids.size())));
   StepSequence seq{0, ids, flags.Has("all-positions")};
-  DMOE_ASSIGN_OR_RETURN(std::vector<SequenceLogits> out, m.engine->Step({seq}, *cache, *m.experts));
+  DMOE_ASSIGN_OR_RETURN(std::vector<SequenceLogits> out, m.engine->Step({seq}, *cache, m.experts()));
   const int64_t V = m.engine->config().vocab_size;
   json logits = json::array();
   for (size_t p = 0; p < out[0].positions.size(); ++p) {
@@ -101,7 +114,7 @@ absl::Status RunGenerate(const std::vector<std::string>& args) {
   const bool as_json = flags.Has("json");
   StreamingDetokenizer stream(*tokenizer);
   DMOE_ASSIGN_OR_RETURN(GenerateResult result,
-                        Generate(*m.engine, *cache, *m.experts, prompt, opts, [&](const SampleResult& s) {
+                        Generate(*m.engine, *cache, m.experts(), prompt, opts, [&](const SampleResult& s) {
                           if (as_json) return;
                           std::cout << stream.Push(s.token) << std::flush;
                         }));
