@@ -1,0 +1,77 @@
+// The cluster's membership and expert placement, kept by the scheduler:
+// nodes register (two phases: first for an id and, for expert nodes, the
+// expert_shard to load; then again with the transport address created for
+// that id), report ready, and read the whole cluster once complete. Also
+// collects the expert nodes' load reports for the balancer and stats.
+#ifndef DMOE_SCHEDULER_COORDINATOR_H_
+#define DMOE_SCHEDULER_COORDINATOR_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/config.h"
+#include "dmoe/v1/control.pb.h"
+#include "router/expert_load.h"
+#include "router/expert_placement.h"
+
+namespace dmoe::scheduler {
+
+// Thread-safe: the gRPC handlers and the step loop call it concurrently.
+class Coordinator {
+ public:
+  // `placement` covers num_expert_nodes nodes.
+  Coordinator(const ModelConfig& config, int num_attention_nodes, int num_expert_nodes,
+              router::ExpertPlacement placement);
+
+  // Same grpc_address again: the same id (updates the transport address).
+  // FAILED_PRECONDITION when all nodes of that kind are registered already.
+  absl::StatusOr<v1::RegisterNodeResponse> RegisterNode(const v1::RegisterNodeRequest& request);
+  absl::Status NodeReady(const v1::NodeReadyRequest& request);
+  v1::GetClusterResponse GetCluster() const;
+  absl::Status ReportExpertLoad(const v1::ExpertLoadReport& report);
+
+  // Every node registered with a transport address and reported ready.
+  bool AllReady() const;
+  // Blocks until AllReady() or the timeout; returns AllReady().
+  bool WaitAllReady(absl::Duration timeout) const;
+  // Attention node i's gRPC address and latent cache size (REQUIRES: registered).
+  std::string AttentionAddress(int index) const;
+  int64_t AttentionCachePages(int index) const;
+  int64_t AttentionPageSize(int index) const;
+  int num_attention_nodes() const { return num_attention_; }
+  int num_expert_nodes() const { return num_expert_; }
+  const router::ExpertPlacement& placement() const { return placement_; }
+
+  // Moves the load reported since the last call into `window` (the
+  // balancer's), and keeps running totals for stats.
+  void DrainLoad(router::ExpertLoadTracker& window);
+  // Totals since start: per expert [E] (all layers) and per expert node [M].
+  std::vector<int64_t> ExpertTokens() const;
+  std::vector<int64_t> ExpertNodeTokens() const;
+
+ private:
+  struct Node {
+    v1::NodeKind kind = v1::NODE_KIND_UNSPECIFIED;
+    std::string grpc_address;
+    std::string transport_address;
+    int64_t cache_pages = 0;
+    int64_t page_size = 0;
+    bool ready = false;
+  };
+  bool AllReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const ModelConfig config_;
+  const int num_attention_, num_expert_;
+  const router::ExpertPlacement placement_;
+  mutable absl::Mutex mu_;
+  std::vector<Node> nodes_ ABSL_GUARDED_BY(mu_);            // by node id: attention 0..N-1, expert N..N+M-1
+  std::vector<int64_t> pending_load_ ABSL_GUARDED_BY(mu_);  // [layer * E + e] since DrainLoad
+  std::vector<int64_t> total_load_ ABSL_GUARDED_BY(mu_);    // [layer * E + e] since start
+};
+
+}  // namespace dmoe::scheduler
+
+#endif  // DMOE_SCHEDULER_COORDINATOR_H_

@@ -1,0 +1,215 @@
+// dmoe-scheduler: the cluster's client-facing server and coordinator.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "cli/flags.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "router/load_balancer.h"
+#include "scheduler/generation_service.h"
+
+namespace dmoe::scheduler {
+namespace {
+
+using json = nlohmann::json;
+
+struct ClusterFile {
+  std::optional<router::ExpertPlacement> placement;
+  router::BalancerOptions balancer;
+  std::optional<int64_t> max_batch_tokens, max_waiting_requests;
+};
+
+// --config FILE: {"expert_to_node": [..]} or {"expert_shards": [[..], ..]},
+// "balance": {"mode", "gamma", "max_bias", "window_steps"},
+// "max_batch_tokens", "max_waiting_requests".
+absl::StatusOr<ClusterFile> ReadClusterFile(const std::string& path, const ModelConfig& config) {
+  ClusterFile out;
+  if (path.empty()) return out;
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json root = json::parse(ss.str(), nullptr, false);
+  if (root.is_discarded() || !root.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  if (root.contains("expert_to_node") || root.contains("expert_shards")) {
+    json placement = json::object();
+    for (const char* key : {"expert_to_node", "expert_shards", "num_expert_nodes"}) {
+      if (root.contains(key)) placement[key] = root[key];
+    }
+    absl::StatusOr<router::ExpertPlacement> p = router::ExpertPlacement::FromJson(placement.dump(), config.n_routed_experts);
+    if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", p.status().message()));
+    out.placement = std::move(*p);
+  }
+  if (root.contains("balance")) {
+    const json& b = root["balance"];
+    if (!b.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": balance must be an object"));
+    if (b.contains("mode")) {
+      DMOE_ASSIGN_OR_RETURN(out.balancer.mode, router::ParseBalanceMode(b["mode"].get<std::string>()));
+    }
+    if (b.contains("gamma")) out.balancer.gamma = b["gamma"].get<double>();
+    if (b.contains("max_bias")) out.balancer.max_bias = b["max_bias"].get<double>();
+    if (b.contains("window_steps")) out.balancer.window_steps = b["window_steps"].get<int64_t>();
+  }
+  if (root.contains("max_batch_tokens")) out.max_batch_tokens = root["max_batch_tokens"].get<int64_t>();
+  if (root.contains("max_waiting_requests")) out.max_waiting_requests = root["max_waiting_requests"].get<int64_t>();
+  return out;
+}
+
+absl::Status Serve(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(cli::Flags flags,
+                        cli::Flags::Parse(args,
+                                          {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
+                                           "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
+                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps"},
+                                          {}));
+  DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
+  const std::string host = flags.Get("host").value_or("127.0.0.1");
+  DMOE_ASSIGN_OR_RETURN(int64_t port, flags.GetInt("port", 50051));
+  DMOE_ASSIGN_OR_RETURN(int64_t control_port, flags.GetInt("control-port", 0));
+  DMOE_ASSIGN_OR_RETURN(int64_t num_attention, flags.GetInt("attention-nodes", 1));
+  DMOE_ASSIGN_OR_RETURN(int64_t num_expert, flags.GetInt("expert-nodes", 1));
+  DMOE_ASSIGN_OR_RETURN(int64_t page_size, flags.GetInt("page-size", 64));
+  DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
+  DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
+  if (num_attention < 1 || num_expert < 1) {
+    return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
+  }
+
+  DMOE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(model_dir));
+  DMOE_ASSIGN_OR_RETURN(ClusterFile cluster, ReadClusterFile(flags.Get("config").value_or(""), config));
+  if (flags.Has("balance")) {
+    DMOE_ASSIGN_OR_RETURN(cluster.balancer.mode, router::ParseBalanceMode(*flags.Get("balance")));
+  }
+  DMOE_ASSIGN_OR_RETURN(cluster.balancer.window_steps,
+                        flags.GetInt("balance-window-steps", cluster.balancer.window_steps));
+  if (!config.has_moe()) return absl::InvalidArgumentError("the model has no routed experts to serve on expert nodes");
+  if (!cluster.placement.has_value()) {
+    DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement p,
+                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert));
+    cluster.placement = std::move(p);
+  } else if (cluster.placement->num_nodes() != num_expert) {
+    return absl::InvalidArgumentError(absl::StrCat("--config places experts on ", cluster.placement->num_nodes(),
+                                                   " expert nodes, --expert-nodes is ", num_expert));
+  }
+
+  Coordinator coordinator(config, static_cast<int>(num_attention), static_cast<int>(num_expert),
+                          *cluster.placement);
+  const std::string model_name = std::filesystem::path(model_dir).filename().string();
+  GenerationService generation(config, *tokenizer, model_name, static_cast<int>(num_attention),
+                               static_cast<int>(num_expert));
+  CoordinatorService coordinator_service(coordinator);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  int bound_port = 0, bound_control = 0;
+  grpc::ServerBuilder client_builder;
+  client_builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(), &bound_port);
+  client_builder.RegisterService(&generation);
+  std::unique_ptr<grpc::Server> client_server = client_builder.BuildAndStart();
+  grpc::ServerBuilder control_builder;
+  control_builder.AddListeningPort(absl::StrCat(host, ":", control_port), grpc::InsecureServerCredentials(),
+                                   &bound_control);
+  control_builder.RegisterService(&coordinator_service);
+  std::unique_ptr<grpc::Server> control_server = control_builder.BuildAndStart();
+  if (client_server == nullptr || bound_port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", host, ":", port));
+  }
+  if (control_server == nullptr || bound_control == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", host, ":", control_port));
+  }
+  client_server->GetHealthCheckService()->SetServingStatus(false);
+  control_server->GetHealthCheckService()->SetServingStatus(true);
+  if (auto file = flags.Get("port-file")) {
+    const std::string tmp = *file + ".tmp";
+    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}}.dump() << "\n";
+    std::filesystem::rename(tmp, *file);
+  }
+  DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port << ", control plane on " << host
+                               << ":" << bound_control << "; waiting for " << num_attention << " attention and "
+                               << num_expert << " expert nodes";
+
+  // Signals are taken by sigwait on this thread (blocked everywhere else).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  std::atomic<bool> terminate{false};
+  std::thread signal_thread([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    DMOE_LOG(kInfo, "scheduler") << "signal " << sig << ": draining";
+    terminate.store(true);
+  });
+
+  std::unique_ptr<ServingLoop> loop;
+  const absl::Time ready_deadline = absl::Now() + absl::Seconds(ready_timeout_s);
+  while (!terminate.load() && !coordinator.WaitAllReady(absl::Milliseconds(100))) {
+    if (absl::Now() > ready_deadline) {
+      kill(getpid(), SIGTERM);  // unblocks the signal thread
+      signal_thread.join();
+      return absl::DeadlineExceededError(absl::StrCat("not every node was ready within ", ready_timeout_s, " s"));
+    }
+  }
+  if (!terminate.load()) {
+    ServingOptions options;
+    options.batching.page_size = page_size;
+    DMOE_ASSIGN_OR_RETURN(options.batching.max_batch_tokens,
+                          flags.GetInt("max-batch-tokens", cluster.max_batch_tokens.value_or(512)));
+    DMOE_ASSIGN_OR_RETURN(options.batching.max_waiting_requests,
+                          flags.GetInt("max-waiting", cluster.max_waiting_requests.value_or(256)));
+    options.batching.context_length = config.max_position_embeddings;
+    options.batching.tokenizer = tokenizer.get();
+    options.balancer = cluster.balancer;
+    DMOE_ASSIGN_OR_RETURN(loop, ServingLoop::Start(config, coordinator, options));
+    generation.SetLoop(loop.get());
+    coordinator_service.SetLoop(loop.get());
+    client_server->GetHealthCheckService()->SetServingStatus(true);
+    DMOE_LOG(kInfo, "scheduler") << "serving " << model_name << " on " << host << ":" << bound_port << " (balance "
+                                 << router::BalanceModeName(cluster.balancer.mode) << ")";
+  }
+  signal_thread.join();
+
+  // Drain: refuse new requests, let in-flight ones finish within the grace period.
+  client_server->GetHealthCheckService()->SetServingStatus(false);
+  generation.Drain();
+  if (loop != nullptr) {
+    const absl::Time grace_end = absl::Now() + absl::Seconds(drain_grace_s);
+    while (!loop->Idle() && absl::Now() < grace_end) absl::SleepFor(absl::Milliseconds(20));
+    if (!loop->Idle()) DMOE_LOG(kWarning, "scheduler") << "grace period over; ending the remaining requests";
+  }
+  generation.SetLoop(nullptr);
+  coordinator_service.SetLoop(nullptr);
+  loop.reset();  // ends leftover requests with an error event
+  client_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  control_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  DMOE_LOG(kInfo, "scheduler") << "stopped";
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace dmoe::scheduler
+
+int main(int argc, char** argv) {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // before any thread starts
+  absl::Status st = dmoe::scheduler::Serve(std::vector<std::string>(argv + 1, argv + argc));
+  if (!st.ok()) {
+    std::fprintf(stderr, "dmoe-scheduler: error: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,296 @@
+#include "scheduler/serving_loop.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <cmath>
+#include <future>
+
+#include "absl/strings/str_cat.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#include "proto/grpc_status.h"
+
+namespace dmoe::scheduler {
+
+void RequestStream::Push(RequestEvent event) {
+  absl::MutexLock lock(&mu_);
+  events_.push_back(std::move(event));
+}
+
+bool RequestStream::Pop(RequestEvent* event, absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto has_event = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !events_.empty(); };
+  mu_.AwaitWithTimeout(absl::Condition(&has_event), timeout);
+  if (events_.empty()) return false;
+  *event = std::move(events_.front());
+  events_.pop_front();
+  return true;
+}
+
+void RequestStream::MarkScheduled(absl::Time t) {
+  absl::MutexLock lock(&mu_);
+  if (first_scheduled_ == absl::InfiniteFuture()) first_scheduled_ = t;
+}
+
+void RequestStream::MarkFirstToken(absl::Time t) {
+  absl::MutexLock lock(&mu_);
+  if (first_token_ == absl::InfiniteFuture()) first_token_ = t;
+}
+
+absl::Time RequestStream::first_scheduled() const {
+  absl::MutexLock lock(&mu_);
+  return first_scheduled_;
+}
+
+absl::Time RequestStream::first_token() const {
+  absl::MutexLock lock(&mu_);
+  return first_token_;
+}
+
+ServingLoop::ServingLoop(const ModelConfig& config, Coordinator& coordinator, ServingOptions options)
+    : config_(config), coordinator_(coordinator), options_(std::move(options)) {}
+
+absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfig& config,
+                                                                Coordinator& coordinator,
+                                                                ServingOptions options) {
+  if (!coordinator.AllReady()) return absl::FailedPreconditionError("cluster not ready");
+  auto loop = std::unique_ptr<ServingLoop>(new ServingLoop(config, coordinator, std::move(options)));
+  BatchScheduler::Options& b = loop->options_.batching;
+  b.pages_per_node.clear();
+  for (int i = 0; i < coordinator.num_attention_nodes(); ++i) {
+    b.pages_per_node.push_back(coordinator.AttentionCachePages(i));
+    if (coordinator.AttentionPageSize(i) != b.page_size) {
+      return absl::FailedPreconditionError(absl::StrCat("attention node ", i, " uses pages of ",
+                                                        coordinator.AttentionPageSize(i),
+                                                        " tokens, the scheduler ", b.page_size));
+    }
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    loop->nodes_.push_back(v1::AttentionNode::NewStub(grpc::CreateCustomChannel(
+        coordinator.AttentionAddress(i), grpc::InsecureChannelCredentials(), args)));
+  }
+  loop->node_bias_version_.assign(loop->nodes_.size(), 0);
+  loop->pages_free_ = b.pages_per_node;
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<BatchScheduler> batcher, BatchScheduler::Create(b));
+  {
+    absl::MutexLock lock(&loop->mu_);
+    loop->batcher_ = std::move(batcher);
+  }
+  if (config.has_moe()) {
+    DMOE_ASSIGN_OR_RETURN(router::BiasBalancer balancer,
+                          router::BiasBalancer::Create(config, loop->options_.balancer));
+    loop->balancer_ = std::make_unique<router::BiasBalancer>(std::move(balancer));
+    DMOE_ASSIGN_OR_RETURN(router::ExpertLoadTracker window, router::ExpertLoadTracker::Create(config));
+    loop->window_ = std::make_unique<router::ExpertLoadTracker>(std::move(window));
+  }
+  loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
+  return loop;
+}
+
+ServingLoop::~ServingLoop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+  // Whatever is left ends with an error, never silently.
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, stream] : streams_) {
+    RequestEvent e;
+    e.id = id;
+    e.finished = true;
+    e.reason = FinishReason::kError;
+    e.error = "scheduler stopped";
+    stream->Push(std::move(e));
+  }
+}
+
+absl::StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(Request request) {
+  auto stream = std::make_shared<RequestStream>(request.arrival);
+  absl::MutexLock lock(&mu_);
+  const RequestId id = request.id;
+  DMOE_RETURN_IF_ERROR(batcher_->Submit(std::move(request)));
+  streams_[id] = stream;
+  return stream;
+}
+
+void ServingLoop::Cancel(RequestId id) {
+  absl::MutexLock lock(&mu_);
+  batcher_->Cancel(id);
+}
+
+bool ServingLoop::Idle() const {
+  absl::MutexLock lock(&mu_);
+  return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
+}
+
+v1::GetClusterStatsResponse ServingLoop::Stats() const {
+  v1::GetClusterStatsResponse r;
+  for (int64_t v : coordinator_.ExpertNodeTokens()) r.add_expert_node_tokens(v);
+  for (int64_t v : coordinator_.ExpertTokens()) r.add_expert_tokens(v);
+  r.set_balance_mode(router::BalanceModeName(options_.balancer.mode));
+  absl::MutexLock lock(&mu_);
+  r.set_steps(steps_);
+  r.set_routing_decisions(routing_decisions_);
+  r.set_routing_decisions_changed(routing_changed_);
+  for (size_t i = 0; i < pages_free_.size(); ++i) {
+    r.add_attention_pages_free(pages_free_[i]);
+    r.add_attention_pages_total(options_.batching.pages_per_node[i]);
+  }
+  r.set_max_abs_serving_bias(max_abs_bias_);
+  r.set_requests_waiting(batcher_->num_waiting());
+  r.set_requests_running(batcher_->num_running());
+  r.set_preemptions(preemptions_);
+  return r;
+}
+
+void ServingLoop::Deliver(const std::vector<RequestEvent>& events) {
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&mu_);
+  for (const RequestEvent& e : events) {
+    auto it = streams_.find(e.id);
+    if (it == streams_.end()) continue;
+    if (!e.new_tokens.empty()) it->second->MarkFirstToken(now);
+    it->second->Push(e);
+    if (e.finished) streams_.erase(it);
+  }
+}
+
+std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
+  const int64_t E = config_.n_routed_experts;
+  std::vector<std::future<std::pair<grpc::Status, v1::StepResult>>> calls(nodes_.size());
+  for (size_t n = 0; n < nodes_.size(); ++n) {
+    const NodeStep& step = plan.nodes[n];
+    const bool send_bias = node_bias_version_[n] != bias_version_;
+    if (step.empty() && !send_bias) continue;
+    v1::StepRequest request;
+    request.set_step_id(plan.step_id);
+    request.set_participating_attention_nodes(static_cast<int32_t>(nodes_.size()));
+    for (RequestId id : step.frees) request.add_free_sequences(id);
+    for (const ScheduledSequence& s : step.sequences) {
+      v1::StepSequence* q = request.add_sequences();
+      q->set_sequence_id(s.id);
+      for (int32_t t : s.tokens) q->add_tokens(t);
+      q->set_sample(s.sample);
+      q->set_temperature(s.sampling.temperature);
+      q->set_top_p(s.sampling.top_p);
+      q->set_top_k(s.sampling.top_k);
+      q->set_min_p(s.sampling.min_p);
+      q->set_seed(s.sampling.seed);
+      q->set_sample_index(s.sample_index);
+      q->set_top_logprobs(s.sampling.top_logprobs);
+    }
+    if (send_bias) {
+      request.set_has_serving_bias(true);
+      for (float b : serving_bias_flat_) request.add_serving_bias(b);
+      node_bias_version_[n] = bias_version_;
+    }
+    (void)E;
+    calls[n] = std::async(std::launch::async, [this, n, request = std::move(request)] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
+      v1::StepResult result;
+      grpc::Status st = nodes_[n]->RunStep(&ctx, request, &result);
+      return std::make_pair(st, std::move(result));
+    });
+  }
+  std::vector<SampledToken> sampled;
+  int64_t decisions = 0, changed = 0;
+  std::vector<std::pair<int, int64_t>> pages;
+  for (size_t n = 0; n < calls.size(); ++n) {
+    if (!calls[n].valid()) continue;
+    auto [status, result] = calls[n].get();
+    if (!status.ok()) {
+      // Its sequences get no token: ApplyResults ends them with an error
+      // naming the cause; other nodes' requests go on.
+      DMOE_LOG(kError, "scheduler") << "attention node " << n << " step " << plan.step_id << ": "
+                                    << FromGrpcStatus(status);
+      node_bias_version_[n] = -1;  // resend the bias next time
+      continue;
+    }
+    for (const v1::SampledTokenResult& t : result.tokens()) {
+      SampledToken s;
+      s.id = t.sequence_id();
+      s.token = t.token_id();
+      s.logprob = t.logprob();
+      for (int i = 0; i < t.top_token_ids_size() && i < t.top_logprobs_size(); ++i) {
+        s.top.emplace_back(t.top_token_ids(i), t.top_logprobs(i));
+      }
+      sampled.push_back(std::move(s));
+    }
+    decisions += result.routing_decisions();
+    changed += result.routing_decisions_changed();
+    pages.emplace_back(static_cast<int>(n), result.pages_free());
+  }
+  absl::MutexLock lock(&mu_);
+  routing_decisions_ += decisions;
+  routing_changed_ += changed;
+  for (auto [n, free] : pages) pages_free_[n] = free;
+  return sampled;
+}
+
+void ServingLoop::Balance() {
+  if (balancer_ == nullptr || options_.balancer.mode == router::BalanceMode::kOff) return;
+  coordinator_.DrainLoad(*window_);
+  window_->EndStep();
+  if (window_->num_steps() < options_.balancer.window_steps) return;
+  absl::StatusOr<std::vector<std::vector<float>>> biases = balancer_->Update(*window_);
+  window_->Reset();
+  if (!biases.ok()) {
+    DMOE_LOG(kWarning, "scheduler") << "balancer: " << biases.status();
+    return;
+  }
+  const int64_t E = config_.n_routed_experts;
+  serving_bias_flat_.assign(config_.num_hidden_layers * E, 0.0f);
+  double max_abs = 0;
+  for (size_t l = 0; l < biases->size(); ++l) {
+    for (size_t e = 0; e < (*biases)[l].size(); ++e) {
+      serving_bias_flat_[l * E + e] = (*biases)[l][e];
+      max_abs = std::max(max_abs, std::fabs(static_cast<double>((*biases)[l][e])));
+    }
+  }
+  ++bias_version_;
+  absl::MutexLock lock(&mu_);
+  max_abs_bias_ = max_abs;
+}
+
+void ServingLoop::Run() {
+  for (;;) {
+    StepPlan plan;
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stop_ || batcher_->num_waiting() > 0 || batcher_->num_running() > 0;
+      };
+      // Wake periodically too, so cancelled requests are reaped promptly.
+      mu_.AwaitWithTimeout(absl::Condition(&has_work), absl::Milliseconds(100));
+      if (stop_) return;
+      plan = batcher_->PlanStep(absl::Now());
+      preemptions_ += static_cast<int64_t>(plan.preempted.size());
+      const absl::Time now = absl::Now();
+      for (const NodeStep& node : plan.nodes) {
+        for (const ScheduledSequence& s : node.sequences) {
+          auto it = streams_.find(s.id);
+          if (it != streams_.end()) it->second->MarkScheduled(now);
+        }
+      }
+    }
+    Deliver(plan.events);
+    bool any = false;
+    for (const NodeStep& node : plan.nodes) any = any || !node.empty();
+    if (!any) continue;
+    std::vector<SampledToken> sampled = RunOnNodes(plan);
+    std::vector<RequestEvent> events;
+    {
+      absl::MutexLock lock(&mu_);
+      events = batcher_->ApplyResults(plan, sampled);
+      ++steps_;
+    }
+    Deliver(events);
+    Balance();
+  }
+}
+
+}  // namespace dmoe::scheduler
