@@ -68,6 +68,7 @@ struct Engine::MicroBatch {
   int64_t n = 0;
   std::vector<float> x, h, delta, shared;
   std::vector<int32_t> topk_idx;
+  std::vector<int32_t> unbiased_topk_idx;  // only while a serving bias is measured
   int64_t pending_layer = -1;  // MoE layer whose routed experts are in flight
 };
 
@@ -99,6 +100,15 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   for (int64_t t = 0; t < n; ++t) {
     gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
                 mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
+  }
+  mb.unbiased_topk_idx.clear();
+  if (routing.unbiased_topk_idx_out != nullptr && !serving_bias.empty()) {
+    mb.unbiased_topk_idx.resize(n * k);
+    std::vector<float> unused(k);
+    for (int64_t t = 0; t < n; ++t) {
+      gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, {},
+                  mb.unbiased_topk_idx.data() + t * k, unused.data());
+    }
   }
   DMOE_RETURN_IF_ERROR(
       experts.BeginRoutedExperts(l, index, mb.h.data(), n, k, mb.topk_idx.data(), topk_weights.data()));
@@ -187,6 +197,14 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
         if (static_cast<int64_t>(out.size()) <= l) out.resize(l + 1);
         if (i == 0) out[l].clear();
         out[l].insert(out[l].end(), mbs[i].topk_idx.begin(), mbs[i].topk_idx.end());
+        if (routing.unbiased_topk_idx_out != nullptr) {
+          auto& unbiased = *routing.unbiased_topk_idx_out;
+          if (static_cast<int64_t>(unbiased.size()) <= l) unbiased.resize(l + 1);
+          if (i == 0) unbiased[l].clear();
+          // Without a serving bias both routings are the same.
+          const auto& src = mbs[i].unbiased_topk_idx.empty() ? mbs[i].topk_idx : mbs[i].unbiased_topk_idx;
+          unbiased[l].insert(unbiased[l].end(), src.begin(), src.end());
+        }
       }
       if (!st.ok()) {
         for (int j = 0; j < static_cast<int>(mbs.size()); ++j) (void)FinishLayer(j, mbs[j], experts);

@@ -49,6 +49,10 @@ struct StepRouting {
   const std::vector<std::vector<float>>* serving_bias = nullptr;
   // When set, receives every token's chosen experts: [layer][n * k].
   std::vector<std::vector<int32_t>>* topk_idx_out = nullptr;
+  // When set (with topk_idx_out) and a serving bias is in effect, also
+  // receives the experts the model's own routing (no serving bias) would
+  // choose, to measure what the balancer changed: [layer][n * k].
+  std::vector<std::vector<int32_t>>* unbiased_topk_idx_out = nullptr;
 };
 
 // Holds the weights (shared, immutable) and derived tables. Step() may be
