@@ -15,8 +15,7 @@ Coordinator::Coordinator(const ModelConfig& config, int num_attention_nodes, int
   for (int i = 0; i < num_attention_ + num_expert_; ++i) {
     nodes_[i].kind = i < num_attention_ ? v1::NODE_KIND_ATTENTION : v1::NODE_KIND_EXPERT;
   }
-  pending_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
-  total_load_ = pending_load_;
+  total_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
 }
 
 absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::RegisterNodeRequest& request) {
@@ -102,15 +101,12 @@ v1::GetClusterResponse Coordinator::GetCluster() const {
 
 absl::Status Coordinator::ReportExpertLoad(const v1::ExpertLoadReport& report) {
   absl::MutexLock lock(&mu_);
-  if (report.tokens_size() != 0 && report.tokens_size() != static_cast<int>(pending_load_.size())) {
+  if (report.tokens_size() != 0 && report.tokens_size() != static_cast<int>(total_load_.size())) {
     return absl::InvalidArgumentError(
         absl::StrCat("ReportExpertLoad: ", report.tokens_size(),
-                     " counts, expected layers x experts = ", pending_load_.size()));
+                     " counts, expected layers x experts = ", total_load_.size()));
   }
-  for (int i = 0; i < report.tokens_size(); ++i) {
-    pending_load_[i] += report.tokens(i);
-    total_load_[i] += report.tokens(i);
-  }
+  for (int i = 0; i < report.tokens_size(); ++i) total_load_[i] += report.tokens(i);
   return absl::OkStatus();
 }
 
@@ -145,16 +141,6 @@ int64_t Coordinator::AttentionCachePages(int index) const {
 int64_t Coordinator::AttentionPageSize(int index) const {
   absl::MutexLock lock(&mu_);
   return nodes_[index].page_size;
-}
-
-void Coordinator::DrainLoad(router::ExpertLoadTracker& window) {
-  absl::MutexLock lock(&mu_);
-  const int64_t E = config_.n_routed_experts;
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    if (!config_.is_moe_layer(l)) continue;
-    (void)window.Add(l, absl::MakeConstSpan(pending_load_.data() + l * E, E));
-  }
-  std::fill(pending_load_.begin(), pending_load_.end(), 0);
 }
 
 std::vector<int64_t> Coordinator::ExpertTokens() const {

@@ -2,7 +2,8 @@
 // nodes register (two phases: first for an id and, for expert nodes, the
 // expert_shard to load; then again with the transport address created for
 // that id), report ready, and read the whole cluster once complete. Also
-// collects the expert nodes' load reports for the balancer and stats.
+// totals the expert nodes' load reports (the stats' ground truth; the
+// balancer uses the attention nodes' per-step counts instead).
 #ifndef DMOE_SCHEDULER_COORDINATOR_H_
 #define DMOE_SCHEDULER_COORDINATOR_H_
 
@@ -45,9 +46,6 @@ class Coordinator {
   int num_expert_nodes() const { return num_expert_; }
   const router::ExpertPlacement& placement() const { return placement_; }
 
-  // Moves the load reported since the last call into `window` (the
-  // balancer's), and keeps running totals for stats.
-  void DrainLoad(router::ExpertLoadTracker& window);
   // Totals since start: per expert [E] (all layers) and per expert node [M].
   std::vector<int64_t> ExpertTokens() const;
   std::vector<int64_t> ExpertNodeTokens() const;
@@ -68,7 +66,6 @@ class Coordinator {
   const router::ExpertPlacement placement_;
   mutable absl::Mutex mu_;
   std::vector<Node> nodes_ ABSL_GUARDED_BY(mu_);            // by node id: attention 0..N-1, expert N..N+M-1
-  std::vector<int64_t> pending_load_ ABSL_GUARDED_BY(mu_);  // [layer * E + e] since DrainLoad
   std::vector<int64_t> total_load_ ABSL_GUARDED_BY(mu_);    // [layer * E + e] since start
 };
 

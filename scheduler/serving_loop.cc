@@ -222,6 +222,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
     }
     decisions += result.routing_decisions();
     changed += result.routing_decisions_changed();
+    for (int i = 0; i < result.expert_tokens_size() && i < static_cast<int>(step_load_.size()); ++i) {
+      step_load_[i] += result.expert_tokens(i);
+    }
     pages.emplace_back(static_cast<int>(n), result.pages_free());
   }
   absl::MutexLock lock(&mu_);
@@ -231,9 +234,12 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
   return sampled;
 }
 
-void ServingLoop::Balance() {
+void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
   if (balancer_ == nullptr || options_.balancer.mode == router::BalanceMode::kOff) return;
-  coordinator_.DrainLoad(*window_);
+  const int64_t E = config_.n_routed_experts;
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    if (config_.is_moe_layer(l)) (void)window_->Add(l, absl::MakeConstSpan(step_load.data() + l * E, E));
+  }
   window_->EndStep();
   if (window_->num_steps() < options_.balancer.window_steps) return;
   absl::StatusOr<std::vector<std::vector<float>>> biases = balancer_->Update(*window_);
@@ -242,7 +248,6 @@ void ServingLoop::Balance() {
     DMOE_LOG(kWarning, "scheduler") << "balancer: " << biases.status();
     return;
   }
-  const int64_t E = config_.n_routed_experts;
   serving_bias_flat_.assign(config_.num_hidden_layers * E, 0.0f);
   double max_abs = 0;
   for (size_t l = 0; l < biases->size(); ++l) {
@@ -281,6 +286,7 @@ void ServingLoop::Run() {
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) continue;
+    step_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
     std::vector<SampledToken> sampled = RunOnNodes(plan);
     std::vector<RequestEvent> events;
     {
@@ -289,7 +295,7 @@ void ServingLoop::Run() {
       ++steps_;
     }
     Deliver(events);
-    Balance();
+    Balance(step_load_);
   }
 }
 

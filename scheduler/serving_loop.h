@@ -71,8 +71,9 @@ class ServingLoop {
   void Run();
   // Runs one planned step on the nodes; returns the sampled tokens.
   std::vector<SampledToken> RunOnNodes(const StepPlan& plan);
+  // Feeds one step's routing counts [layer * E + e] to the balancer.
+  void Balance(const std::vector<int64_t>& step_load);
   void Deliver(const std::vector<RequestEvent>& events);
-  void Balance();
 
   const ModelConfig config_;
   Coordinator& coordinator_;
@@ -83,6 +84,7 @@ class ServingLoop {
   std::vector<float> serving_bias_flat_;  // [layer * E], the biases last computed
   int64_t bias_version_ = 0;
   std::vector<int64_t> node_bias_version_;  // last version each node received
+  std::vector<int64_t> step_load_;          // [layer * E], this step's routing counts
 
   mutable absl::Mutex mu_;
   std::unique_ptr<BatchScheduler> batcher_ ABSL_GUARDED_BY(mu_);

@@ -7,61 +7,17 @@
 #include "attention_node/remote_experts.h"
 #include "core/engine.h"
 #include "core/generate.h"
-#include "expert_node/expert_worker.h"
 #include "gtest/gtest.h"
 #include "router/expert_placement.h"
+#include "tests/attention_node/sharded_cluster.h"
 #include "tests/core/model_test_util.h"
 #include "tests/test_util.h"
-#include "transport/in_process_transport.h"
 
 namespace dmoe {
 namespace {
 
 using testing::GoldenModelDir;
-
-// An attention side plus `num_expert_nodes` expert workers on threads, each
-// loading only its shard.
-class ShardedCluster {
- public:
-  explicit ShardedCluster(int num_expert_nodes) {
-    auto config = ModelConfig::Load(GoldenModelDir());
-    placement_ = std::make_unique<router::ExpertPlacement>(
-        *router::ExpertPlacement::Contiguous(config->n_routed_experts, num_expert_nodes));
-    attention_weights_ = *ModelWeights::Load(GoldenModelDir(), WeightSelection::NonExpertOnly());
-    attention_ = fabric_.CreateEndpoint(0);
-    std::vector<transport::NodeId> ids;
-    for (int i = 0; i < num_expert_nodes; ++i) {
-      const router::ExpertPlacement* p = placement_.get();
-      WeightSelection shard{false, [p, i](int64_t, int64_t e) { return p->NodeOf(e) == i; }};
-      shard_weights_.push_back(*ModelWeights::Load(GoldenModelDir(), shard));
-      endpoints_.push_back(fabric_.CreateEndpoint(i + 1));
-      ids.push_back(i + 1);
-      EXPECT_TRUE(attention_->Connect(i + 1, endpoints_.back()->address()).ok());
-      EXPECT_TRUE(endpoints_.back()->Connect(0, attention_->address()).ok());
-      workers_.push_back(std::make_unique<expert::ExpertWorker>(*shard_weights_.back(), *endpoints_.back()));
-    }
-    for (auto& w : workers_) threads_.emplace_back([w = w.get()] { w->Run(); });
-    remote_ = std::make_unique<attention::RemoteExperts>(*attention_, *placement_, ids, config->hidden_size);
-  }
-  ~ShardedCluster() {
-    for (auto& w : workers_) w->Stop();
-    for (auto& t : threads_) t.join();
-  }
-  std::shared_ptr<const ModelWeights> attention_weights() const { return attention_weights_; }
-  attention::RemoteExperts& remote() { return *remote_; }
-  const std::vector<std::shared_ptr<const ModelWeights>>& shard_weights() const { return shard_weights_; }
-
- private:
-  transport::InProcessFabric fabric_;
-  std::unique_ptr<router::ExpertPlacement> placement_;
-  std::shared_ptr<const ModelWeights> attention_weights_;
-  std::unique_ptr<transport::Transport> attention_;
-  std::vector<std::shared_ptr<const ModelWeights>> shard_weights_;
-  std::vector<std::unique_ptr<transport::Transport>> endpoints_;
-  std::vector<std::unique_ptr<expert::ExpertWorker>> workers_;
-  std::vector<std::thread> threads_;
-  std::unique_ptr<attention::RemoteExperts> remote_;
-};
+using testing::ShardedCluster;
 
 TEST(RemoteExperts, ShardedExpertNodesReproduceGolden) {
   const auto cases = testing::LoadGoldenCases(GoldenModelDir());
@@ -108,17 +64,12 @@ TEST(RemoteExperts, ShardedExpertNodesReproduceGolden) {
 }
 
 TEST(RemoteExperts, DeadExpertNodeIsAnErrorNamingIt) {
-  transport::InProcessFabric fabric;
-  auto attention = fabric.CreateEndpoint(0);
-  auto silent = fabric.CreateEndpoint(1);  // connected, never answers
-  ASSERT_TRUE(attention->Connect(1, silent->address()).ok());
+  testing::SilentExpertNode silent(16, 128, absl::Milliseconds(200));
   auto weights = ModelWeights::Load(GoldenModelDir(), WeightSelection::NonExpertOnly());
   ASSERT_TRUE(weights.ok());
-  attention::RemoteExperts remote(*attention, *router::ExpertPlacement::Contiguous(16, 1), {1}, 128,
-                                  absl::Milliseconds(200));
   auto engine = Engine::Create(*weights);
   auto cache = LatentCache::Create((*engine)->CacheOptions(4, 16));
-  auto out = (*engine)->Step({{1, {5, 6, 7}, false}}, **cache, remote);
+  auto out = (*engine)->Step({{1, {5, 6, 7}, false}}, **cache, silent.remote());
   EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(out.status().message().find("expert node(s) 0 did not answer layer 1"), std::string::npos)
       << out.status();

@@ -1,0 +1,228 @@
+// The attention node's control plane: AttentionService runs the scheduler's
+// steps (dmoe.v1.AttentionNode in proto/dmoe/v1/control.proto) over the
+// engine, the latent cache and the remote experts; AttentionNodeGrpcService
+// is its thin gRPC adapter.
+//
+// This header also holds what both node binaries (dmoe-attention-node and
+// dmoe-expert-node) do to join a cluster, in namespace dmoe::node: the
+// Coordinator client with the two-phase registration, the node's own gRPC
+// server (health + reflection), and stop signals.
+#ifndef DMOE_ATTENTION_NODE_ATTENTION_SERVICE_H_
+#define DMOE_ATTENTION_NODE_ATTENTION_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "attention_node/remote_experts.h"
+#include "core/engine.h"
+#include "core/latent_cache.h"
+#include "core/model_weights.h"
+#include "core/sampling.h"
+#include "dmoe/v1/control.grpc.pb.h"
+#include "router/expert_placement.h"
+#include "transport/transport.h"
+
+namespace dmoe::attention {
+
+struct AttentionServiceOptions {
+  int64_t cache_pages = 512;  // latent cache pool size
+  int64_t page_size = 64;     // tokens per page
+  // EngineOptions::ping_pong_min_tokens: steps of at least this many tokens
+  // run as two micro-batches (0: never).
+  int64_t ping_pong_min_tokens = 32;
+};
+
+// One attention node's sequences: their latent caches and samplers.
+//
+// RunStep(request):
+//   1. frees request.free_sequences (and their samplers), even if the step
+//      then fails;
+//   2. when has_serving_bias, replaces the serving bias: [num_hidden_layers *
+//      n_routed_experts] floats (rows of dense layers are ignored), or empty
+//      to switch it off; it stays until the next has_serving_bias;
+//   3. runs every sequence's tokens through Engine::Step in one batch;
+//   4. samples one token for each sequence with sample=true.
+// A sequence's Sampler lives from its first sampled token until the sequence
+// is freed. A request whose sample_index or sampling parameters do not
+// continue the kept Sampler (a recomputed, preempted request) gets a new one
+// whose RNG has been advanced by sample_index draws, so the n-th token of a
+// seed is the same whatever happened before. top_p = 0 is taken as unset
+// (1, proto3's default); other parameters are checked as
+// ValidateSamplingParams does.
+//
+// Errors (the step changes no cache state then, except step 1 and 2):
+// INVALID_ARGUMENT for a bad token, an empty chunk, a repeated sequence, a
+// context too long, bad sampling parameters or a bias of the wrong size;
+// RESOURCE_EXHAUSTED when the cache lacks pages; UNAVAILABLE when an expert
+// node does not answer. Messages start with "step <id>: ".
+//
+// routing_decisions / routing_decisions_changed compare the served routing
+// with the model's own (without the serving bias).
+//
+// Thread-safe: every call takes the service's lock, so steps run one at a
+// time. Holds `experts` (which must outlive it) and owns its engine and cache.
+class AttentionService {
+ public:
+  // INVALID_ARGUMENT for a non-positive cache size.
+  static absl::StatusOr<std::unique_ptr<AttentionService>> Create(std::shared_ptr<const ModelWeights> weights,
+                                                                  RemoteExperts& experts,
+                                                                  const AttentionServiceOptions& options = {});
+
+  absl::StatusOr<v1::StepResult> RunStep(const v1::StepRequest& request);
+  // Frees the sequences (unknown ids are ignored).
+  v1::CacheStatus Free(const v1::FreeRequest& request);
+  v1::CacheStatus GetCacheStatus();
+
+ private:
+  struct SequenceSampler {
+    explicit SequenceSampler(const SamplingParams& params) : sampler(params) {}
+    Sampler sampler;
+    int64_t next_index = 0;  // sample_index of the next token
+  };
+  AttentionService(std::unique_ptr<Engine> engine, std::unique_ptr<LatentCache> cache, RemoteExperts& experts);
+  absl::StatusOr<v1::StepResult> RunStepLocked(const v1::StepRequest& request) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status SetServingBiasLocked(const google::protobuf::RepeatedField<float>& bias)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The sequence's sampler, positioned at `sample_index`.
+  SequenceSampler& SamplerFor(SequenceId seq, const SamplingParams& params, int64_t sample_index)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FreeLocked(SequenceId seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::CacheStatus CacheStatusLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::unique_ptr<Engine> engine_;
+  absl::Mutex mu_;
+  std::unique_ptr<LatentCache> cache_ ABSL_GUARDED_BY(mu_);
+  RemoteExperts& experts_;                               // used under mu_
+  std::set<SequenceId> sequences_ ABSL_GUARDED_BY(mu_);  // those holding cache entries
+  absl::flat_hash_map<SequenceId, std::unique_ptr<SequenceSampler>> samplers_ ABSL_GUARDED_BY(mu_);
+  // [layer][n_routed_experts]; empty rows for dense layers; empty: no bias.
+  std::vector<std::vector<float>> serving_bias_ ABSL_GUARDED_BY(mu_);
+};
+
+// dmoe.v1.AttentionNode over an AttentionService, statuses mapped with
+// ToGrpcStatus. Until SetService it answers UNAVAILABLE (the node is still
+// loading or connecting), so it can be registered before the service exists.
+class AttentionNodeGrpcService final : public v1::AttentionNode::Service {
+ public:
+  // `service` (or null) must outlive the calls it serves: set null and shut
+  // the server down before destroying it.
+  void SetService(AttentionService* service) { service_.store(service); }
+
+  grpc::Status RunStep(grpc::ServerContext* context, const v1::StepRequest* request, v1::StepResult* reply) override;
+  grpc::Status Free(grpc::ServerContext* context, const v1::FreeRequest* request, v1::CacheStatus* reply) override;
+  grpc::Status GetCacheStatus(grpc::ServerContext* context, const v1::GetCacheStatusRequest* request,
+                              v1::CacheStatus* reply) override;
+
+ private:
+  std::atomic<AttentionService*> service_{nullptr};
+};
+
+}  // namespace dmoe::attention
+
+namespace dmoe::node {
+
+// Joining the cluster, for both node kinds. The registration protocol with
+// the scheduler's Coordinator (the transport needs the node id, which only
+// registration assigns):
+//   1. RegisterNode{kind, grpc_address, cache_pages, page_size,
+//      transport_address empty} -> node_id (+ expert_shard and
+//      expert_node_index for expert nodes);
+//   2. the node creates its transport with node_id;
+//   3. RegisterNode again with the same request plus transport_address: the
+//      scheduler recognizes grpc_address and records the address, answering
+//      the same node_id (anything else is FAILED_PRECONDITION here);
+//   4. the node loads its weights, then NodeReady{node_id, weight_bytes};
+//   5. GetCluster{wait_until_complete} polled every 100 ms until complete
+//      and every listed node has a transport address;
+//   6. the node connects its transport to every node of the other kind,
+//      then reports SERVING on grpc.health.v1 (NOT_SERVING until then).
+struct Registration {
+  int32_t node_id = -1;
+  std::vector<int32_t> expert_shard;  // expert nodes
+  int32_t expert_node_index = -1;     // expert nodes
+  std::unique_ptr<transport::Transport> transport;
+};
+
+using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(transport::NodeId)>;
+
+// Calls the scheduler's Coordinator service. Thread-safe.
+class CoordinatorClient {
+ public:
+  // `target`: the scheduler's control port, host:port.
+  explicit CoordinatorClient(const std::string& target);
+
+  // Steps 1-3 above. Waits up to `timeout` for the scheduler to come up.
+  // `request` holds everything but transport_address.
+  absl::StatusOr<Registration> Register(const v1::RegisterNodeRequest& request, const TransportFactory& make_transport,
+                                        absl::Duration timeout = absl::Minutes(2));
+  absl::Status NodeReady(int32_t node_id, int64_t weight_bytes);
+  // Step 5. `sleep_or_stop(d)` waits up to d between polls and returns true
+  // to give up (CANCELLED). DEADLINE_EXCEEDED after `timeout`.
+  absl::StatusOr<v1::GetClusterResponse> WaitForCluster(absl::Duration timeout,
+                                                        const std::function<bool(absl::Duration)>& sleep_or_stop);
+  absl::Status ReportExpertLoad(const v1::ExpertLoadReport& report, absl::Duration timeout = absl::Seconds(2));
+
+ private:
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+};
+
+// Connects `transport` to every node of `kind` in `cluster`; returns how many.
+absl::StatusOr<int> ConnectPeers(transport::Transport& transport, const v1::GetClusterResponse& cluster,
+                                 v1::NodeKind kind);
+
+// The cluster's expert placement over expert node indices (expert nodes in
+// node id order) and each index's transport node id, from expert_to_node
+// (which holds transport node ids). FAILED_PRECONDITION when the map names a
+// node that is not an expert node of the cluster or its size is not
+// n_routed_experts.
+struct ExpertNodes {
+  router::ExpertPlacement placement;
+  std::vector<transport::NodeId> node_ids;  // [expert node index]
+};
+absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse& cluster, int64_t n_routed_experts);
+
+// A node's gRPC server on host:port (port 0: any free one), with
+// grpc.health.v1 (initially NOT_SERVING) and reflection besides `services`
+// (not owned; they must outlive the server).
+struct NodeServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
+                                           const std::vector<grpc::Service*>& services);
+// Sets grpc.health.v1's status of every service ("" included).
+void SetServing(grpc::Server& server, bool serving);
+// Writes {"port": P} to `path` atomically (a temporary file, then rename).
+absl::Status WritePortFile(const std::string& path, int port);
+
+// The main() of a node binary around `run(args)`: sets UCX_NET_DEVICES=lo
+// unless set, installs the stop signal handlers, prints `usage` for --help
+// (exit 0) and after an INVALID_ARGUMENT error. Exit status: 0 when `run`
+// returns OK or CANCELLED (stopped while starting), 1 after logging any
+// other error under `component`.
+int NodeMain(int argc, char** argv, const char* usage, const char* component,
+             const std::function<absl::Status(const std::vector<std::string>& args)>& run);
+
+// Installs handlers for SIGTERM and SIGINT that WaitForStopSignal observes
+// (instead of terminating the process). Call once, early in main. A handler,
+// not a blocked mask, because libraries start threads before main (OpenBLAS)
+// that would otherwise take the signal with its default action.
+void InstallStopSignalHandlers();
+// Waits up to `timeout` for SIGTERM or SIGINT; true once one has arrived
+// (and on every later call).
+bool WaitForStopSignal(absl::Duration timeout);
+
+}  // namespace dmoe::node
+
+#endif  // DMOE_ATTENTION_NODE_ATTENTION_SERVICE_H_
