@@ -1,4 +1,5 @@
 // dmoe: the command-line entry point (docs/cli.md).
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -16,7 +17,14 @@ constexpr char kUsage[] =
     "              [--temperature T] [--top-p P] [--top-k K] [--min-p M] [--seed S] [--json]\n"
     "  tokenize    --model DIR --text TEXT                            {\"ids\": [..]}\n"
     "  detokenize  --model DIR --ids 1,2,3                            the text\n"
-    "  make-model  --preset tiny|v2-lite-shape|v3-shape --out DIR [--layers N] [--dtype f32|bf16|fp8] [--seed S]\n";
+    "  make-model  --preset tiny|v2-lite-shape|v3-shape --out DIR [--layers N] [--dtype f32|bf16|fp8] [--seed S]\n"
+    "cluster commands:\n"
+    "  up          --model DIR [--attention-nodes N] [--expert-nodes M] [--balance off|bias] [--port P]\n"
+    "              [--host H] [--config FILE] [--cache-pages N] [--timeout S] [--grace S]\n"
+    "  generate    --server HOST:PORT (--prompt TEXT | --ids 1,2,3) [--max-tokens N] [sampling flags]\n"
+    "              [--stop STR] [--ignore-eos] [--json]\n"
+    "  bench       --server HOST:PORT [--concurrency C] [--requests R] [--prompt-len L] [--max-tokens T]\n"
+    "              [--seed S] [--json]\n";
 
 }  // namespace
 
@@ -31,7 +39,14 @@ int main(int argc, char** argv) {
   if (command == "forward") {
     status = dmoe::cli::RunForward(args);
   } else if (command == "generate") {
-    status = dmoe::cli::RunGenerate(args);
+    // --server: the same command against a running cluster.
+    const bool remote = std::any_of(args.begin(), args.end(),
+                                    [](const std::string& a) { return a == "--server" || a.rfind("--server=", 0) == 0; });
+    status = remote ? dmoe::cli::RunGenerateRemote(args) : dmoe::cli::RunGenerate(args);
+  } else if (command == "up") {
+    status = dmoe::cli::RunUp(args);
+  } else if (command == "bench") {
+    status = dmoe::cli::RunBench(args);
   } else if (command == "tokenize") {
     status = dmoe::cli::RunTokenize(args);
   } else if (command == "detokenize") {
