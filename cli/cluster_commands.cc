@@ -1,0 +1,364 @@
+// dmoe up: a whole cluster on this host (one scheduler, N attention nodes, M
+// expert nodes) as child processes of this command, until SIGINT/SIGTERM.
+// Flags and output: docs/cli.md.
+#include <grpcpp/client_context.h>
+#include <sys/inotify.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "cli/child_processes.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "cli/grpc_client.h"
+#include "cli/health.grpc.pb.h"
+#include "core/log.h"
+#include "core/status_macros.h"
+#include "dmoe/v1/generation.grpc.pb.h"
+#include "nlohmann/json.hpp"
+
+namespace dmoe::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+constexpr absl::Duration kProgressEvery = absl::Seconds(5);
+constexpr absl::Duration kHealthPollEvery = absl::Milliseconds(200);
+constexpr absl::Duration kHealthCallTimeout = absl::Seconds(1);
+// Stop stages: the scheduler drains first, while the nodes still run.
+constexpr int kSchedulerStage = 0;
+constexpr int kNodeStage = 1;
+
+struct UpOptions {
+  std::string model;
+  std::string host = "127.0.0.1";
+  int64_t attention_nodes = 1;
+  int64_t expert_nodes = 1;
+  int64_t port = 50051;     // 0 = any free port
+  std::string balance;      // empty: the scheduler's default (or --config)
+  std::string config;       // empty: none
+  int64_t cache_pages = 0;  // 0: the attention node's default
+  absl::Duration timeout = absl::Seconds(300);
+  absl::Duration grace = absl::Seconds(10);
+};
+
+absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
+                                                  {"model", "attention-nodes", "expert-nodes", "balance", "port",
+                                                   "config", "cache-pages", "host", "timeout", "grace"},
+                                                  {}));
+  UpOptions o;
+  DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
+  DMOE_ASSIGN_OR_RETURN(o.attention_nodes, flags.GetInt("attention-nodes", o.attention_nodes));
+  DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.expert_nodes));
+  DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
+  DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
+  DMOE_ASSIGN_OR_RETURN(double timeout_s, flags.GetDouble("timeout", absl::ToDoubleSeconds(o.timeout)));
+  DMOE_ASSIGN_OR_RETURN(double grace_s, flags.GetDouble("grace", absl::ToDoubleSeconds(o.grace)));
+  o.balance = flags.Get("balance").value_or("");
+  o.config = flags.Get("config").value_or("");
+  o.host = flags.Get("host").value_or(o.host);
+  if (o.attention_nodes < 1 || o.attention_nodes > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
+  }
+  if (o.expert_nodes < 1 || o.expert_nodes > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("--expert-nodes = ", o.expert_nodes, " must be in 1..256"));
+  }
+  if (o.port < 0 || o.port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
+  }
+  if (flags.Has("balance") && o.balance != "off" && o.balance != "bias") {
+    return absl::InvalidArgumentError(absl::StrCat("--balance = '", o.balance, "' must be off or bias"));
+  }
+  if (flags.Has("cache-pages") && o.cache_pages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--cache-pages = ", o.cache_pages, " must be positive"));
+  }
+  if (!(timeout_s > 0) || !(grace_s >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--timeout = ", timeout_s, " must be > 0 and --grace = ", grace_s, " >= 0 (seconds)"));
+  }
+  o.timeout = absl::Seconds(timeout_s);
+  o.grace = absl::Seconds(grace_s);
+  if (o.host.empty()) return absl::InvalidArgumentError("--host is empty");
+  // Fail here, not in a child a few seconds later.
+  std::error_code ec;
+  if (!fs::is_regular_file(fs::path(o.model) / "config.json", ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("--model ", o.model, ": ", (fs::path(o.model) / "config.json").string(), " does not exist"));
+  }
+  if (!o.config.empty() && !fs::is_regular_file(o.config, ec)) {
+    return absl::NotFoundError(absl::StrCat("--config ", o.config, " does not exist"));
+  }
+  return o;
+}
+
+// Where the server binaries are: $DMOE_SERVER_BIN_DIR, else beside this dmoe.
+absl::StatusOr<fs::path> ServerBinDir() {
+  if (const char* dir = std::getenv("DMOE_SERVER_BIN_DIR"); dir != nullptr && *dir != '\0') return fs::path(dir);
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot read /proc/self/exe: ", ec.message()));
+  return self.parent_path();
+}
+
+// A fresh directory for the servers' port files, removed with its contents.
+class TempDir {
+ public:
+  static absl::StatusOr<TempDir> Create() {
+    std::string pattern = (fs::temp_directory_path() / "dmoe-up-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      return absl::InternalError(absl::StrCat("mkdtemp ", pattern, ": ", std::strerror(errno)));
+    }
+    return TempDir(pattern);
+  }
+  TempDir(TempDir&& other) noexcept : path_(std::move(other.path_)) { other.path_.clear(); }
+  TempDir& operator=(TempDir&&) = delete;
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty()) fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  explicit TempDir(fs::path path) : path_(std::move(path)) {}
+  fs::path path_;
+};
+
+// The JSON object in `path`, or nullopt while it is missing or partly written.
+std::optional<json> ReadJsonFile(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  return j;
+}
+
+struct SchedulerPorts {
+  int port = 0;          // client API (Generation, health)
+  int control_port = 0;  // where the nodes register
+};
+
+// The cluster being brought up; see RunUp for the order of events.
+class Launcher {
+ public:
+  Launcher(UpOptions opts, fs::path bin_dir, TempDir tmp, ChildProcesses& children)
+      : opts_(std::move(opts)),
+        bin_dir_(std::move(bin_dir)),
+        tmp_(std::move(tmp)),
+        children_(children),
+        deadline_(absl::Now() + opts_.timeout),
+        // Wildcard listen addresses are reached on loopback.
+        connect_host_(opts_.host == "0.0.0.0" || opts_.host == "::" || opts_.host == "[::]" ? "127.0.0.1"
+                                                                                            : opts_.host) {}
+
+  // Runs until a stop request (OK) or a failure: a child that exits, a
+  // cluster not ready by the deadline (the caller then stops the children).
+  absl::Status Run() {
+    DMOE_ASSIGN_OR_RETURN(std::optional<SchedulerPorts> ports, StartScheduler());
+    if (!ports.has_value()) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(StartNodes(*ports));
+    DMOE_ASSIGN_OR_RETURN(bool ready, WaitServing(*ports));
+    if (!ready) return absl::OkStatus();
+    std::printf("dmoe: serving %s on %s:%d (%d attention nodes, %d expert nodes, balance %s)\n", opts_.model.c_str(),
+                opts_.host.c_str(), ports->port, static_cast<int>(opts_.attention_nodes),
+                static_cast<int>(opts_.expert_nodes), BalanceMode(*ports).c_str());
+    std::fflush(stdout);
+    while (!children_.stop_requested() && !children_.unexpected_exit().has_value()) {
+      children_.Wait(absl::InfiniteDuration());
+    }
+    return ChildrenStatus();
+  }
+
+ private:
+  fs::path PortFile(const std::string& name) const { return tmp_.path() / (name + ".json"); }
+
+  // An error when a child has exited on its own.
+  absl::Status ChildrenStatus() const {
+    if (!children_.unexpected_exit().has_value()) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat(*children_.unexpected_exit(), "; stopped the cluster"));
+  }
+
+  absl::Status PastDeadline(const std::string& waiting_for) const {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the cluster was not ready within ", absl::FormatDuration(opts_.timeout), " (", waiting_for, "); stopped it"));
+  }
+
+  // Starts the scheduler and waits for its port file; nullopt on a stop
+  // request.
+  absl::StatusOr<std::optional<SchedulerPorts>> StartScheduler() {
+    const fs::path port_file = PortFile("scheduler");
+    // Watch the directory before the scheduler can write to it.
+    const int inotify = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (inotify < 0) return absl::InternalError(absl::StrCat("inotify_init1: ", std::strerror(errno)));
+    struct Closer {
+      int fd;
+      ~Closer() { ::close(fd); }
+    } closer{inotify};
+    if (::inotify_add_watch(inotify, tmp_.path().c_str(), IN_CLOSE_WRITE | IN_MOVED_TO) < 0) {
+      return absl::InternalError(absl::StrCat("inotify_add_watch ", tmp_.path().string(), ": ", std::strerror(errno)));
+    }
+    // clang-format off
+    std::vector<std::string> args = {
+        "--model", opts_.model,
+        "--host", opts_.host,
+        "--port", std::to_string(opts_.port),
+        "--control-port", "0",
+        "--attention-nodes", std::to_string(opts_.attention_nodes),
+        "--expert-nodes", std::to_string(opts_.expert_nodes),
+        "--port-file", port_file.string()};
+    // clang-format on
+    if (!opts_.balance.empty()) args.insert(args.end(), {"--balance", opts_.balance});
+    if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
+    DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
+
+    const absl::Time start = absl::Now();
+    absl::Time next_progress = start + kProgressEvery;
+    while (true) {
+      if (std::optional<json> j = ReadJsonFile(port_file);
+          j.has_value() && (*j)["port"].is_number_integer() && (*j)["control_port"].is_number_integer()) {
+        SchedulerPorts ports{(*j)["port"].get<int>(), (*j)["control_port"].get<int>()};
+        DMOE_LOG(kInfo, "up") << "scheduler listening on " << opts_.host << ":" << ports.port << " (control port "
+                              << ports.control_port << ")";
+        return ports;
+      }
+      if (children_.stop_requested()) return std::nullopt;
+      DMOE_RETURN_IF_ERROR(ChildrenStatus());
+      const absl::Time now = absl::Now();
+      if (now >= deadline_) return PastDeadline("the scheduler wrote no port file");
+      if (now >= next_progress) {
+        DMOE_LOG(kInfo, "up") << "waiting for the scheduler to listen ("
+                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << ")";
+        next_progress += kProgressEvery;
+      }
+      children_.Wait(std::min(deadline_, next_progress) - now, inotify);
+      char events[4096];
+      while (::read(inotify, events, sizeof events) > 0) {
+      }
+    }
+  }
+
+  absl::Status StartNodes(const SchedulerPorts& ports) {
+    const std::string scheduler = absl::StrCat(connect_host_, ":", ports.control_port);
+    for (int64_t i = 0; i < opts_.attention_nodes + opts_.expert_nodes; ++i) {
+      const bool attention = i < opts_.attention_nodes;
+      const int64_t index = attention ? i : i - opts_.attention_nodes;
+      const std::string name = absl::StrCat(attention ? "attention node " : "expert node ", index);
+      std::vector<std::string> args = {
+          "--model",     opts_.model,
+          "--scheduler", scheduler,
+          "--host",      opts_.host,
+          "--port",      "0",
+          "--port-file", PortFile(absl::StrCat(attention ? "attention-" : "expert-", index)).string()};
+      if (attention && opts_.cache_pages > 0) {
+        args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
+      }
+      DMOE_RETURN_IF_ERROR(children_.Start(
+          name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
+    }
+    return absl::OkStatus();
+  }
+
+  int NodesListening() const {
+    int n = 0;
+    std::error_code ec;
+    for (int64_t i = 0; i < opts_.attention_nodes; ++i) n += fs::exists(PortFile(absl::StrCat("attention-", i)), ec);
+    for (int64_t i = 0; i < opts_.expert_nodes; ++i) n += fs::exists(PortFile(absl::StrCat("expert-", i)), ec);
+    return n;
+  }
+
+  // Polls the scheduler's health until SERVING (every node registered and
+  // ready); false on a stop request.
+  absl::StatusOr<bool> WaitServing(const SchedulerPorts& ports) {
+    const std::string address = absl::StrCat(connect_host_, ":", ports.port);
+    std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
+    const int64_t nodes = opts_.attention_nodes + opts_.expert_nodes;
+    DMOE_LOG(kInfo, "up") << "waiting for " << nodes << " nodes to register and the scheduler to turn SERVING";
+    const absl::Time start = absl::Now();
+    absl::Time next_progress = start + kProgressEvery;
+    std::string last_state;
+    while (true) {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(absl::Now() + kHealthCallTimeout));
+      grpc::health::v1::HealthCheckResponse response;
+      const grpc::Status status = health->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+      if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) return true;
+      last_state = status.ok()
+                       ? grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
+                       : absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())),
+                                      ": ", status.error_message());
+      if (children_.stop_requested()) return false;
+      DMOE_RETURN_IF_ERROR(ChildrenStatus());
+      const absl::Time now = absl::Now();
+      const std::string state = absl::StrCat(NodesListening(), " of ", nodes, " nodes listening, health ", last_state);
+      if (now >= deadline_) return PastDeadline(state);
+      if (now >= next_progress) {
+        DMOE_LOG(kInfo, "up") << "waiting for the cluster to be ready ("
+                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << "): " << state;
+        next_progress += kProgressEvery;
+      }
+      children_.Wait(std::min(kHealthPollEvery, deadline_ - now));
+    }
+  }
+
+  // The balance mode the scheduler reports, else what was asked for.
+  std::string BalanceMode(const SchedulerPorts& ports) const {
+    std::unique_ptr<v1::Generation::Stub> stub =
+        v1::Generation::NewStub(DialScheduler(absl::StrCat(connect_host_, ":", ports.port)));
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kConnectTimeout));
+    v1::ModelInfo info;
+    if (const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+        status.ok() && !info.balance_mode().empty()) {
+      return info.balance_mode();
+    }
+    return opts_.balance.empty() ? "off" : opts_.balance;
+  }
+
+  const UpOptions opts_;
+  const fs::path bin_dir_;
+  const TempDir tmp_;
+  ChildProcesses& children_;
+  const absl::Time deadline_;
+  const std::string connect_host_;
+};
+
+}  // namespace
+
+// The order of events:
+//   start scheduler -> its port file -> start the nodes -> health SERVING
+//   -> print the endpoint line -> wait for SIGINT/SIGTERM or a child's exit
+//   -> stop: scheduler (drains), then the nodes; SIGKILL after --grace.
+absl::Status RunUp(const std::vector<std::string>& args) {
+  DMOE_ASSIGN_OR_RETURN(UpOptions opts, ParseUpOptions(args));
+  DMOE_ASSIGN_OR_RETURN(fs::path bin_dir, ServerBinDir());
+  for (const char* binary : {"dmoe-scheduler", "dmoe-attention-node", "dmoe-expert-node"}) {
+    if (::access((bin_dir / binary).c_str(), X_OK) != 0) {
+      return absl::NotFoundError(absl::StrCat((bin_dir / binary).string(),
+                                              " is not there (dmoe up runs the server binaries beside dmoe, "
+                                              "or in $DMOE_SERVER_BIN_DIR)"));
+    }
+  }
+  DMOE_ASSIGN_OR_RETURN(TempDir tmp, TempDir::Create());
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<ChildProcesses> children, ChildProcesses::Create());
+  const absl::Duration grace = opts.grace;
+  Launcher launcher(std::move(opts), std::move(bin_dir), std::move(tmp), *children);
+  const absl::Status status = launcher.Run();
+  children->Stop(grace);
+  if (status.ok()) {
+    DMOE_LOG(kInfo, "up") << "stopped";
+  }
+  return status;
+}
+
+}  // namespace dmoe::cli
