@@ -18,7 +18,7 @@ run_one() {  # model label attention expert balance prompt_len max_tokens
   local model=$1 label=$2 an=$3 en=$4 balance=$5 plen=$6 mt=$7 log port pid
   log=$(mktemp)
   "$bin/dmoe" up --model "$model" --attention-nodes "$an" --expert-nodes "$en" --balance "$balance" --port 0 \
-    >"$log" 2>/dev/null &
+    >"$log" 2>"$log.err" &
   pid=$!
   for _ in $(seq 1 600); do
     port=$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$log" | head -1)
@@ -29,11 +29,12 @@ run_one() {  # model label attention expert balance prompt_len max_tokens
   result=$("$bin/dmoe" bench --server "127.0.0.1:$port" --concurrency "$concurrency" --requests "$requests" \
     --prompt-len "$plen" --max-tokens "$mt" --json 2>/dev/null)
   kill -TERM "$pid"; wait "$pid" || true
-  rm -f "$log"
-  echo "{\"model\": \"$label\", \"attention_nodes\": $an, \"expert_nodes\": $en, \"balance\": \"$balance\", \"bench\": $result}"
+  phases=$(grep -o 'step phases.*' "$log.err" | tail -1)
+  rm -f "$log" "$log.err"
+  echo "{\"model\": \"$label\", \"attention_nodes\": $an, \"expert_nodes\": $en, \"balance\": \"$balance\", \"bench\": $result, \"phases\": \"$phases\"}"
 }
 
-"$bin/decode_bench" --benchmark_format=json --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+[ -n "${SKIP_DECODE_BENCH:-}" ] || "$bin/decode_bench" --benchmark_format=json --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
   2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"decode_bench": [{k: b[k] for k in b if k in ("name","real_time","tokens_per_s","roofline_tokens_per_s","roofline_frac","read_GBps","MB_per_step")} for b in d["benchmarks"] if b.get("aggregate_name")=="median"]}))'
 for model in tiny v2l; do
   if [ "$model" = tiny ]; then dir=tests/golden/tiny-v3; plen=32; mt=32; else dir=$v2l; plen=64; mt=32; fi

@@ -94,6 +94,17 @@ ServingLoop::~ServingLoop() {
     stop_ = true;
   }
   if (thread_.joinable()) thread_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    if (steps_ > 0) {
+      const double ms = 1e3 / static_cast<double>(steps_);
+      DMOE_LOG(kInfo, "scheduler") << "step phases over " << steps_ << " steps, per step: scheduler "
+                                   << scheduler_s_ * ms << " ms, RunStep wall " << rpc_s_ * ms
+                                   << " ms; attention nodes (summed): compute " << node_compute_s_ * ms
+                                   << " ms, expert wait " << node_wait_s_ * ms << " ms, other " << node_other_s_ * ms
+                                   << " ms";
+    }
+  }
   // Whatever is left ends with an error, never silently.
   absl::MutexLock lock(&mu_);
   for (auto& [id, stream] : streams_) {
@@ -142,6 +153,11 @@ v1::GetClusterStatsResponse ServingLoop::Stats() const {
   r.set_requests_waiting(batcher_->num_waiting());
   r.set_requests_running(batcher_->num_running());
   r.set_preemptions(preemptions_);
+  r.set_scheduler_seconds(scheduler_s_);
+  r.set_step_rpc_seconds(rpc_s_);
+  r.set_node_compute_seconds(node_compute_s_);
+  r.set_node_expert_wait_seconds(node_wait_s_);
+  r.set_node_other_seconds(node_other_s_);
   return r;
 }
 
@@ -198,6 +214,7 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
   }
   std::vector<SampledToken> sampled;
   int64_t decisions = 0, changed = 0;
+  double compute = 0, wait = 0, other = 0;
   std::vector<std::pair<int, int64_t>> pages;
   for (size_t n = 0; n < calls.size(); ++n) {
     if (!calls[n].valid()) continue;
@@ -222,6 +239,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
     }
     decisions += result.routing_decisions();
     changed += result.routing_decisions_changed();
+    compute += result.times().attention_seconds();
+    wait += result.times().expert_wait_seconds();
+    other += result.times().other_seconds();
     for (int i = 0; i < result.expert_tokens_size() && i < static_cast<int>(step_load_.size()); ++i) {
       step_load_[i] += result.expert_tokens(i);
     }
@@ -230,6 +250,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
   absl::MutexLock lock(&mu_);
   routing_decisions_ += decisions;
   routing_changed_ += changed;
+  node_compute_s_ += compute;
+  node_wait_s_ += wait;
+  node_other_s_ += other;
   for (auto [n, free] : pages) pages_free_[n] = free;
   return sampled;
 }
@@ -264,6 +287,7 @@ void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
 void ServingLoop::Run() {
   for (;;) {
     StepPlan plan;
+    absl::Time t0;
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -272,7 +296,8 @@ void ServingLoop::Run() {
       // Wake periodically too, so cancelled requests are reaped promptly.
       mu_.AwaitWithTimeout(absl::Condition(&has_work), absl::Milliseconds(100));
       if (stop_) return;
-      plan = batcher_->PlanStep(absl::Now());
+      t0 = absl::Now();
+      plan = batcher_->PlanStep(t0);
       preemptions_ += static_cast<int64_t>(plan.preempted.size());
       const absl::Time now = absl::Now();
       for (const NodeStep& node : plan.nodes) {
@@ -287,7 +312,9 @@ void ServingLoop::Run() {
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) continue;
     step_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
+    const absl::Time t1 = absl::Now();
     std::vector<SampledToken> sampled = RunOnNodes(plan);
+    const absl::Time t2 = absl::Now();
     std::vector<RequestEvent> events;
     {
       absl::MutexLock lock(&mu_);
@@ -296,6 +323,9 @@ void ServingLoop::Run() {
     }
     Deliver(events);
     Balance(step_load_);
+    absl::MutexLock lock(&mu_);
+    rpc_s_ += absl::ToDoubleSeconds(t2 - t1);
+    scheduler_s_ += absl::ToDoubleSeconds((t1 - t0) + (absl::Now() - t2));
   }
 }
 

@@ -96,6 +96,10 @@ class ServingLoop {
   int64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<int64_t> pages_free_ ABSL_GUARDED_BY(mu_);
   double max_abs_bias_ ABSL_GUARDED_BY(mu_) = 0;
+  // Step-phase totals (seconds), see GetClusterStatsResponse.
+  double scheduler_s_ ABSL_GUARDED_BY(mu_) = 0, rpc_s_ ABSL_GUARDED_BY(mu_) = 0;
+  double node_compute_s_ ABSL_GUARDED_BY(mu_) = 0, node_wait_s_ ABSL_GUARDED_BY(mu_) = 0;
+  double node_other_s_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;
 };
 
