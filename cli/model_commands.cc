@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/generate_flags.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/status_macros.h"
@@ -79,24 +80,12 @@ absl::Status RunGenerate(const std::vector<std::string>& args) {
   if (flags.Has("prompt") == flags.Has("ids")) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --ids 1,2,3");
   }
+  DMOE_ASSIGN_OR_RETURN(GenerateFlags g, ParseGenerateFlags(flags));
   GenerateOptions opts;
-  DMOE_ASSIGN_OR_RETURN(opts.max_tokens, flags.GetInt("max-tokens", 16));
-  DMOE_ASSIGN_OR_RETURN(double temperature, flags.GetDouble("temperature", 0.0));
-  DMOE_ASSIGN_OR_RETURN(double top_p, flags.GetDouble("top-p", 1.0));
-  DMOE_ASSIGN_OR_RETURN(int64_t top_k, flags.GetInt("top-k", 0));
-  DMOE_ASSIGN_OR_RETURN(double min_p, flags.GetDouble("min-p", 0.0));
-  DMOE_ASSIGN_OR_RETURN(int64_t seed, flags.GetInt("seed", 0));
+  opts.max_tokens = g.max_tokens;
+  opts.sampling = g.sampling;
+  opts.stop_at_eos = !g.ignore_eos;
   DMOE_ASSIGN_OR_RETURN(opts.prefill_chunk, flags.GetInt("prefill-chunk", 0));
-  opts.sampling.temperature = static_cast<float>(temperature);
-  opts.sampling.top_p = static_cast<float>(top_p);
-  opts.sampling.top_k = static_cast<int32_t>(top_k);
-  opts.sampling.min_p = static_cast<float>(min_p);
-  opts.sampling.seed = static_cast<uint64_t>(seed);
-  opts.stop_at_eos = !flags.Has("ignore-eos");
-  DMOE_RETURN_IF_ERROR(ValidateSamplingParams(opts.sampling));
-  if (opts.max_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-tokens = ", opts.max_tokens, " must be positive"));
-  }
 
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(dir));
   std::vector<int32_t> prompt;

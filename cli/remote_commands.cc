@@ -21,6 +21,7 @@
 #include "cli/bench_stats.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/generate_flags.h"
 #include "cli/grpc_client.h"
 #include "core/sampling.h"
 #include "core/status_macros.h"
@@ -79,22 +80,8 @@ absl::Status RunGenerateRemote(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --ids 1,2,3");
   }
   // The same defaults and checks as the offline form (RunGenerate).
-  SamplingParams sampling;
-  DMOE_ASSIGN_OR_RETURN(int64_t max_tokens, flags.GetInt("max-tokens", 16));
-  DMOE_ASSIGN_OR_RETURN(double temperature, flags.GetDouble("temperature", 0.0));
-  DMOE_ASSIGN_OR_RETURN(double top_p, flags.GetDouble("top-p", 1.0));
-  DMOE_ASSIGN_OR_RETURN(int64_t top_k, flags.GetInt("top-k", 0));
-  DMOE_ASSIGN_OR_RETURN(double min_p, flags.GetDouble("min-p", 0.0));
-  DMOE_ASSIGN_OR_RETURN(int64_t seed, flags.GetInt("seed", 0));
-  sampling.temperature = static_cast<float>(temperature);
-  sampling.top_p = static_cast<float>(top_p);
-  sampling.top_k = static_cast<int32_t>(top_k);
-  sampling.min_p = static_cast<float>(min_p);
-  sampling.seed = static_cast<uint64_t>(seed);
-  DMOE_RETURN_IF_ERROR(ValidateSamplingParams(sampling));
-  if (max_tokens <= 0 || max_tokens > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-tokens = ", max_tokens, " must be positive"));
-  }
+  DMOE_ASSIGN_OR_RETURN(GenerateFlags g, ParseGenerateFlags(flags));
+  const SamplingParams& sampling = g.sampling;
 
   v1::GenerateRequest request;
   if (flags.Has("ids")) {
@@ -103,14 +90,14 @@ absl::Status RunGenerateRemote(const std::vector<std::string>& args) {
   } else {
     request.set_text(*flags.Get("prompt"));
   }
-  request.set_max_tokens(static_cast<int32_t>(max_tokens));
+  request.set_max_tokens(static_cast<int32_t>(g.max_tokens));
   request.mutable_sampling()->set_temperature(sampling.temperature);
   request.mutable_sampling()->set_top_p(sampling.top_p);
   request.mutable_sampling()->set_top_k(sampling.top_k);
   request.mutable_sampling()->set_min_p(sampling.min_p);
   request.mutable_sampling()->set_seed(sampling.seed);
   if (auto stop = flags.Get("stop"); stop.has_value()) request.add_stop(*stop);
-  request.set_ignore_eos(flags.Has("ignore-eos"));
+  request.set_ignore_eos(g.ignore_eos);
   request.set_top_logprobs(-1);
 
   const bool as_json = flags.Has("json");
