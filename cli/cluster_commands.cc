@@ -21,7 +21,7 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "cli/grpc_client.h"
-#include "cli/health.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "dmoe/v1/generation.grpc.pb.h"
