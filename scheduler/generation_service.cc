@@ -71,7 +71,7 @@ absl::StatusOr<Request> ValidateGenerateRequest(const v1::GenerateRequest& r, co
   q.max_tokens = r.max_tokens();
   const v1::SamplingParams& s = r.sampling();
   q.sampling.temperature = s.temperature();
-  q.sampling.top_p = s.top_p() == 0.0f ? 1.0f : s.top_p();
+  q.sampling.top_p = s.has_top_p() ? s.top_p() : 1.0f;
   q.sampling.top_k = s.top_k();
   q.sampling.min_p = s.min_p();
   q.sampling.seed = s.has_seed() ? s.seed() : 0;

@@ -243,6 +243,8 @@ TEST(Cluster, BadInputIsRefusedAndOthersKeepBeingServed) {
        "top_p"},
       {"negative top_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(-0.1f); },
        grpc::INVALID_ARGUMENT, "top_p"},
+      {"top_p 0", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(0.0f); }, grpc::INVALID_ARGUMENT,
+       "top_p"},
       {"prompt longer than context",
        [](v1::GenerateRequest& r) {
          for (int i = 0; i < 300; ++i) r.mutable_token_ids()->add_ids(3);
