@@ -1,5 +1,5 @@
 // dmoe-attention-node: one data-parallel attention node. Joins the cluster
-// through the scheduler's Coordinator (dmoe::node in attention_service.h),
+// through the scheduler's Coordinator (dmoe::node in scheduler/cluster_join.h),
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "attention_node/attention_service.h"
+#include "scheduler/cluster_join.h"
 #include "attention_node/remote_experts.h"
 #include "cli/flags.h"
 #include "core/log.h"

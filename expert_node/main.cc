@@ -1,6 +1,6 @@
 // dmoe-expert-node: one expert-parallel expert node. Joins the cluster
 // through the scheduler's Coordinator (dmoe::node in
-// attention_node/attention_service.h), loads its expert_shard of every MoE
+// scheduler/cluster_join.h), loads its expert_shard of every MoE
 // layer, connects to the attention nodes over UCX, serves their dispatches
 // (ExpertWorker) and reports expert load every --report-interval-ms. Its
 // gRPC port serves grpc.health.v1 and reflection. Stops on SIGTERM or SIGINT
@@ -12,7 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "attention_node/attention_service.h"
+#include "scheduler/cluster_join.h"
 #include "cli/flags.h"
 #include "core/config.h"
 #include "core/log.h"

@@ -24,7 +24,7 @@
 namespace dmoe::testing {
 
 // The scheduler's Coordinator service as the node binaries expect it
-// (attention_node/attention_service.h, dmoe::node): ids by kind and order
+// (scheduler/cluster_join.h, dmoe::node): ids by kind and order
 // (attention nodes 0..N-1, expert nodes N..N+M-1, the lowest free id of the
 // kind first), a second RegisterNode with the same grpc_address returns the
 // same id and records the transport address, GetCluster answers at once
