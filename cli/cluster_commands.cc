@@ -170,9 +170,10 @@ class Launcher {
     DMOE_RETURN_IF_ERROR(StartNodes(*ports));
     DMOE_ASSIGN_OR_RETURN(bool ready, WaitServing(*ports));
     if (!ready) return absl::OkStatus();
-    std::printf("dmoe: serving %s on %s:%d (%d attention nodes, %d expert nodes, balance %s)\n", opts_.model.c_str(),
-                opts_.host.c_str(), ports->port, static_cast<int>(opts_.attention_nodes),
-                static_cast<int>(opts_.expert_nodes), BalanceMode(*ports).c_str());
+    const int an = static_cast<int>(opts_.attention_nodes), en = static_cast<int>(opts_.expert_nodes);
+    std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s)\n",
+                opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
+                en == 1 ? "" : "s", BalanceMode(*ports).c_str());
     std::fflush(stdout);
     while (!children_.stop_requested() && !children_.unexpected_exit().has_value()) {
       children_.Wait(absl::InfiniteDuration());

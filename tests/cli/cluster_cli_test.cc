@@ -621,7 +621,7 @@ TEST_F(FakeCluster, AChildThatDiesWhileServingStopsTheRest) {
   env_["DMOE_FAKE_FAIL"] = "attention";
   env_["DMOE_FAKE_FAIL_AFTER_MS"] = "2000";  // after the fake scheduler turns SERVING
   DmoeProcess up({"up", "--model", kModel, "--port", "0", "--expert-nodes", "2"}, env_);
-  ASSERT_GT(ReadEndpoint(up, "1 attention nodes, 2 expert nodes, balance off"), 0);
+  ASSERT_GT(ReadEndpoint(up, "1 attention node, 2 expert nodes, balance off"), 0);
   const std::optional<int> status = up.Wait(std::chrono::seconds(30));
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << up.err();
@@ -644,7 +644,7 @@ TEST_F(FakeCluster, NotReadyInTimeFailsAndStopsAll) {
 TEST_F(FakeCluster, ANodeIgnoringSigtermIsKilledAfterTheGracePeriod) {
   env_["DMOE_FAKE_IGNORE_TERM"] = "attention";
   DmoeProcess up({"up", "--model", kModel, "--port", "0", "--grace", "1"}, env_);
-  ASSERT_GT(ReadEndpoint(up, "1 attention nodes, 1 expert nodes, balance off"), 0);
+  ASSERT_GT(ReadEndpoint(up, "1 attention node, 1 expert node, balance off"), 0);
   up.Signal(SIGINT);
   const std::optional<int> status = up.Wait(std::chrono::seconds(30));
   ASSERT_TRUE(status.has_value());
@@ -656,7 +656,7 @@ TEST_F(FakeCluster, ANodeIgnoringSigtermIsKilledAfterTheGracePeriod) {
 
 TEST_F(FakeCluster, ChildrenDieWithUp) {
   DmoeProcess up({"up", "--model", kModel, "--port", "0", "--expert-nodes", "2"}, env_);
-  ASSERT_GT(ReadEndpoint(up, "1 attention nodes, 2 expert nodes, balance off"), 0);
+  ASSERT_GT(ReadEndpoint(up, "1 attention node, 2 expert nodes, balance off"), 0);
   EXPECT_EQ(ProcessesWithEnv(Marker()).size(), 5u);  // up, scheduler, 3 nodes
   up.Signal(SIGKILL);                                // no chance to stop them: PR_SET_PDEATHSIG does
   ASSERT_TRUE(up.Wait(std::chrono::seconds(10)).has_value());
