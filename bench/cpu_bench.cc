@@ -25,6 +25,8 @@
 //                   to bf16 inside the timed loop.
 // Usage: cpu_bench --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 #include <benchmark/benchmark.h>
+
+#include "bench/memory_bandwidth.h"
 #include <cblas.h>
 
 #include <algorithm>
@@ -113,51 +115,6 @@ Buffer Allocate(int64_t bytes) {
   return Buffer(static_cast<char*>(std::aligned_alloc(4096, rounded)));
 }
 
-// Sums 64-bit words of [p, p + bytes) (bytes a multiple of 4 KiB) as 4
-// interleaved sequential streams: one stream per thread does not keep enough
-// misses in flight to reach the memory bandwidth on every machine; GEMM
-// kernels read several weight rows at once too. The sum keeps the loads.
-#if BENCH_X86
-__attribute__((target("avx2"))) uint64_t ReadSumAvx2(const char* p, int64_t bytes) {
-  const int64_t quarter = bytes / 4;
-  const char* s0 = p;
-  const char* s1 = p + quarter;
-  const char* s2 = p + 2 * quarter;
-  const char* s3 = p + 3 * quarter;
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i + 64 <= quarter; i += 64) {
-    a0 = _mm256_add_epi64(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(s0 + i)));
-    a0 = _mm256_add_epi64(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(s0 + i + 32)));
-    a1 = _mm256_add_epi64(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(s1 + i)));
-    a1 = _mm256_add_epi64(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(s1 + i + 32)));
-    a2 = _mm256_add_epi64(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(s2 + i)));
-    a2 = _mm256_add_epi64(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(s2 + i + 32)));
-    a3 = _mm256_add_epi64(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(s3 + i)));
-    a3 = _mm256_add_epi64(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(s3 + i + 32)));
-  }
-  const __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
-  uint64_t out[4];
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), s);
-  return out[0] + out[1] + out[2] + out[3];
-}
-#endif
-
-uint64_t ReadSum(const char* p, int64_t bytes) {
-#if BENCH_X86
-  if (__builtin_cpu_supports("avx2")) return ReadSumAvx2(p, bytes);
-#endif
-  const int64_t quarter = bytes / 4;
-  uint64_t s[4] = {};
-  for (int64_t i = 0; i + 8 <= quarter; i += 8) {
-    for (int q = 0; q < 4; ++q) {
-      uint64_t v;
-      std::memcpy(&v, p + q * quarter + i, 8);
-      s[q] += v;
-    }
-  }
-  return s[0] + s[1] + s[2] + s[3];
-}
-
 struct StreamArrays {
   Buffer a, b;
   StreamArrays() : a(Allocate(ColdBytes())), b(Allocate(ColdBytes())) {
@@ -200,13 +157,9 @@ void BM_StreamCopy(benchmark::State& state) {
 void BM_StreamRead(benchmark::State& state) {
   StreamArrays& s = Stream();
   Settle(Lib::kDmoe);
-  std::vector<uint64_t> sums(64);
-  for (auto _ : state) {
-    ForEachPart(ColdBytes(), [&](int64_t lo, int64_t hi) {
-      sums[lo / (ColdBytes() / 32 + 1)] += ReadSum(s.a.get() + lo, hi - lo);
-    });
-    benchmark::DoNotOptimize(sums.data());
-  }
+  uint64_t sum = 0;
+  for (auto _ : state) sum += dmoe::bench::ReadPass(s.a.get(), ColdBytes());
+  benchmark::DoNotOptimize(sum);
   state.SetBytesProcessed(state.iterations() * ColdBytes());
   state.counters["threads"] = NumThreads();
 }

@@ -49,12 +49,12 @@ class LocalExperts : public ExpertBackend {
   absl::Status Compute(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
                        const float* topk_weights, float* out);
 
-  // Per-slot outputs without combining: y[n, k, D] = MLP_expert(x) (unweighted;
-  // skipped slots are left untouched). The cluster's expert nodes use this.
+ private:
+  // Per-slot outputs: y[n, k, D] = MLP_expert(x) (unweighted; skipped slots
+  // are left untouched), each expert run once over its tokens.
   absl::Status RunExpertSlots(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* topk_idx,
                               float* y);
 
- private:
   const ModelWeights& weights_;
   std::vector<float> pending_[2];  // results of Begin, per micro-batch
 };

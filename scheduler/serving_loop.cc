@@ -174,7 +174,6 @@ void ServingLoop::Deliver(const std::vector<RequestEvent>& events) {
 }
 
 std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
-  const int64_t E = config_.n_routed_experts;
   std::vector<std::future<std::pair<grpc::Status, v1::StepResult>>> calls(nodes_.size());
   for (size_t n = 0; n < nodes_.size(); ++n) {
     const NodeStep& step = plan.nodes[n];
@@ -202,7 +201,6 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
       for (float b : serving_bias_flat_) request.add_serving_bias(b);
       node_bias_version_[n] = bias_version_;
     }
-    (void)E;
     calls[n] = std::async(std::launch::async, [this, n, request = std::move(request)] {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() +
