@@ -19,7 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/child_processes.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "flags/flags.h"
 #include "cli/grpc_client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
