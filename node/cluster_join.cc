@@ -355,7 +355,8 @@ bool ClusterMember::stopping() const {
 void ClusterMember::ConnectChanged(const v1::GetClusterResponse& cluster) {
   const v1::NodeKind peers = options_.kind == v1::NODE_KIND_ATTENTION ? v1::NODE_KIND_EXPERT : v1::NODE_KIND_ATTENTION;
   for (const v1::ClusterNode& n : cluster.nodes()) {
-    if (n.kind() != peers || n.transport_address().empty()) continue;
+    // A down peer's address is dead; its next process publishes a new one.
+    if (n.kind() != peers || n.transport_address().empty() || n.state() == v1::NODE_STATE_DOWN) continue;
     // Idempotent for an unchanged address; a new one (the peer restarted)
     // replaces the dead endpoint.
     if (absl::Status st = transport().Connect(n.node_id(), n.transport_address()); !st.ok()) {

@@ -102,7 +102,7 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
     absl::MutexLock lock(&mu_);
     const int begin = kind == v1::NODE_KIND_ATTENTION ? 0 : num_attention_;
     const int end = kind == v1::NODE_KIND_ATTENTION ? num_attention_ : num_attention_ + num_expert_;
-    const std::string from = absl::StrCat("RegisterNode from ", request.grpc_address(), ": ");
+    const std::string from = absl::StrCat("refused ", request.grpc_address(), ": ");
     int id = -1;
     if (request.has_node_id()) {
       id = request.node_id();
