@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,6 +26,9 @@ struct ClusterOptions {
   std::vector<std::string> scheduler_flags;
 };
 
+// The processes of a cluster: the scheduler, attention node i, expert node i.
+enum class Role { kScheduler, kAttention, kExpert };
+
 class Cluster {
  public:
   // Starts everything and waits until the scheduler serves (bounded).
@@ -38,10 +42,40 @@ class Cluster {
   int WaitScheduler(int timeout_ms);
   absl::StatusOr<v1::GetClusterStatsResponse> Stats();
 
+  // The process of `role` (index: among the nodes of that kind, in start order).
+  pid_t pid(Role role, int index = 0) const;
+  // SIGKILLs it and reaps it.
+  void Kill(Role role, int index = 0);
+  // Starts it again with the same flags and port(s) (a node: the port it
+  // listened on; the scheduler: its client and control ports).
+  absl::Status Restart(Role role, int index = 0);
+  // Starts one more process of `role` with the flags of `index`, on `port`
+  // (0: any); it is stopped with the cluster. Returns its slot in pid order.
+  absl::StatusOr<pid_t> StartExtra(Role role, int index, int port, const std::string& log_name);
+  // Waits for a process started by StartExtra to exit; its wait status, or
+  // -1 after `timeout_ms`.
+  int WaitExit(pid_t pid, int timeout_ms);
+  // grpc host:port of a node (from its port file).
+  absl::StatusOr<std::string> NodeAddress(Role role, int index = 0) const;
+  // Waits until the scheduler's client health reports `serving` (bounded).
+  absl::Status AwaitHealth(bool serving, int timeout_ms);
+  // RSS of a process in kB, from /proc/PID/status (-1 if gone).
+  static int64_t RssKb(pid_t pid);
+  // Where the port files and StartExtra's logs (NAME.log) are.
+  const std::string& dir() const { return dir_; }
+  // The scheduler's client host:port.
+  const std::string& client_address() const { return client_address_; }
+
  private:
   Cluster() = default;
-  std::vector<pid_t> pids_;  // scheduler first
+  int Slot(Role role, int index) const;
+  std::vector<pid_t> pids_;  // scheduler first, then attention, then expert nodes, then extras
+  std::vector<std::string> binaries_;
+  std::vector<std::vector<std::string>> args_;
+  std::vector<std::string> port_files_;
+  int attention_nodes_ = 0;
   std::string dir_;
+  std::string client_address_;
   std::unique_ptr<v1::Generation::Stub> client_;
   std::unique_ptr<v1::Coordinator::Stub> coordinator_;
 };
@@ -55,6 +89,9 @@ struct Generated {
 };
 Generated GenerateIds(v1::Generation::Stub& stub, const std::vector<int32_t>& prompt, int max_tokens,
                       float temperature = 0.0f, uint64_t seed = 0);
+// The same, for any request; `context` (optional) lets the caller cancel.
+Generated GenerateRequest(v1::Generation::Stub& stub, const v1::GenerateRequest& request,
+                          std::chrono::system_clock::time_point deadline, grpc::ClientContext* context = nullptr);
 
 }  // namespace dmoe::testing
 
