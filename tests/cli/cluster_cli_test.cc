@@ -34,6 +34,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/core/model_test_util.h"
+#include "tests/expert_node/node_test_util.h"
 #include "tests/test_util.h"
 
 extern char** environ;
@@ -753,6 +754,43 @@ TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
+}
+
+TEST_F(RealCluster, UpRestartsAKilledExpertNodeAndServesGoldenAgain) {
+  const std::string marker = "DMOE_CLUSTER_TEST_MARKER=real-restart-" + std::to_string(::getpid());
+  DmoeProcess up(
+      {"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", "2", "--timeout", "60"},
+      {{"DMOE_CLUSTER_TEST_MARKER", marker.substr(marker.find('=') + 1)}});
+  const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
+  ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*line, m, std::regex("on 127\\.0\\.0\\.1:([0-9]+) "))) << *line;
+  const std::string server = "127.0.0.1:" + m[1].str();
+  pid_t expert = -1;
+  for (pid_t pid : ProcessesWithEnv(marker)) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+    const std::string cmdline(std::istreambuf_iterator<char>(in), {});
+    if (cmdline.find("dmoe-expert-node") != std::string::npos) expert = pid;
+  }
+  ASSERT_GT(expert, 0);
+  ASSERT_EQ(::kill(expert, SIGKILL), 0);
+  // The scheduler turns NOT_SERVING, then SERVING once the restarted node is back.
+  EXPECT_TRUE(testing::AwaitHealthStatus(server, false, absl::Seconds(20)).ok());
+  const absl::Status back = testing::AwaitHealthStatus(server, true, absl::Seconds(30));
+  ASSERT_TRUE(back.ok()) << back << "\n" << up.err();
+  EXPECT_NE(up.err().find("was killed by signal 9 (Killed); restarting it"), std::string::npos) << up.err();
+  for (const auto& gc : testing::LoadGoldenCases(testing::GoldenModelDir())) {
+    const Result r =
+        RunDmoe({"generate", "--server", server, "--ids", Ids(gc.prompt_ids), "--max-tokens", "16", "--json"}, {},
+                std::chrono::seconds(30));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(json::parse(r.out)["ids"].get<std::vector<int32_t>>(), gc.greedy_ids);
+  }
+  up.Signal(SIGTERM);
+  const std::optional<int> status = up.Wait(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
+  EXPECT_TRUE(LeftoverProcesses(marker, std::chrono::seconds(2)).empty());
 }
 
 }  // namespace
