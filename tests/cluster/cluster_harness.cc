@@ -208,6 +208,20 @@ absl::Status Cluster::AwaitHealth(bool serving, int timeout_ms) {
   return AwaitHealthStatus(client_address_, serving, absl::Milliseconds(timeout_ms));
 }
 
+bool Cluster::AwaitPagesFree(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    absl::StatusOr<v1::GetClusterStatsResponse> stats = Stats();
+    bool all = stats.ok();
+    for (int i = 0; all && i < stats->attention_pages_free_size(); ++i) {
+      all = stats->attention_pages_free(i) == stats->attention_pages_total(i);
+    }
+    if (all) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // the stats have no change event
+  }
+  return false;
+}
+
 int64_t Cluster::RssKb(pid_t pid) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
   for (std::string line; std::getline(in, line);) {

@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "dmoe/v1/control.grpc.pb.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 
@@ -59,6 +60,9 @@ class Cluster {
   absl::StatusOr<std::string> NodeAddress(Role role, int index = 0) const;
   // Waits until the scheduler's client health reports `serving` (bounded).
   absl::Status AwaitHealth(bool serving, int timeout_ms);
+  // The pages of finished requests are freed by the step after they end:
+  // waits (bounded) until every attention node reports all its pages free.
+  bool AwaitPagesFree(absl::Duration timeout);
   // RSS of a process in kB, from /proc/PID/status (-1 if gone).
   static int64_t RssKb(pid_t pid);
   // Where the port files and StartExtra's logs (NAME.log) are.

@@ -108,22 +108,6 @@ std::string Log(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-// The pages of finished requests are freed by the step after they end:
-// waits (bounded) until every attention node reports all its pages free.
-bool AwaitPagesFree(Cluster& cluster) {
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (absl::Now() < deadline) {
-    absl::StatusOr<v1::GetClusterStatsResponse> stats = cluster.Stats();
-    bool all = stats.ok();
-    for (int i = 0; all && i < stats->attention_pages_free_size(); ++i) {
-      all = stats->attention_pages_free(i) == stats->attention_pages_total(i);
-    }
-    if (all) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // stats have no change event
-  }
-  return false;
-}
-
 // Follows the scheduler's membership (GetCluster long polls) until node
 // `node_id` serves; false after `timeout`.
 bool AwaitNodeServing(Cluster& cluster, int node_id, absl::Duration timeout) {
@@ -172,7 +156,7 @@ TEST(Failure, KilledExpertNodeFailsInFlightRequestsNamingItAndServesAgainAfterRe
   ASSERT_TRUE(cluster.AwaitHealth(true, 30000).ok());
   EXPECT_TRUE(NodeState(cluster, slot).serving());
   ExpectGolden(cluster);
-  EXPECT_TRUE(AwaitPagesFree(cluster));
+  EXPECT_TRUE(cluster.AwaitPagesFree(absl::Seconds(10)));
 }
 
 TEST(Failure, KilledAttentionNodeFailsOnlyItsRequestsAndTheOtherNodeServes) {
