@@ -67,7 +67,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
   DMOE_ASSIGN_OR_RETURN(node::ExpertNodes experts,
                         node::ExpertNodesFromCluster(member->cluster(), weights->config.n_routed_experts));
-  RemoteExperts remote(member->transport(), experts.placement, experts.node_ids, weights->config.hidden_size);
+  RemoteExperts remote(member->transport(), experts.placement, experts.replicas, weights->config.hidden_size);
   remote.SetNodeNames(experts.names);
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionService> service, AttentionService::Create(weights, remote, options));
   grpc_service.SetService(service.get());

@@ -53,6 +53,7 @@ struct UpOptions {
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
   bool restart_on_exit = true;  // --on-node-exit restart|stop
+  int64_t expert_replicas = 1;  // expert nodes per expert shard
 };
 
 // A child that exits this many times in a row, each within kCrashWindow of
@@ -64,7 +65,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
-                                                   "on-node-exit"},
+                                                   "on-node-exit", "expert-replicas"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -82,11 +83,16 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--on-node-exit = '", on_exit, "' must be restart or stop"));
   }
   o.restart_on_exit = on_exit == "restart";
+  DMOE_ASSIGN_OR_RETURN(o.expert_replicas, flags.GetInt("expert-replicas", o.expert_replicas));
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
   if (o.expert_nodes < 1 || o.expert_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-nodes = ", o.expert_nodes, " must be in 1..256"));
+  }
+  if (o.expert_replicas < 1 || o.expert_nodes % o.expert_replicas != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--expert-replicas = ", o.expert_replicas,
+                                                   " must be at least 1 and divide --expert-nodes = ", o.expert_nodes));
   }
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
@@ -273,6 +279,7 @@ class Launcher {
         "--port-file", port_file.string()};
     // clang-format on
     if (!opts_.balance.empty()) args.insert(args.end(), {"--balance", opts_.balance});
+    if (opts_.expert_replicas > 1) args.insert(args.end(), {"--expert-replicas", std::to_string(opts_.expert_replicas)});
     if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
     DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
 

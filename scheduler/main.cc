@@ -70,7 +70,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
                         Flags::Parse(args,
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
-                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps"},
+                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps",
+                                           "expert-replicas"},
                                           {}));
   DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -81,8 +82,13 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t page_size, flags.GetInt("page-size", 64));
   DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
+  DMOE_ASSIGN_OR_RETURN(int64_t replicas, flags.GetInt("expert-replicas", 1));
   if (num_attention < 1 || num_expert < 1) {
     return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
+  }
+  if (replicas < 1 || num_expert % replicas != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--expert-replicas ", replicas,
+                                                   " must be at least 1 and divide --expert-nodes ", num_expert));
   }
 
   DMOE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
@@ -96,11 +102,12 @@ absl::Status Serve(const std::vector<std::string>& args) {
   if (!config.has_moe()) return absl::InvalidArgumentError("the model has no routed experts to serve on expert nodes");
   if (!cluster.placement.has_value()) {
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement p,
-                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert));
+                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert / replicas));
     cluster.placement = std::move(p);
-  } else if (cluster.placement->num_nodes() != num_expert) {
+  } else if (cluster.placement->num_nodes() * replicas != num_expert) {
     return absl::InvalidArgumentError(absl::StrCat("--config places experts on ", cluster.placement->num_nodes(),
-                                                   " expert nodes, --expert-nodes is ", num_expert));
+                                                   " expert nodes x --expert-replicas ", replicas,
+                                                   ", --expert-nodes is ", num_expert));
   }
 
   Coordinator coordinator(config, static_cast<int>(num_attention), static_cast<int>(num_expert),

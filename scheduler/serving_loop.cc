@@ -81,6 +81,9 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
     DMOE_ASSIGN_OR_RETURN(router::ExpertLoadTracker window, router::ExpertLoadTracker::Create(config));
     loop->window_ = std::make_unique<router::ExpertLoadTracker>(std::move(window));
   }
+  // A restarted scheduler's request ids start again: whatever the nodes
+  // cached for its predecessor must go before they are reused.
+  for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
   return loop;
@@ -313,6 +316,22 @@ void ServingLoop::ProbeNode(int n, const std::string& why) {
                                      st.ok() ? "NOT_SERVING" : FromGrpcStatus(st).ToString()));
 }
 
+void ServingLoop::FreeLeftovers(int n) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::CacheStatus cache;
+  if (!nodes_[n]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() || cache.sequence_ids_size() == 0) {
+    return;
+  }
+  DMOE_LOG(kInfo, "scheduler") << node_slots_[n].name << " holds " << cache.sequence_ids_size()
+                               << " sequences this scheduler did not place: freeing them";
+  grpc::ClientContext free_ctx;
+  free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::FreeRequest free;
+  *free.mutable_sequence_ids() = cache.sequence_ids();
+  (void)nodes_[n]->Free(&free_ctx, free, &cache);
+}
+
 void ServingLoop::SyncMembership() {
   const std::vector<NodeSlot> slots = coordinator_.Slots();
   const int N = coordinator_.num_attention_nodes();
@@ -342,17 +361,7 @@ void ServingLoop::SyncMembership() {
     if (!was_up && slot.serving) {
       if (slot.grpc_address != node_slots_[i].grpc_address) nodes_[i] = NodeStub(slot.grpc_address);
       node_slots_[i] = slot;
-      // A process that was only cut off may still hold sequences: free them.
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-      v1::CacheStatus cache;
-      if (nodes_[i]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() && cache.sequence_ids_size() > 0) {
-        grpc::ClientContext free_ctx;
-        free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-        v1::FreeRequest free;
-        *free.mutable_sequence_ids() = cache.sequence_ids();
-        (void)nodes_[i]->Free(&free_ctx, free, &cache);
-      }
+      FreeLeftovers(i);  // a process that was only cut off may still hold sequences
       node_bias_version_[i] = -1;
       absl::MutexLock lock(&mu_);
       batcher_->NodeUp(i, slot.cache_pages);
@@ -360,8 +369,14 @@ void ServingLoop::SyncMembership() {
       DMOE_LOG(kInfo, "scheduler") << slot.name << " serves again";
     }
   }
+  // Every expert shard needs one serving replica (one node without replicas).
+  const int groups = coordinator_.num_expert_groups();
+  std::vector<bool> group_serves(groups, false);
+  for (size_t i = N; i < slots.size(); ++i) {
+    if (slots[i].serving) group_serves[coordinator_.GroupOf(static_cast<int>(i))] = true;
+  }
   for (size_t i = N; i < slots.size() && cannot_serve.empty(); ++i) {
-    if (slots[i].serving) continue;
+    if (slots[i].serving || group_serves[coordinator_.GroupOf(static_cast<int>(i))]) continue;
     cannot_serve = absl::StrCat(slots[i].name, " unavailable: ",
                                 slots[i].state == v1::NODE_STATE_DOWN ? slots[i].down_reason
                                                                       : "it is joining (not connected yet)");

@@ -73,6 +73,12 @@ class InProcessTransport : public Transport {
 
   void StopReceiving() override { mailbox_->Stop(); }
 
+  absl::Status PeerStatus(NodeId peer) override {
+    absl::MutexLock lock(&fabric_->mu);
+    if (fabric_->mailboxes.contains(peer)) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("peer ", peer, " unavailable (its endpoint was destroyed)"));
+  }
+
  private:
   const std::shared_ptr<InProcessFabricState> fabric_;
   const NodeId node_id_;
