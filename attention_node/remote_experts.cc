@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/log.h"
 #include "core/status_macros.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
@@ -113,6 +114,9 @@ absl::Status RemoteExperts::FinishRoutedExperts(int64_t layer, int micro_batch, 
         }
         s.replica = (s.replica + 1) % static_cast<int>(replicas_[s.node].size());
         DMOE_RETURN_IF_ERROR(SendToReplica(s, f.tag, layer, &why));
+        DMOE_LOG(kWarning, "attention-node") << "step " << step_id_ << " layer " << layer << ": " << why
+                                             << "; dispatch sent again to "
+                                             << NodeName(replicas_[s.node][s.replica]);
       }
       continue;
     }

@@ -218,6 +218,36 @@ TEST(Failure, KilledAttentionNodeFailsOnlyItsRequestsAndTheOtherNodeServes) {
   ExpectGolden(cluster);
 }
 
+TEST(Failure, WithTwoReplicasKillingAnExpertNodeLosesNoRequest) {
+  ClusterOptions o = Golden(1, 2);
+  o.scheduler_flags = {"--expert-replicas", "2"};  // both expert nodes hold every expert
+  auto started = Cluster::Start(o);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Cluster& cluster = **started;
+  ExpectGolden(cluster);
+
+  std::vector<std::unique_ptr<StreamingCall>> calls;
+  for (int i = 0; i < 4; ++i) {
+    calls.push_back(std::make_unique<StreamingCall>(cluster.client(), std::vector<int32_t>{1, 2, 3 + i}, kLongTokens));
+  }
+  for (auto& c : calls) ASSERT_TRUE(c->AwaitFirstToken());
+  cluster.Kill(Role::kExpert, 1);
+  for (auto& c : calls) {
+    c->Join();
+    EXPECT_TRUE(c->status().ok()) << c->status().error_message();
+    EXPECT_EQ(c->tokens(), kLongTokens);
+  }
+  // Still serving on the other replica, with the same output.
+  ASSERT_TRUE(cluster.AwaitHealth(true, 1000).ok());
+  ExpectGolden(cluster);
+  // The restarted replica is used again (the dispatches rotate over both).
+  ASSERT_TRUE(cluster.Restart(Role::kExpert, 1).ok());
+  absl::StatusOr<std::string> restarted = cluster.NodeAddress(Role::kExpert, 1);
+  ASSERT_TRUE(restarted.ok());
+  ASSERT_TRUE(AwaitNodeServing(cluster, SlotOf(cluster, *restarted), absl::Seconds(30)));
+  ExpectGolden(cluster);
+}
+
 TEST(Failure, RestartedSchedulerGetsTheRunningNodesBack) {
   auto started = Cluster::Start(Golden(1, 1));
   ASSERT_TRUE(started.ok()) << started.status();
