@@ -268,7 +268,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
                                        st.message());
       DMOE_LOG(kError, "scheduler") << message;
       failed->push_back({static_cast<int>(n), lost ? absl::StatusCode::kUnavailable : st.code(), message});
-      if (lost && !node_answered) ProbeNode(static_cast<int>(n), message);
+      if (lost && !node_answered) {
+        ProbeNode(static_cast<int>(n), absl::StrCat("step ", plan.step_id, " failed: ", st.message()));
+      }
       node_bias_version_[n] = -1;  // resend the bias next time
       continue;
     }
