@@ -22,6 +22,8 @@ struct BlasHandle::Impl {
   // cublasGemmGroupedBatchedEx's device pointer arrays.
   void* ptr_arrays = nullptr;
   size_t ptr_capacity = 0;  // pointers per array
+  // cublasGemmGroupedBatchedEx refused these types once: loop cublasGemmEx since.
+  bool grouped_refused = false;
   ~Impl() {
     if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
     if (lt_workspace != nullptr) cudaFree(lt_workspace);
@@ -234,12 +236,22 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
   std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
   void** dev = static_cast<void**>(h.ptr_arrays);
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasSetStream(h.blas, AsStream(stream)), "cublasSetStream"));
-  return BlasStatus(cublasGemmGroupedBatchedEx(h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(),
-                                               const_cast<const void* const*>(dev), CUDA_R_16BF, ldas.data(),
-                                               const_cast<const void* const*>(dev + count), CUDA_R_16BF, ldbs.data(),
-                                               beta.data(), dev + 2 * count, CudaType(p.c_type), ldcs.data(),
-                                               static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F),
-                    "cublasGemmGroupedBatchedEx");
+  if (!h.grouped_refused) {
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), const_cast<const void* const*>(dev),
+        CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count), CUDA_R_16BF, ldbs.data(), beta.data(),
+        dev + 2 * count, CudaType(p.c_type), ldcs.data(), static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) return BlasStatus(st, "cublasGemmGroupedBatchedEx");
+    h.grouped_refused = true;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(
+        cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], CUDA_R_16BF, ldas[i], bptr[i],
+                     CUDA_R_16BF, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i], CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx"));
+  }
+  return absl::OkStatus();
 }
 
 // ---- routed experts ----
@@ -394,6 +406,10 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
   if (la != nullptr) cublasLtMatrixLayoutDestroy(la);
   if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
   return st;
+}
+
+const char* CublasGroupedPath(const BlasHandle& blas) {
+  return blas.impl()->grouped_refused ? "cublasGemmEx loop" : "cublasGemmGroupedBatchedEx";
 }
 
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {

@@ -284,7 +284,7 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p, Stream stream);
 // with B_g = b + g * b_group_stride, [n, k]. Empty groups are fine.
 enum class GroupedGemmImpl {
   kOwn,     // dmoe's tensor-core kernel; reads offsets on the device (graph-capturable)
-  kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups; needs host_offsets
+  kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups (else a cublasGemmEx loop); needs host_offsets
 };
 struct GroupedGemmParams {
   const uint16_t* a = nullptr;          // [offsets[G], k] bf16
@@ -300,6 +300,9 @@ struct GroupedGemmParams {
   BlasHandle* blas = nullptr;           // kCublas only
 };
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
+// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or
+// "cublasGemmEx loop" once the former refused the types (it is then looped).
+const char* CublasGroupedPath(const BlasHandle& blas);
 
 // Routed experts of one MoE layer (MODEL_SPEC.md 3.6/3.8) for n tokens:
 //   out[t] = sum_j topk_weights[t][j] * MLP_{topk_idx[t][j]}(x[t])

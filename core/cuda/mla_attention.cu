@@ -96,13 +96,15 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionPa
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   const int32_t qpos = p.query_pos[qi];
-  const int64_t ctx = qpos < 0 ? 0 : int64_t{qpos} + 1;
+  const int page_size = static_cast<int>(p.shape.page_size);
+  // A position past the block table's row (a caller's bug) is clamped, never read out of bounds.
+  const int64_t cap = p.max_pages_per_seq * page_size;
+  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
   const int64_t tiles = CeilDiv(ctx, kTile);
   const int64_t per_split = CeilDiv(tiles, grid.splits);
   const int64_t t0 = split * per_split;
   const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
-  const int page_size = static_cast<int>(p.shape.page_size);
 
   // Q rows (heads beyond H zero-filled).
   for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
@@ -339,9 +341,10 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
     q[i] = Bf16BitsToFloat(i < kRank ? p.q_lat[row * kRank + i] : p.q_pe[row * kRope + i - kRank]);
   }
   const int32_t qpos = p.query_pos[qi];
-  const int64_t ctx = qpos < 0 ? 0 : int64_t{qpos} + 1;
-  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
   const int64_t ps = p.shape.page_size;
+  const int64_t cap = p.max_pages_per_seq * ps;
+  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
   __syncthreads();
   for (int64_t c0 = 0; c0 < ctx; c0 += kChunk) {
