@@ -53,7 +53,7 @@ export PKG_CONFIG_PATH="$ob/pkgconfig:/opt/deps/usr/lib/x86_64-linux-gnu/pkgconf
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
   nvcc --version 2>&1 | tail -1
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || cat .gpu_commit 2>/dev/null || echo unknown)"
+  echo "commit: $(cat .gpu_commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo '```'
   echo
 } >> "$summary"
