@@ -46,7 +46,7 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
   } while (0)
 
 // ---- dmoe's grouped GEMM kernel: C_g = A_g · B_g^T, mma.m16n8k16 bf16. ----
-constexpr int kBM = 64, kBN = 128, kBK = 32, kGStages = 3, kGThreads = 128;
+constexpr int kBN = 128, kBK = 32, kGStages = 3, kGThreads = 128;
 constexpr int kGStride = kBK + 8;  // bf16 per smem row (80 bytes: conflict-free ldmatrix)
 constexpr int kMaxGroups = 1024;
 
