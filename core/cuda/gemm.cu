@@ -46,8 +46,13 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
   } while (0)
 
 // ---- dmoe's grouped GEMM kernel: C_g = A_g · B_g^T, mma.m16n8k16 bf16. ----
-constexpr int kBN = 128, kBK = 32, kGStages = 3, kGThreads = 128;
-constexpr int kGStride = kBK + 8;  // bf16 per smem row (80 bytes: conflict-free ldmatrix)
+// BK = 64: each weight row contributes 128 contiguous bytes per stage (32
+// gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
+// decode shapes).
+constexpr int kBN = 128, kBK = 64, kGStages = 3, kGThreads = 128;
+constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
+template <int BM>
+constexpr size_t GemmSmemBytes() { return size_t{kGStages} * (BM + kBN) * kGStride * 2; }
 constexpr int kMaxGroups = 1024;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -82,8 +87,9 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   constexpr int WARPS_M = BM / (16 * MT);       // 2 or 1
   constexpr int WARPS_N = 4 / WARPS_M;          // 2 or 4
   constexpr int NT = kBN / (8 * WARPS_N);       // n8 tiles per warp: 8 or 4
-  __shared__ __align__(16) uint16_t as[kGStages][BM * kGStride];
-  __shared__ __align__(16) uint16_t bs[kGStages][kBN * kGStride];
+  extern __shared__ __align__(16) unsigned char gsmem[];
+  uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);                      // [kGStages][BM * kGStride]
+  uint16_t* bs_base = as_base + kGStages * BM * kGStride;                       // [kGStages][kBN * kGStride]
   __shared__ int32_t warp_tot[kGThreads / 32];
   __shared__ int32_t found[2];  // group, first tile of the group
 
@@ -129,7 +135,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
       const int r = c / (kBK / 8), ch = c % (kBK / 8);
       const int64_t row = row0 + r, kk = k0 + ch * 8;
       const bool ok = row < row_end && kk < K;
-      CpAsync16(&as[stage][r * kGStride + ch * 8], ok ? A + row * K + kk : A, ok ? 16 : 0);
+      CpAsync16(as_base + (stage * BM + r) * kGStride + ch * 8, ok ? A + row * K + kk : A, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < kBN * (kBK / 8) / kGThreads; ++i) {
@@ -137,7 +143,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
       const int r = c / (kBK / 8), ch = c % (kBK / 8);
       const int64_t col = col0 + r, kk = k0 + ch * 8;
       const bool ok = col < N && kk < K;
-      CpAsync16(&bs[stage][r * kGStride + ch * 8], ok ? B + col * K + kk : B, ok ? 16 : 0);
+      CpAsync16(bs_base + (stage * kBN + r) * kGStride + ch * 8, ok ? B + col * K + kk : B, ok ? 16 : 0);
     }
   };
   const int64_t ktiles = (K + kBK - 1) / kBK;
@@ -157,28 +163,32 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
     __syncthreads();
     if (kt + kGStages - 1 < ktiles) load((kt + kGStages - 1) * kBK, static_cast<int>((kt + kGStages - 1) % kGStages));
     asm volatile("cp.async.commit_group;\n" ::);
-    const uint16_t* at = as[kt % kGStages];
-    const uint16_t* btile = bs[kt % kGStages];
-    // Both k16 steps' fragments first, then the mma: one exposed smem latency per tile.
-    uint32_t af[2][MT][4], bf[2][NT / 2][4];
+    const uint16_t* at = as_base + (kt % kGStages) * BM * kGStride;
+    const uint16_t* btile = bs_base + (kt % kGStages) * kBN * kGStride;
+    // Two k16 steps' fragments at a time, then their mma.
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
+    for (int k2 = 0; k2 < kBK / 16; k2 += 2) {
+      uint32_t af[2][MT][4], bf[2][NT / 2][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
-        LdMatrixX4(af[ks][i], at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + ks * 16 + (lane / 16) * 8);
+      for (int ks = 0; ks < 2; ++ks) {
 #pragma unroll
-      for (int j = 0; j < NT / 2; ++j)
-        LdMatrixX4(bf[ks][j], btile + (wn * 8 * NT + j * 16 + (mi / 2) * 8 + mr) * kGStride + ks * 16 + (mi % 2) * 8);
+        for (int i = 0; i < MT; ++i)
+          LdMatrixX4(af[ks][i], at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + (k2 + ks) * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+          LdMatrixX4(bf[ks][j],
+                     btile + (wn * 8 * NT + j * 16 + (mi / 2) * 8 + mr) * kGStride + (k2 + ks) * 16 + (mi % 2) * 8);
+      }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            Mma16816(acc[i][2 * j], af[ks][i], bf[ks][j][0], bf[ks][j][1]);
+            Mma16816(acc[i][2 * j + 1], af[ks][i], bf[ks][j][2], bf[ks][j][3]);
+          }
     }
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-      for (int j = 0; j < NT / 2; ++j)
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          Mma16816(acc[i][2 * j], af[ks][i], bf[ks][j][0], bf[ks][j][1]);
-          Mma16816(acc[i][2 * j + 1], af[ks][i], bf[ks][j][2], bf[ks][j][3]);
-        }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
   const int g = lane / 4, q4 = lane % 4;
@@ -433,16 +443,22 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.max_rows >= 0, "GroupedGemm: max_rows >= 0");
   if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
   if (p.max_rows == 0) return absl::OkStatus();
-  // Few rows per group (decode): 16-row tiles; else 64.
-  const bool small = p.max_rows <= 24 * p.num_groups;
+  // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
+  // (16-row tiles over fuller groups would re-read each weight per tile).
+  const bool small = p.max_rows <= 8 * p.num_groups;
   const int bm = small ? 16 : 64;
   const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
+  static const cudaError_t attr16 = cudaFuncSetAttribute(GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<16>()));
+  static const cudaError_t attr64 = cudaFuncSetAttribute(GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<64>()));
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
   if (small) {
-    GroupedGemmKernel<16><<<grid, kGThreads, 0, AsStream(stream)>>>(p);
+    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
   } else {
-    GroupedGemmKernel<64><<<grid, kGThreads, 0, AsStream(stream)>>>(p);
+    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), AsStream(stream)>>>(p);
   }
   return LaunchStatus("GroupedGemmKernel");
 }
