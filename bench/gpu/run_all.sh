@@ -136,7 +136,7 @@ fi
 
 # Fold the small text outputs into the files that come back (8 at most).
 for f in gpu_kernel_bench.txt torch_mla.txt torch_mla.json e2e.txt; do
-  [ -f "$out/$f" ] && { echo; echo "## $f"; echo '```'; cat "$out/$f"; echo '```'; } >> "$out/tests.log"
+  [ -f "$out/$f" ] && { echo; echo "## $f"; echo '```'; cat "$out/$f"; echo; echo '```'; } >> "$out/tests.log"
   rm -f "$out/$f"
 done
 [ -f "$out/torch_mla.md" ] && cat "$out/torch_mla.md" >> "$out/gpu_kernel_bench.md" && rm -f "$out/torch_mla.md"

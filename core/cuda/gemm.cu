@@ -4,6 +4,7 @@
 #include <cublas_v2.h>
 
 #include <map>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -22,8 +23,10 @@ struct BlasHandle::Impl {
   // cublasGemmGroupedBatchedEx's device pointer arrays.
   void* ptr_arrays = nullptr;
   size_t ptr_capacity = 0;  // pointers per array
-  // cublasGemmGroupedBatchedEx refused these types once: loop cublasGemmEx since.
-  bool grouped_refused = false;
+  // cublasGemmGroupedBatchedEx refused this output type (index: OutType)
+  // once: loop cublasGemmEx for it since; the refusal's status for reports.
+  bool grouped_refused[2] = {false, false};
+  std::string grouped_path = "cublasGemmGroupedBatchedEx";
   ~Impl() {
     if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
     if (lt_workspace != nullptr) cudaFree(lt_workspace);
@@ -261,13 +264,16 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
   std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
   void** dev = static_cast<void**>(h.ptr_arrays);
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasSetStream(h.blas, AsStream(stream)), "cublasSetStream"));
-  if (!h.grouped_refused) {
+  const int type_index = static_cast<int>(p.c_type);
+  if (!h.grouped_refused[type_index]) {
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
         h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), const_cast<const void* const*>(dev),
         CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count), CUDA_R_16BF, ldbs.data(), beta.data(),
         dev + 2 * count, CudaType(p.c_type), ldcs.data(), static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) return BlasStatus(st, "cublasGemmGroupedBatchedEx");
-    h.grouped_refused = true;
+    h.grouped_refused[type_index] = true;
+    h.grouped_path = absl::StrCat("cublasGemmEx loop for ", p.c_type == OutType::kF32 ? "fp32" : "bf16",
+                                  " outputs (cublasGemmGroupedBatchedEx returned ", cublasGetStatusString(st), ")");
   }
   for (size_t i = 0; i < count; ++i) {
     DMOE_RETURN_IF_ERROR_CU(BlasStatus(
@@ -434,7 +440,7 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
 }
 
 const char* CublasGroupedPath(const BlasHandle& blas) {
-  return blas.impl()->grouped_refused ? "cublasGemmEx loop" : "cublasGemmGroupedBatchedEx";
+  return blas.impl()->grouped_path.c_str();
 }
 
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {

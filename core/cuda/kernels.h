@@ -300,8 +300,9 @@ struct GroupedGemmParams {
   BlasHandle* blas = nullptr;           // kCublas only
 };
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
-// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or
-// "cublasGemmEx loop" once the former refused the types (it is then looped).
+// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or, once
+// that refused an output type, "cublasGemmEx loop for ... (... returned
+// STATUS)" (that type is looped over cublasGemmEx from then on).
 const char* CublasGroupedPath(const BlasHandle& blas);
 
 // Routed experts of one MoE layer (MODEL_SPEC.md 3.6/3.8) for n tokens:
