@@ -143,7 +143,7 @@ double CopyBandwidth(Out& out) {
 }
 
 void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, int64_t H, std::vector<int64_t> batches,
-               std::vector<int64_t> contexts) {
+               std::vector<int64_t> contexts, int head_block = 0) {
   constexpr int64_t R = 512, DR = 64, W = R + DR, PAGE = 64;
   int64_t max_tokens = 0, max_b = 0;
   for (int64_t b : batches)
@@ -193,7 +193,7 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       CK(cudaMemcpy(d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
       std::vector<int32_t> qpos(B, static_cast<int32_t>(ctx - 1));
       CK(cudaMemcpy(d_qpos, qpos.data(), B * 4, cudaMemcpyHostToDevice));
-      const int splits = MlaAttentionNumSplits(B, H, ctx, 0);
+      const int splits = MlaAttentionNumSplits(B, H, ctx, 0, head_block);
       const size_t ws_bytes = MlaAttentionWorkspaceBytes(B, H, R, splits);
       void* ws = ws_bytes ? Alloc(ws_bytes) : nullptr;
       MlaAttentionParams p;
@@ -212,6 +212,7 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       p.lse = lse;
       p.workspace = ws;
       p.workspace_bytes = ws_bytes;
+      p.head_block = head_block;
       const double ms = TimeMs([&](int i) {
         MlaAttentionParams pi = p;
         pi.block_tables = d_tables + int64_t{i % sets} * need;
@@ -431,6 +432,9 @@ int main(int argc, char** argv) {
                         128, quick ? V{1, 64} : V{1, 16, 64, 128}, quick ? V{1024, 16384} : V{1024, 4096, 16384});
   dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite", "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16, kv_lora 512, rope 64)",
                         16, V{1, 16, 64, 256}, V{768, 4096});
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite_head_block_16",
+                        "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16), 16-head blocks (head_block = 16)", 16,
+                        V{1, 16, 64, 256}, V{768, 4096}, 16);
   dmoe::cuda::GroupedGemms(out, quick);
   out.json += "}\n";
   dmoe::cuda::WriteFiles(out, false);

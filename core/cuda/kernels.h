@@ -228,8 +228,12 @@ struct MlaAttentionParams {
   float scale = 0.f;                    // softmax scale (Rope::softmax_scale())
   float* out = nullptr;                 // [num_queries, H, kv_lora_rank] float32
   float* lse = nullptr;                 // [num_queries, H] or nullptr
-  // Split-KV: 0 = choose from the grid size and max_context_len (fills the
-  // SMs about twice); else that many splits (clamped to the tiles present).
+  // Heads per thread block: 0 or 64 (the default, measured in docs/gpu.md);
+  // 16 pads H <= 16 (V2-Lite) to 16 instead of 64 rows, with 2 blocks per SM
+  // (tested like 64; its speed is in the benchmark runs after commit c44a3d8).
+  int head_block = 0;
+  // Split-KV: 0 = choose from the grid size and max_context_len (about one
+  // wave of blocks); else that many splits (clamped to the tiles present).
   int num_splits = 0;
   // Scratch for split results, at least MlaAttentionWorkspaceBytes(...).
   void* workspace = nullptr;
@@ -237,7 +241,8 @@ struct MlaAttentionParams {
 };
 // The split count MlaAttention will use for these sizes (num_splits as
 // given, or the automatic choice).
-int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits);
+int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits,
+                          int head_block = 0);
 size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_t kv_lora_rank, int num_splits);
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream);
 
