@@ -17,14 +17,14 @@
 namespace dmoe::cuda {
 namespace {
 
-constexpr int kRank = 512;      // kv_lora_rank
-constexpr int kRope = 64;       // qk_rope_head_dim
+constexpr int kRank = 512;  // kv_lora_rank
+constexpr int kRope = 64;   // qk_rope_head_dim
 constexpr int kWidth = kRank + kRope;
-constexpr int kTile = 32;       // tokens per tile
-constexpr int kStride = kWidth + 8;  // bf16 per smem row: +16 bytes keeps ldmatrix rows on distinct banks
-constexpr int kSStride = kTile + 4;  // floats per score row
+constexpr int kTile = 32;                  // tokens per tile
+constexpr int kStride = kWidth + 8;        // bf16 per smem row: +16 bytes keeps ldmatrix rows on distinct banks
+constexpr int kSStride = kTile + 4;        // floats per score row
 constexpr int kChunksPerRow = kWidth / 8;  // 16-byte chunks
-constexpr int kRefThreads = 256;     // the reference kernel
+constexpr int kRefThreads = 256;           // the reference kernel
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     CpAsyncCommit();  // Q rides with the first group
   }
 
-  const int rb = warp % C::kRB;   // head rows rb*16 .. +16
-  const int half = warp / C::kRB; // QK: tokens half*16 ..; PV: dims half*256 ..
+  const int rb = warp % C::kRB;    // head rows rb*16 .. +16
+  const int half = warp / C::kRB;  // QK: tokens half*16 ..; PV: dims half*256 ..
   const int g = lane / 4, q4 = lane % 4;
   const float scale2 = p.scale * kLog2e;
 
@@ -343,7 +343,8 @@ __global__ void MlaCombineKernel(MlaAttentionParams p, int splits) {
 int NumSms() {
   static const int sms = [] {
     int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
       return 132;
     }
     return n;
@@ -356,7 +357,8 @@ absl::Status CheckParams(const MlaAttentionParams& p) {
                       "MlaAttention: kv_lora_rank 512 and rope_dim 64 only");
   DMOE_CUDA_CHECK_ARG(p.shape.page_size > 0 && p.shape.page_size % kTile == 0, "MlaAttention: page_size % 32 == 0");
   DMOE_CUDA_CHECK_ARG(p.num_heads > 0, "MlaAttention: num_heads > 0");
-  DMOE_CUDA_CHECK_ARG(p.head_block == 0 || p.head_block == 16 || p.head_block == 64, "MlaAttention: head_block 0, 16 or 64");
+  DMOE_CUDA_CHECK_ARG(p.head_block == 0 || p.head_block == 16 || p.head_block == 64,
+                      "MlaAttention: head_block 0, 16 or 64");
   DMOE_CUDA_CHECK_ARG(p.max_pages_per_seq > 0, "MlaAttention: max_pages_per_seq > 0");
   DMOE_CUDA_CHECK_ARG(p.max_context_len >= 0 && p.max_context_len <= p.max_pages_per_seq * p.shape.page_size,
                       "MlaAttention: max_context_len within max_pages_per_seq pages");
@@ -466,11 +468,11 @@ absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
   const int64_t blocks = p.num_queries * grid.head_blocks * splits;
   DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
   if (small) {
-    MlaAttentionKernel<16><<<static_cast<unsigned>(blocks), MlaCfg<16>::kThreads, MlaCfg<16>::kSmemBytes,
-                             AsStream(stream)>>>(p, grid);
+    MlaAttentionKernel<16>
+        <<<static_cast<unsigned>(blocks), MlaCfg<16>::kThreads, MlaCfg<16>::kSmemBytes, AsStream(stream)>>>(p, grid);
   } else {
-    MlaAttentionKernel<64><<<static_cast<unsigned>(blocks), MlaCfg<64>::kThreads, MlaCfg<64>::kSmemBytes,
-                             AsStream(stream)>>>(p, grid);
+    MlaAttentionKernel<64>
+        <<<static_cast<unsigned>(blocks), MlaCfg<64>::kThreads, MlaCfg<64>::kSmemBytes, AsStream(stream)>>>(p, grid);
   }
   if (absl::Status st = LaunchStatus("MlaAttentionKernel"); !st.ok()) return st;
   if (splits > 1) {

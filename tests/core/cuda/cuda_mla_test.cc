@@ -61,7 +61,8 @@ class MlaWorld {
         rows.resize(base + ld);
         for (int64_t i = 0; i < ld; ++i) rows[base + i] = u(rng_);
         for (int64_t i = 0; i < kRank; ++i) host_cache_[slot * kWidth + i] = FloatToBf16(rows[base + i]);
-        for (int64_t i = 0; i < kRope; ++i) host_cache_[slot * kWidth + kRank + i] = FloatToBf16(rows[base + kRank + 16 + i]);
+        for (int64_t i = 0; i < kRope; ++i)
+          host_cache_[slot * kWidth + kRank + i] = FloatToBf16(rows[base + kRank + 16 + i]);
       }
     }
     cache_ = Poisoned<uint16_t>(shape_.layer_elements());
@@ -181,7 +182,8 @@ class MlaWorld {
 
 std::vector<Query> DecodeQueries(const std::vector<int64_t>& lengths) {
   std::vector<Query> q;
-  for (size_t s = 0; s < lengths.size(); ++s) q.push_back({static_cast<int32_t>(s), static_cast<int32_t>(lengths[s] - 1)});
+  for (size_t s = 0; s < lengths.size(); ++s)
+    q.push_back({static_cast<int32_t>(s), static_cast<int32_t>(lengths[s] - 1)});
   return q;
 }
 
