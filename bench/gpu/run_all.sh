@@ -20,8 +20,14 @@
 # device: source .devdeps/setup-deps.sh .devdeps && bash bench/gpu/run_all.sh
 #   (carry .devdeps, and .devdeps-extra if it is separate)
 # RUN_ALL_BUDGET_S (default 560) bounds the whole script: stages that would
-# start past it are skipped and say so.
+# start past it are skipped and say so. RUN_ALL_SKIP names stages to skip
+# (build tests benchmarks torch_baseline e2e sanitizer).
 set -uo pipefail
+# It unpacks into /opt/deps: on the GPU machine only (RUN_ALL_FORCE=1 overrides).
+if ! command -v nvidia-smi > /dev/null && [ -z "${RUN_ALL_FORCE:-}" ]; then
+  echo "run_all.sh: no nvidia-smi here; it is meant for the GPU machine (RUN_ALL_FORCE=1 to run anyway)" >&2
+  exit 2
+fi
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 budget="${RUN_ALL_BUDGET_S:-560}"
@@ -30,7 +36,9 @@ summary="$out/summary.md"
 note() { echo "$*" | tee -a "$summary"; }
 left() { echo $((budget - SECONDS)); }
 # stage NAME MIN_SECONDS_LEFT: false (and a note) when too little time is left.
+# RUN_ALL_SKIP: stage names to skip, e.g. "benchmarks torch_baseline sanitizer".
 stage() {
+  case " ${RUN_ALL_SKIP:-} " in *" $1 "*) note "- $1: SKIPPED (RUN_ALL_SKIP)"; return 1 ;; esac
   if [ "$(left)" -lt "$2" ]; then note "- $1: SKIPPED (budget: $(left) s left)"; return 1; fi
   echo "=== $1 ($(left) s left)"
   return 0
