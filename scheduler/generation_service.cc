@@ -180,25 +180,25 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
     NextLocked();
   }
 
+  // Cancel is called with mu_ held and only before the finished event: the
+  // loop, which pushes a finished event to every stream before it goes
+  // away, is then still there.
   void OnWriteDone(bool ok) override {
-    bool cancel = false;
-    {
-      absl::MutexLock lock(&mu_);
-      writing_ = false;
-      if (!ok && !done_writing_) {
-        // The client is gone: stop the request (its pages are freed next step).
-        pending_.clear();
-        cancel = !finished_;
-        finished_ = true;
-        final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-      }
-      NextLocked();
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok && !done_writing_) {
+      // The client is gone: stop the request (its pages are freed next step).
+      pending_.clear();
+      if (!finished_ && loop_ != nullptr) loop_->Cancel(id_);
+      finished_ = true;
+      final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
-    if (cancel && loop_ != nullptr) loop_->Cancel(id_);
+    NextLocked();
   }
 
   void OnCancel() override {
-    if (loop_ != nullptr) loop_->Cancel(id_);  // ends with a kCancelled event
+    absl::MutexLock lock(&mu_);
+    if (!finished_ && loop_ != nullptr) loop_->Cancel(id_);  // ends with a kCancelled event
   }
 
   void OnDone() override {
