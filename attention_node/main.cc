@@ -3,6 +3,8 @@
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -12,9 +14,11 @@
 #include "scheduler/cluster_join.h"
 #include "attention_node/remote_experts.h"
 #include "cli/flags.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "proto/message_limits.h"
 #include "transport/ucx_transport.h"
 
 namespace dmoe::attention {
@@ -45,8 +49,15 @@ absl::Status Run(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
   }
 
+  // A step cannot bring more tokens than the cache holds, nor free more
+  // sequences than it has pages.
+  DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
+  const int64_t pages = std::min<int64_t>(options.cache_pages, INT32_MAX);
+  const int max_request_bytes = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts,
+                                                    pages * std::min<int64_t>(options.page_size, INT32_MAX), pages);
   AttentionNodeGrpcService grpc_service;
-  DMOE_ASSIGN_OR_RETURN(node::NodeServer server, node::StartNodeServer(host, static_cast<int>(port), {&grpc_service}));
+  DMOE_ASSIGN_OR_RETURN(node::NodeServer server,
+                        node::StartNodeServer(host, static_cast<int>(port), {&grpc_service}, max_request_bytes));
   const std::string grpc_address = absl::StrCat(host, ":", server.port);
   DMOE_LOG(kInfo, kLog) << "listening on " << grpc_address << " (not serving until connected)";
   if (auto file = flags.Get("port-file")) DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port));

@@ -188,13 +188,14 @@ absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse&
 }
 
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services) {
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   NodeServer out;
   const std::string address = absl::StrCat(host, ":", port);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &out.port);
+  if (max_receive_bytes > 0) builder.SetMaxReceiveMessageSize(max_receive_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);
   out.server = builder.BuildAndStart();
   if (out.server == nullptr || out.port == 0) {

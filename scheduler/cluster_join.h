@@ -91,8 +91,9 @@ struct NodeServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
+// `max_receive_bytes`: the largest request it takes (0: gRPC's 4 MiB).
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services);
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
 // Writes {"port": P} to `path` atomically (a temporary file, then rename).

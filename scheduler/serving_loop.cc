@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <future>
 
@@ -9,6 +10,7 @@
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
+#include "proto/message_limits.h"
 
 namespace dmoe::scheduler {
 
@@ -64,9 +66,13 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
                                                         coordinator.AttentionPageSize(i),
                                                         " tokens, the scheduler ", b.page_size));
     }
+    // A step carries at most max_batch_tokens tokens; it can free every
+    // sequence of the node (at most one per page).
+    const int limit = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts, b.max_batch_tokens,
+                                          std::max(b.max_batch_tokens, b.pages_per_node.back()));
     grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
+    args.SetMaxReceiveMessageSize(limit);
+    args.SetMaxSendMessageSize(limit);
     loop->nodes_.push_back(v1::AttentionNode::NewStub(grpc::CreateCustomChannel(
         coordinator.AttentionAddress(i), grpc::InsecureChannelCredentials(), args)));
   }

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 namespace dmoe::testing {
 
@@ -13,6 +14,15 @@ std::filesystem::path GoldenModelDir();
 std::filesystem::path ScratchDir(const std::string& name);
 // build/bin (where the dmoe CLI is).
 std::filesystem::path BinDir();
+
+// What a finished program wrote and how it ended.
+struct ProgramRun {
+  int exit_code = -1;  // -1: killed by a signal
+  std::string out, err;
+};
+// Runs `program` (a path, or a name looked up on PATH) with `args` to its
+// end, with no input, capturing stdout and stderr.
+ProgramRun RunProgram(const std::string& program, const std::vector<std::string>& args);
 
 }  // namespace dmoe::testing
 

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cli/bench_stats.h"
+#include "dmoe/v1/control.grpc.pb.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -110,6 +111,20 @@ class FakeGeneration final : public v1::Generation::Service {
   const std::string balance_;
 };
 
+// The control port's stats, as far as `dmoe up` reads them.
+class FakeCoordinator final : public v1::Coordinator::Service {
+ public:
+  explicit FakeCoordinator(std::string balance) : balance_(std::move(balance)) {}
+  grpc::Status GetClusterStats(grpc::ServerContext*, const v1::GetClusterStatsRequest*,
+                               v1::GetClusterStatsResponse* stats) override {
+    stats->set_balance_mode(balance_);
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::string balance_;
+};
+
 // Runs a fake server for `role` ("scheduler", "attention", "expert") until
 // SIGTERM; returns its exit code.
 int RunFake(const std::string& role, const std::vector<std::string>& argv) {
@@ -131,6 +146,7 @@ int RunFake(const std::string& role, const std::vector<std::string>& argv) {
 
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<FakeGeneration> service;
+  std::unique_ptr<FakeCoordinator> coordinator;
   if (role == "scheduler") {
     grpc::EnableDefaultHealthCheckService(true);
     service = std::make_unique<FakeGeneration>(std::stoi(flags["attention-nodes"]), std::stoi(flags["expert-nodes"]),
@@ -140,9 +156,14 @@ int RunFake(const std::string& role, const std::vector<std::string>& argv) {
     builder.AddListeningPort(flags["host"] + ":" + flags["port"], grpc::InsecureServerCredentials(), &port);
     builder.AddListeningPort(flags["host"] + ":" + flags["control-port"], grpc::InsecureServerCredentials(),
                              &control_port);
+    coordinator = std::make_unique<FakeCoordinator>(flags.contains("balance") ? flags["balance"] : "off");
     builder.RegisterService(service.get());
+    builder.RegisterService(coordinator.get());
     server = builder.BuildAndStart();
     if (server == nullptr) return 4;
+    // Like the real scheduler: the client API's status under its name too
+    // (`dmoe up` asks the control port for it).
+    server->GetHealthCheckService()->SetServingStatus(v1::Generation::service_full_name(), false);
     server->GetHealthCheckService()->SetServingStatus(false);
     AppendEvent("control_port " + std::to_string(control_port));
     WritePortFile(flags["port-file"], {{"port", port}, {"control_port", control_port}});

@@ -67,6 +67,7 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
   const int port = ReadPort(port_file, "port", c->pids_[0], 30000);
   const int control = ReadPort(port_file, "control_port", c->pids_[0], 1000);
   if (port <= 0 || control <= 0) return absl::UnavailableError("dmoe-scheduler did not start");
+  c->client_port_ = port;
   const std::string scheduler = absl::StrCat("127.0.0.1:", control);
   for (int i = 0; i < o.attention_nodes; ++i) {
     c->pids_.push_back(Spawn("dmoe-attention-node", {"--model", o.model_dir, "--scheduler", scheduler, "--port", "0",
