@@ -24,6 +24,15 @@ struct ProgramRun {
 // end, with no input, capturing stdout and stderr.
 ProgramRun RunProgram(const std::string& program, const std::vector<std::string>& args);
 
+// PEM files for TLS tests, made once per process with the openssl binary
+// (P-256 keys, valid 2 days): a CA; a server certificate for 127.0.0.1 and
+// scheduler.dmoe.test and a client certificate, both signed by it; and an
+// unrelated self-signed CA. Empty paths (and a test failure) if openssl fails.
+struct TestPki {
+  std::filesystem::path ca, server_cert, server_key, client_cert, client_key, other_ca, other_ca_key;
+};
+const TestPki& TestCertificates();
+
 }  // namespace dmoe::testing
 
 #endif  // DMOE_TESTS_TEST_UTIL_H_

@@ -752,5 +752,36 @@ TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
 }
 
+// TLS flags reach the scheduler; `dmoe up` itself gets ready without a
+// certificate (it asks the control port).
+TEST_F(RealCluster, UpServesTheClientApiOverTlsWhenGivenACertificate) {
+  const testing::TestPki& pki = testing::TestCertificates();
+  ASSERT_FALSE(pki.ca.empty());
+  const std::string marker_value = "real-tls-" + std::to_string(::getpid());
+  DmoeProcess up({"up", "--model", kModel, "--port", "0", "--timeout", "60", "--tls-cert", pki.server_cert.string(),
+                  "--tls-key", pki.server_key.string()},
+                 {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
+  const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
+  ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*line, m, std::regex("on 127\\.0\\.0\\.1:([0-9]+) "))) << *line;
+  const std::string server = "127.0.0.1:" + m[1].str();
+  const auto gc = testing::LoadGoldenCases(testing::GoldenModelDir())[0];
+  const Result r = RunDmoe({"generate", "--server", server, "--ids", Ids(gc.prompt_ids), "--max-tokens", "16", "--json",
+                            "--tls-ca", pki.ca.string()},
+                           {}, std::chrono::seconds(30));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["ids"].get<std::vector<int32_t>>(), gc.greedy_ids);
+  const Result plain = RunDmoe({"generate", "--server", server, "--ids", "1,2", "--max-tokens", "2"}, {},
+                               std::chrono::seconds(30));
+  EXPECT_EQ(plain.exit_code, 1);
+  EXPECT_NE(plain.err.find("UNAVAILABLE"), std::string::npos) << plain.err;
+  up.Signal(SIGTERM);
+  const std::optional<int> status = up.Wait(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
+  EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
+}
+
 }  // namespace
 }  // namespace dmoe

@@ -1,7 +1,5 @@
-// TLS and message-size limits on the client API, against a real cluster.
-// The certificates are made here with the openssl binary: a CA, a server
-// certificate for 127.0.0.1 signed by it, a client certificate, and an
-// unrelated CA.
+// TLS and message-size limits on the client API, against a real cluster,
+// with certificates made at test time (testing::TestCertificates).
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -25,50 +23,8 @@ using testing::Cluster;
 using testing::ClusterOptions;
 using testing::GenerateIds;
 
-struct Pki {
-  fs::path ca, server_cert, server_key, client_cert, client_key, other_ca;
-};
-
-void Openssl(const std::vector<std::string>& args) {
-  const testing::ProgramRun r = testing::RunProgram("openssl", args);
-  ASSERT_EQ(r.exit_code, 0) << "openssl failed: " << r.err;
-}
-
-// A P-256 key and a certificate for `subject`: self-signed when `ca` is
-// empty, else signed by ca/ca_key with the extensions in `ext`.
-void MakeCert(const fs::path& dir, const std::string& name, const std::string& subject, const std::string& ca,
-              const std::string& ext) {
-  const std::string key = (dir / (name + ".key")).string(), cert = (dir / (name + ".pem")).string();
-  if (ca.empty()) {
-    Openssl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
-             "-out", cert, "-days", "2", "-subj", subject});
-    return;
-  }
-  const std::string csr = (dir / (name + ".csr")).string(), ext_file = (dir / (name + ".ext")).string();
-  std::ofstream(ext_file) << ext << "\n";
-  Openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr,
-           "-subj", subject});
-  Openssl({"x509", "-req", "-in", csr, "-CA", ca + ".pem", "-CAkey", ca + ".key", "-CAcreateserial", "-out", cert,
-           "-days", "2", "-extfile", ext_file});
-}
-
-const Pki& TestPki() {
-  static const Pki* pki = [] {
-    const fs::path dir = testing::ScratchDir("pki");
-    MakeCert(dir, "ca", "/CN=dmoe test CA", "", "");
-    MakeCert(dir, "other-ca", "/CN=some other CA", "", "");
-    const std::string ca = (dir / "ca").string();
-    MakeCert(dir, "server", "/CN=dmoe-scheduler", ca,
-             "subjectAltName=IP:127.0.0.1,DNS:scheduler.dmoe.test\nextendedKeyUsage=serverAuth");
-    MakeCert(dir, "client", "/CN=dmoe client", ca, "extendedKeyUsage=clientAuth");
-    return new Pki{dir / "ca.pem",     dir / "server.pem", dir / "server.key",
-                   dir / "client.pem", dir / "client.key", dir / "other-ca.pem"};
-  }();
-  return *pki;
-}
-
 std::unique_ptr<Cluster> StartTlsCluster(std::vector<std::string> extra_flags = {}) {
-  const Pki& pki = TestPki();
+  const testing::TestPki& pki = testing::TestCertificates();
   ClusterOptions o;
   o.model_dir = testing::GoldenModelDir().string();
   o.scheduler_flags = {"--tls-cert", pki.server_cert.string(), "--tls-key", pki.server_key.string()};
@@ -103,7 +59,7 @@ testing::ProgramRun DmoeGenerate(const Cluster& cluster, const std::vector<int32
 }
 
 TEST(ClientApiTls, TlsClientWithTheCaGetsTheGoldenGeneration) {
-  const Pki& pki = TestPki();
+  const testing::TestPki& pki = testing::TestCertificates();
   auto cluster = StartTlsCluster();
   ASSERT_NE(cluster, nullptr);
   const auto cases = testing::LoadGoldenCases(testing::GoldenModelDir());
@@ -123,7 +79,7 @@ TEST(ClientApiTls, TlsClientWithTheCaGetsTheGoldenGeneration) {
 }
 
 TEST(ClientApiTls, PlaintextAndWrongCaClientsAreRefused) {
-  const Pki& pki = TestPki();
+  const testing::TestPki& pki = testing::TestCertificates();
   auto cluster = StartTlsCluster();
   ASSERT_NE(cluster, nullptr);
   const std::vector<int32_t> prompt = {4, 5, 6};
@@ -159,7 +115,7 @@ TEST(ClientApiTls, PlaintextAndWrongCaClientsAreRefused) {
 }
 
 TEST(ClientApiTls, ClientCertificateRequiredWithClientCa) {
-  const Pki& pki = TestPki();
+  const testing::TestPki& pki = testing::TestCertificates();
   auto cluster = StartTlsCluster({"--tls-client-ca", pki.ca.string()});
   ASSERT_NE(cluster, nullptr);
   const std::vector<int32_t> prompt = {7, 8, 9};
@@ -174,14 +130,14 @@ TEST(ClientApiTls, ClientCertificateRequiredWithClientCa) {
   // either, being for servers only; a self-signed one is refused.
   const testing::Generated foreign = GenerateIds(
       *Client(*cluster, {.cert = pki.other_ca.string(),
-                         .key = (pki.other_ca.parent_path() / "other-ca.key").string(),
+                         .key = pki.other_ca_key.string(),
                          .ca = pki.ca.string()}),
       prompt, 4);
   EXPECT_EQ(foreign.status.error_code(), grpc::StatusCode::UNAVAILABLE) << foreign.status.error_message();
 }
 
 TEST(ClientApiLimits, OversizedRequestIsResourceExhausted) {
-  const Pki& pki = TestPki();
+  const testing::TestPki& pki = testing::TestCertificates();
   auto cluster = StartTlsCluster({"--max-request-bytes", "65536"});
   ASSERT_NE(cluster, nullptr);
   auto client = Client(*cluster, {.ca = pki.ca.string()});
