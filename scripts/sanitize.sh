@@ -55,11 +55,15 @@ logs="${PWD}/${dir}/sanitizer-logs"
 rm -rf "${logs}"
 mkdir -p "${logs}"
 # Reports go to files (child processes inherit these); each test still fails
-# on its own through the sanitizer's exit code.
-export ASAN_OPTIONS="log_path=${logs}/asan:detect_leaks=1:abort_on_error=0:strict_string_checks=1"
-export UBSAN_OPTIONS="log_path=${logs}/ubsan:print_stacktrace=1:halt_on_error=1"
-# gRPC, protobuf, abseil and UCX come uninstrumented from Debian.
-export TSAN_OPTIONS="log_path=${logs}/tsan:ignore_noninstrumented_modules=1:second_deadlock_stack=1"
+# on its own through the sanitizer's exit code. (The TSan runtime reads
+# UBSAN_OPTIONS too, so each run sets only its own.)
+if [ "${preset}" = tsan ]; then
+  # gRPC, protobuf, abseil and UCX come uninstrumented from Debian.
+  export TSAN_OPTIONS="log_path=${logs}/tsan:ignore_noninstrumented_modules=1:second_deadlock_stack=1"
+else
+  export ASAN_OPTIONS="log_path=${logs}/asan:detect_leaks=1:strict_string_checks=1"
+  export UBSAN_OPTIONS="log_path=${logs}/ubsan:print_stacktrace=1:halt_on_error=1"
+fi
 export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
 
 label_args=()
