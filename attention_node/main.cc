@@ -15,6 +15,7 @@
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "transport/ucx_transport.h"
 
 namespace dmoe::attention {
@@ -23,13 +24,14 @@ namespace {
 constexpr char kUsage[] =
     "usage: dmoe-attention-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
     "                           [--cache-pages 512] [--page-size 64] [--ping-pong-min-tokens 32]\n"
-    "                           [--port-file FILE]\n";
+    "                           [--port-file FILE] [--metrics-port -1]\n"
+    "                           [--advertise-address HOST]\n";
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(cli::Flags flags, cli::Flags::Parse(args,
                                                             {"model", "scheduler", "host", "port", "cache-pages",
-                                                             "page-size", "ping-pong-min-tokens", "port-file"},
+                                                             "page-size", "ping-pong-min-tokens", "port-file", "metrics-port", "advertise-address"},
                                                             {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -47,9 +49,18 @@ absl::Status Run(const std::vector<std::string>& args) {
 
   AttentionNodeGrpcService grpc_service;
   DMOE_ASSIGN_OR_RETURN(node::NodeServer server, node::StartNodeServer(host, static_cast<int>(port), {&grpc_service}));
-  const std::string grpc_address = absl::StrCat(host, ":", server.port);
+  // What the scheduler dials: --host is where to bind (0.0.0.0 in a pod),
+  // --advertise-address how others reach this node (a stable DNS name).
+  const std::string grpc_address = absl::StrCat(flags.Get("advertise-address").value_or(host), ":", server.port);
   DMOE_LOG(kInfo, kLog) << "listening on " << grpc_address << " (not serving until connected)";
-  if (auto file = flags.Get("port-file")) DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port));
+  DMOE_ASSIGN_OR_RETURN(const int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  const int bound_metrics = metrics_server ? metrics_server->port() : -1;
+  if (metrics_server) DMOE_LOG(kInfo, kLog) << "metrics on http://" << host << ":" << bound_metrics << "/metrics";
+  if (auto file = flags.Get("port-file")) {
+    DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port, bound_metrics));
+  }
 
   node::CoordinatorClient coordinator(scheduler);
   v1::RegisterNodeRequest request;
@@ -58,7 +69,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   request.set_cache_pages(options.cache_pages);
   request.set_page_size(options.page_size);
   DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
+    return metrics::Metered(transport::CreateUcxTransport(transport::UcxOptions{.node_id = id}));
   }));
   DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id;
 

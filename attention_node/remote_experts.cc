@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 
@@ -26,6 +27,7 @@ absl::Status RemoteExperts::BeginRoutedExperts(int64_t layer, int micro_batch, c
                                                     absl::MakeConstSpan(topk_weights, n * k), n, k));
   f.tag = router::DispatchTag(step_id_, layer, micro_batch);
   f.nodes_sent.clear();
+  f.sent = absl::Now();
   const absl::Span<const float> hidden(x, n * hidden_size_);
   for (int32_t node = 0; node < plan.num_nodes(); ++node) {
     if (plan.tokens(node).empty()) continue;  // nothing routed there
@@ -67,6 +69,7 @@ absl::Status RemoteExperts::FinishRoutedExperts(int64_t layer, int micro_batch, 
     if (it == expert_node_ids_.end()) return absl::InternalError(absl::StrCat("reply from unknown node ", m->from));
     DMOE_ASSIGN_OR_RETURN(router::PartialSumsMessage reply, router::DecodePartialSums(m->payload));
     sums[it - expert_node_ids_.begin()] = std::move(reply.partial_sums);
+    metrics::AttentionNode().ExpertReply(static_cast<int>(it - expert_node_ids_.begin()), absl::Now() - f.sent);
   }
   wait_seconds_ += absl::ToDoubleSeconds(absl::Now() - start);
   std::vector<absl::Span<const float>> spans(sums.begin(), sums.end());

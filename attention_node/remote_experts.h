@@ -40,6 +40,7 @@ class RemoteExperts : public ExpertBackend {
     std::optional<router::DispatchPlan> plan;
     uint64_t tag = 0;
     std::vector<int32_t> nodes_sent;  // expert node indices awaiting replies
+    absl::Time sent = absl::InfinitePast();  // for the round-trip metric
   };
   transport::Transport& transport_;
   router::ExpertPlacement placement_;

@@ -49,6 +49,9 @@ struct UpOptions {
   std::string balance;      // empty: the scheduler's default (or --config)
   std::string config;       // empty: none
   int64_t cache_pages = 0;  // 0: the attention node's default
+  // -1: no metrics endpoints; 0: each process on any free port; P > 0: the
+  // scheduler on P, attention node i on P+1+i, expert node j on P+1+N+j.
+  int64_t metrics_port = -1;
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
 };
@@ -56,7 +59,7 @@ struct UpOptions {
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
-                                                   "config", "cache-pages", "host", "timeout", "grace"},
+                                                   "config", "cache-pages", "host", "timeout", "grace", "metrics-port"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -64,6 +67,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.expert_nodes));
   DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
   DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
+  DMOE_ASSIGN_OR_RETURN(o.metrics_port, flags.GetInt("metrics-port", o.metrics_port));
   DMOE_ASSIGN_OR_RETURN(double timeout_s, flags.GetDouble("timeout", absl::ToDoubleSeconds(o.timeout)));
   DMOE_ASSIGN_OR_RETURN(double grace_s, flags.GetDouble("grace", absl::ToDoubleSeconds(o.grace)));
   o.balance = flags.Get("balance").value_or("");
@@ -77,6 +81,11 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   }
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
+  }
+  if (o.metrics_port < -1 || o.metrics_port + o.attention_nodes + o.expert_nodes > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics-port = ", o.metrics_port,
+                                                   " must be -1 (off), 0 (any free ports) or a first port such that "
+                                                   "one port per process stays below 65536"));
   }
   if (flags.Has("balance") && o.balance != "off" && o.balance != "bias") {
     return absl::InvalidArgumentError(absl::StrCat("--balance = '", o.balance, "' must be off or bias"));
@@ -174,6 +183,7 @@ class Launcher {
     std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s)\n",
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
                 en == 1 ? "" : "s", BalanceMode(*ports).c_str());
+    if (opts_.metrics_port >= 0) PrintMetricsEndpoints();
     std::fflush(stdout);
     while (!children_.stop_requested() && !children_.unexpected_exit().has_value()) {
       children_.Wait(absl::InfiniteDuration());
@@ -221,6 +231,7 @@ class Launcher {
     // clang-format on
     if (!opts_.balance.empty()) args.insert(args.end(), {"--balance", opts_.balance});
     if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
+    if (opts_.metrics_port >= 0) args.insert(args.end(), {"--metrics-port", std::to_string(opts_.metrics_port)});
     DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
 
     const absl::Time start = absl::Now();
@@ -261,6 +272,9 @@ class Launcher {
           "--host",      opts_.host,
           "--port",      "0",
           "--port-file", PortFile(absl::StrCat(attention ? "attention-" : "expert-", index)).string()};
+      if (opts_.metrics_port >= 0) {
+        args.insert(args.end(), {"--metrics-port", std::to_string(opts_.metrics_port == 0 ? 0 : opts_.metrics_port + 1 + i)});
+      }
       if (attention && opts_.cache_pages > 0) {
         args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
       }
@@ -268,6 +282,20 @@ class Launcher {
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }
     return absl::OkStatus();
+  }
+
+  // One line: every process's /metrics port, from the port files.
+  void PrintMetricsEndpoints() const {
+    std::string line = "dmoe: metrics on";
+    auto add = [&](const std::string& name, const std::string& file) {
+      const std::optional<json> j = ReadJsonFile(PortFile(file));
+      const int port = j.has_value() && (*j)["metrics_port"].is_number_integer() ? (*j)["metrics_port"].get<int>() : -1;
+      absl::StrAppend(&line, " ", name, "=", connect_host_, ":", port);
+    };
+    add("scheduler", "scheduler");
+    for (int64_t i = 0; i < opts_.attention_nodes; ++i) add(absl::StrCat("attention-", i), absl::StrCat("attention-", i));
+    for (int64_t i = 0; i < opts_.expert_nodes; ++i) add(absl::StrCat("expert-", i), absl::StrCat("expert-", i));
+    std::printf("%s\n", line.c_str());
   }
 
   int NodesListening() const {

@@ -18,6 +18,7 @@
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "expert_node/expert_service.h"
 #include "expert_node/expert_worker.h"
 #include "transport/ucx_transport.h"
@@ -27,13 +28,17 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
-    "                        [--report-interval-ms 200] [--port-file FILE]\n";
+    "                        [--report-interval-ms 200] [--port-file FILE] [--metrics-port -1]\n"
+    "                        [--advertise-address HOST]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       cli::Flags flags,
-      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file"}, {}));
+      cli::Flags::Parse(args,
+                        {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "metrics-port",
+                         "advertise-address"},
+                        {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -46,16 +51,25 @@ absl::Status Run(const std::vector<std::string>& args) {
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
   DMOE_ASSIGN_OR_RETURN(node::NodeServer server, node::StartNodeServer(host, static_cast<int>(port), {}));
-  const std::string grpc_address = absl::StrCat(host, ":", server.port);
+  // What the scheduler dials: --host is where to bind (0.0.0.0 in a pod),
+  // --advertise-address how others reach this node (a stable DNS name).
+  const std::string grpc_address = absl::StrCat(flags.Get("advertise-address").value_or(host), ":", server.port);
   DMOE_LOG(kInfo, kLog) << "listening on " << grpc_address << " (not serving until connected)";
-  if (auto file = flags.Get("port-file")) DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port));
+  DMOE_ASSIGN_OR_RETURN(const int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  const int bound_metrics = metrics_server ? metrics_server->port() : -1;
+  if (metrics_server) DMOE_LOG(kInfo, kLog) << "metrics on http://" << host << ":" << bound_metrics << "/metrics";
+  if (auto file = flags.Get("port-file")) {
+    DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port, bound_metrics));
+  }
 
   node::CoordinatorClient coordinator(scheduler);
   v1::RegisterNodeRequest request;
   request.set_kind(v1::NODE_KIND_EXPERT);
   request.set_grpc_address(grpc_address);
   DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
+    return metrics::Metered(transport::CreateUcxTransport(transport::UcxOptions{.node_id = id}));
   }));
   DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id << " (expert node "
                         << reg.expert_node_index << ", experts " << absl::StrJoin(reg.expert_shard, ",") << ")";

@@ -208,11 +208,11 @@ void SetServing(grpc::Server& server, bool serving) {
   if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) health->SetServingStatus(serving);
 }
 
-absl::Status WritePortFile(const std::string& path, int port) {
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
-    out << "{\"port\": " << port << "}\n";
+    out << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port << "}\n";
     out.close();
     if (!out) return absl::UnavailableError(absl::StrCat("cannot write port file ", tmp));
   }

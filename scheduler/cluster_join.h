@@ -95,8 +95,9 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
                                            const std::vector<grpc::Service*>& services);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
-// Writes {"port": P} to `path` atomically (a temporary file, then rename).
-absl::Status WritePortFile(const std::string& path, int port);
+// Writes {"port": P, "metrics_port": M} to `path` atomically (a temporary
+// file, then rename); M is -1 when the metrics endpoint is off.
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port = -1);
 
 // The main() of a node binary around `run(args)`: sets UCX_NET_DEVICES=lo
 // unless set, installs the stop signal handlers, prints `usage` for --help

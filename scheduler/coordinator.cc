@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 
 namespace dmoe::scheduler {
 
@@ -73,6 +74,7 @@ absl::Status Coordinator::NodeReady(const v1::NodeReadyRequest& request) {
         absl::StrCat("NodeReady: node ", request.node_id(), " is not registered"));
   }
   nodes_[request.node_id()].ready = true;
+  metrics::Scheduler().NodeUp(nodes_[request.node_id()].kind, request.node_id(), true);
   DMOE_LOG(kInfo, "scheduler") << "node " << request.node_id() << " ready ("
                                << request.weight_bytes() / (1 << 20) << " MiB of weights)";
   return absl::OkStatus();

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/sampling.h"
+#include "metrics/metrics.h"
 #include "proto/grpc_status.h"
 
 namespace dmoe::scheduler {
@@ -100,10 +101,14 @@ absl::StatusOr<Request> ValidateGenerateRequest(const v1::GenerateRequest& r, co
 grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
   ServingLoop* loop = loop_.load();
-  if (draining_.load()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is draining; not accepting requests");
-  if (loop == nullptr) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "cluster is not ready yet");
+  auto reject = [](const absl::Status& status) {
+    metrics::Scheduler().RequestRejected(absl::StatusCodeToString(status.code()));
+    return ToGrpcStatus(status);
+  };
+  if (draining_.load()) return reject(absl::UnavailableError("server is draining; not accepting requests"));
+  if (loop == nullptr) return reject(absl::UnavailableError("cluster is not ready yet"));
   absl::StatusOr<Request> q = ValidateGenerateRequest(*request, config_, tokenizer_, model_name_);
-  if (!q.ok()) return ToGrpcStatus(q.status());
+  if (!q.ok()) return reject(q.status());
   q->id = next_id_.fetch_add(1);
   q->arrival = absl::Now();
   const auto deadline = context->deadline();
@@ -114,7 +119,8 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1:
   const bool want_logprobs = request->top_logprobs() >= 0;
   const RequestId id = q->id;
   absl::StatusOr<std::shared_ptr<RequestStream>> stream = loop->Submit(std::move(*q));
-  if (!stream.ok()) return ToGrpcStatus(stream.status());
+  if (!stream.ok()) return reject(stream.status());
+  metrics::RequestMetrics request_metrics(prompt_tokens);
 
   int completion_tokens = 0;
   for (;;) {
@@ -139,8 +145,11 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1:
       }
     }
     completion_tokens += static_cast<int>(e.new_tokens.size());
+    request_metrics.Tokens(static_cast<int64_t>(e.new_tokens.size()));
     response.set_text(e.text_delta);
     if (e.finished) {
+      request_metrics.Finished(FinishReasonName(e.reason), (*stream)->arrival(), (*stream)->first_scheduled(),
+                               (*stream)->first_token());
       response.set_finish_reason(ToProto(e.reason));
       response.set_error_message(e.error);
       v1::Usage* usage = response.mutable_usage();

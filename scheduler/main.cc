@@ -14,6 +14,7 @@
 #include "cli/flags.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
 #include "router/load_balancer.h"
 #include "scheduler/generation_service.h"
@@ -70,7 +71,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
                         cli::Flags::Parse(args,
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
-                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps"},
+                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps",
+                                           "metrics-port"},
                                           {}));
   DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -81,6 +83,7 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t page_size, flags.GetInt("page-size", 64));
   DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
+  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port, flags.GetInt("metrics-port", -1));
   if (num_attention < 1 || num_expert < 1) {
     return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
   }
@@ -130,9 +133,15 @@ absl::Status Serve(const std::vector<std::string>& args) {
   }
   client_server->GetHealthCheckService()->SetServingStatus(false);
   control_server->GetHealthCheckService()->SetServingStatus(true);
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  const int bound_metrics = metrics_server ? metrics_server->port() : -1;
+  if (metrics_server) DMOE_LOG(kInfo, "scheduler") << "metrics on http://" << host << ":" << bound_metrics << "/metrics";
   if (auto file = flags.Get("port-file")) {
     const std::string tmp = *file + ".tmp";
-    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}}.dump() << "\n";
+    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}, {"metrics_port", bound_metrics}}
+                                  .dump()
+                           << "\n";
     std::filesystem::rename(tmp, *file);
   }
   DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port << ", control plane on " << host

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "proto/grpc_status.h"
 
 namespace dmoe::scheduler {
@@ -217,6 +218,7 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
   for (size_t n = 0; n < calls.size(); ++n) {
     if (!calls[n].valid()) continue;
     auto [status, result] = calls[n].get();
+    metrics::Scheduler().NodeUp(v1::NODE_KIND_ATTENTION, static_cast<int>(n), status.ok());
     if (!status.ok()) {
       // Its sequences get no token: ApplyResults ends them with an error
       // naming the cause; other nodes' requests go on.
@@ -278,6 +280,7 @@ void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
     }
   }
   ++bias_version_;
+  metrics::Scheduler().ServingBiasChanged(serving_bias_flat_, E);
   absl::MutexLock lock(&mu_);
   max_abs_bias_ = max_abs;
 }
@@ -306,6 +309,7 @@ void ServingLoop::Run() {
       }
     }
     Deliver(plan.events);
+    metrics::Scheduler().ClusterStats(Stats());
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) continue;
@@ -321,6 +325,8 @@ void ServingLoop::Run() {
     }
     Deliver(events);
     Balance(step_load_);
+    metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
+                                      coordinator_.placement());
     absl::MutexLock lock(&mu_);
     rpc_s_ += absl::ToDoubleSeconds(t2 - t1);
     scheduler_s_ += absl::ToDoubleSeconds((t1 - t0) + (absl::Now() - t2));

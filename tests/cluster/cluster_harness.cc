@@ -63,17 +63,29 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
                                    "--attention-nodes", std::to_string(o.attention_nodes),
                                    "--expert-nodes", std::to_string(o.expert_nodes), "--port-file", port_file};
   args.insert(args.end(), o.scheduler_flags.begin(), o.scheduler_flags.end());
+  const std::vector<std::string> metrics_flags =
+      o.metrics ? std::vector<std::string>{"--metrics-port", "0"} : std::vector<std::string>{};
+  args.insert(args.end(), metrics_flags.begin(), metrics_flags.end());
   c->pids_.push_back(Spawn("dmoe-scheduler", args));
   const int port = ReadPort(port_file, "port", c->pids_[0], 30000);
   const int control = ReadPort(port_file, "control_port", c->pids_[0], 1000);
   if (port <= 0 || control <= 0) return absl::UnavailableError("dmoe-scheduler did not start");
   const std::string scheduler = absl::StrCat("127.0.0.1:", control);
+  std::vector<std::string> port_files = {port_file};
+  auto node_args = [&](std::vector<std::string> args) {
+    port_files.push_back(absl::StrCat(c->dir_, "/node-", port_files.size(), ".json"));
+    args.insert(args.end(), {"--port-file", port_files.back()});
+    args.insert(args.end(), metrics_flags.begin(), metrics_flags.end());
+    return args;
+  };
   for (int i = 0; i < o.attention_nodes; ++i) {
-    c->pids_.push_back(Spawn("dmoe-attention-node", {"--model", o.model_dir, "--scheduler", scheduler, "--port", "0",
-                                                     "--cache-pages", std::to_string(o.cache_pages)}));
+    c->pids_.push_back(Spawn("dmoe-attention-node", node_args({"--model", o.model_dir, "--scheduler", scheduler,
+                                                               "--port", "0", "--cache-pages",
+                                                               std::to_string(o.cache_pages)})));
   }
   for (int i = 0; i < o.expert_nodes; ++i) {
-    c->pids_.push_back(Spawn("dmoe-expert-node", {"--model", o.model_dir, "--scheduler", scheduler, "--port", "0"}));
+    c->pids_.push_back(
+        Spawn("dmoe-expert-node", node_args({"--model", o.model_dir, "--scheduler", scheduler, "--port", "0"})));
   }
   c->client_ = v1::Generation::NewStub(
       grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
@@ -81,7 +93,15 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
   // Ready when the stats RPC answers (the serving loop exists).
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < end) {
-    if (c->Stats().ok()) return c;
+    if (c->Stats().ok()) {
+      // Serving: every node wrote its port file long before it was ready.
+      for (size_t i = 0; o.metrics && i < port_files.size(); ++i) {
+        const int metrics_port = ReadPort(port_files[i], "metrics_port", c->pids_[i], 5000);
+        if (metrics_port <= 0) return absl::UnavailableError(absl::StrCat(port_files[i], ": no metrics_port"));
+        c->metrics_ports_.push_back(metrics_port);
+      }
+      return c;
+    }
     for (pid_t pid : c->pids_) {
       int status;
       if (waitpid(pid, &status, WNOHANG) == pid) return absl::UnavailableError(absl::StrCat("process ", pid, " exited early"));

@@ -23,6 +23,8 @@ struct ClusterOptions {
   int expert_nodes = 1;
   int64_t cache_pages = 64;  // per attention node
   std::vector<std::string> scheduler_flags;
+  // Every process serves /metrics on a free port (--metrics-port 0).
+  bool metrics = false;
 };
 
 class Cluster {
@@ -37,10 +39,14 @@ class Cluster {
   // Waits for the scheduler to exit; returns its exit code (-1 on timeout or signal).
   int WaitScheduler(int timeout_ms);
   absl::StatusOr<v1::GetClusterStatsResponse> Stats();
+  // With ClusterOptions::metrics: each process's /metrics port on
+  // 127.0.0.1, in start order (scheduler, attention nodes, expert nodes).
+  const std::vector<int>& metrics_ports() const { return metrics_ports_; }
 
  private:
   Cluster() = default;
   std::vector<pid_t> pids_;  // scheduler first
+  std::vector<int> metrics_ports_;
   std::string dir_;
   std::unique_ptr<v1::Generation::Stub> client_;
   std::unique_ptr<v1::Coordinator::Stub> coordinator_;
