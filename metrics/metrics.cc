@@ -184,6 +184,10 @@ SchedulerMetrics::SchedulerMetrics()
       node_up_(GaugeFamily("dmoe_node_up", "1 while a node is ready and its steps succeed, else 0.")),
       last_(std::make_unique<Delta>()) {
   for (const char* reason : kFinishReasons) request_success_.Add({{"finish_reason", reason}});
+  // The usual refusals exist at 0, so rates and alerts see them from the start.
+  for (const char* code : {"invalid_argument", "resource_exhausted", "unavailable"}) {
+    request_rejected_.Add({{"code", code}});
+  }
   for (const char* phase : kPhases) phase_seconds_.Add({{"phase", phase}});
   expert_imbalance_.Set(1);
   expert_node_imbalance_.Set(1);
@@ -373,8 +377,9 @@ TransportMetrics& Transport() {
 
 void TransportMetrics::Sent(transport::NodeId peer, size_t bytes, absl::Duration duration, bool ok) {
   const prometheus::Labels labels = {{"peer", std::to_string(peer)}};
+  prometheus::Counter& failures = send_failures_.Add(labels);  // at 0 until a send fails
   if (!ok) {
-    send_failures_.Add(labels).Increment();
+    failures.Increment();
     return;
   }
   sent_bytes_.Add(labels).Increment(static_cast<double>(bytes));

@@ -11,6 +11,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libucx-dev ucx-utils
+  prometheus python3-yaml   # tests/metrics (real Prometheus), tests/deploy (promtool)
 )
 
 missing=()

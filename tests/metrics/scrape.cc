@@ -11,6 +11,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -104,6 +105,68 @@ absl::StatusOr<Scrape> ScrapeMetrics(int port) {
   absl::StatusOr<std::string> body = HttpGet(port, "/metrics");
   if (!body.ok()) return body.status();
   return ParseExposition(*body);
+}
+
+std::set<std::string> PromqlMetricNames(const std::string& expr) {
+  // Drop what holds no metric name: strings, {matchers}, [ranges], and the
+  // label lists after grouping keywords.
+  std::string e;
+  int brace = 0, bracket = 0;
+  char quote = 0;
+  for (char c : expr) {
+    if (quote != 0) {
+      if (c == quote) quote = 0;
+      continue;
+    }
+    if (c == '"' || c == '\'') {
+      quote = c;
+    } else if (c == '{') {
+      ++brace;
+    } else if (c == '}') {
+      --brace;
+    } else if (c == '[') {
+      ++bracket;
+    } else if (c == ']') {
+      --bracket;
+    } else if (brace == 0 && bracket == 0) {
+      e += c;
+    }
+  }
+  static const std::set<std::string> kKeywords = {"by",     "without",    "on",          "ignoring", "group_left",
+                                                  "group_right", "and",   "or",          "unless",   "bool",
+                                                  "offset", "inf",        "nan",
+                                                  // aggregations: `sum by (x) (..)` puts a modifier before the (
+                                                  "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
+                                                  "count_values", "bottomk", "topk", "quantile"};
+  static const std::set<std::string> kGrouping = {"by", "without", "on", "ignoring", "group_left", "group_right"};
+  std::set<std::string> names;
+  auto ident_start = [](char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == '_' || c == ':'; };
+  auto ident_char = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == ':'; };
+  size_t i = 0;
+  while (i < e.size()) {
+    if (std::isdigit(static_cast<unsigned char>(e[i])) || e[i] == '.') {  // a number, maybe 1e3
+      while (i < e.size() && (ident_char(e[i]) || e[i] == '.')) ++i;
+      continue;
+    }
+    if (!ident_start(e[i])) {
+      ++i;
+      continue;
+    }
+    const size_t begin = i;
+    while (i < e.size() && ident_char(e[i])) ++i;
+    const std::string word = e.substr(begin, i - begin);
+    size_t next = i;
+    while (next < e.size() && e[next] == ' ') ++next;
+    const bool call = next < e.size() && e[next] == '(';
+    if (kGrouping.contains(absl::AsciiStrToLower(word)) && call) {
+      i = e.find(')', next);  // skip the label list
+      if (i == std::string::npos) break;
+      continue;
+    }
+    if (call || kKeywords.contains(absl::AsciiStrToLower(word))) continue;
+    names.insert(word);
+  }
+  return names;
 }
 
 std::string UrlEncode(const std::string& s) {

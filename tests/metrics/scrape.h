@@ -31,6 +31,11 @@ struct Scrape {
 absl::StatusOr<Scrape> ParseExposition(const std::string& text);
 absl::StatusOr<Scrape> ScrapeMetrics(int port);
 
+// The metric names a PromQL expression reads: identifiers that are not
+// functions, keywords, label names (in by/without/on/ignoring lists and
+// matchers) or durations.
+std::set<std::string> PromqlMetricNames(const std::string& expr);
+
 // URL query escaping for PromQL.
 std::string UrlEncode(const std::string& s);
 
