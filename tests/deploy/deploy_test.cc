@@ -168,5 +168,30 @@ TEST(Kubernetes, OverlaysWireTheClusterTogether) {
   EXPECT_EQ(Find(Render("deploy/k8s/overlays/cpu"), "PersistentVolumeClaim", "dmoe-model"), nullptr);
 }
 
+// No Docker engine runs here: the Dockerfiles are checked for what can be
+// checked without one, that every file they copy from the source tree exists.
+TEST(Docker, EverySourceTheDockerfilesCopyExists) {
+  for (const char* file : {"deploy/docker/Dockerfile.cpu", "deploy/docker/Dockerfile.gpu"}) {
+    const ShellRun r = Shell(absl::StrCat(
+        "grep -E \"^COPY [^-]\" ", file, " | grep -v \"^COPY \\. \" | awk \"{print \\$2}\" | while read -r src; do "
+        "test -e \"$src\" && echo \"ok $src\" || { echo \"missing $src\"; exit 1; }; done"));
+    EXPECT_EQ(r.rc, 0) << file << "\n" << r.output;
+    EXPECT_TRUE(Contains(r.output, "ok scripts/setup.sh")) << r.output;
+    EXPECT_TRUE(Contains(r.output, "ok deploy/docker/check-model.sh")) << r.output;
+  }
+}
+
+TEST(Docker, CheckModelAcceptsACheckpointAndRejectsAMissingShard) {
+  const ShellRun good = Shell("sh deploy/docker/check-model.sh tests/golden/tiny-v3");
+  EXPECT_EQ(good.rc, 0) << good.output;
+  const ShellRun sharded = Shell(
+      "d=$(mktemp -d) && cp tests/golden/tiny-v3/config.json tests/golden/tiny-v3/tokenizer*.json $d/ && "
+      "printf \"{\\\"weight_map\\\": {\\\"a\\\": \\\"model-00001-of-00002.safetensors\\\", "
+      "\\\"b\\\": \\\"model-00002-of-00002.safetensors\\\"}}\" > $d/model.safetensors.index.json && "
+      "echo x > $d/model-00001-of-00002.safetensors && sh deploy/docker/check-model.sh $d; rc=$?; rm -rf $d; exit $rc");
+  EXPECT_NE(sharded.rc, 0) << sharded.output;
+  EXPECT_TRUE(Contains(sharded.output, "shard model-00002-of-00002.safetensors")) << sharded.output;
+}
+
 }  // namespace
 }  // namespace dmoe
