@@ -140,9 +140,13 @@ TEST(MetricsCluster, EveryProcessExposesSeriesThatMoveWithRequests) {
   // Tokens run per request: the prompt, then each generated token but the last.
   const double tokens_run = kRequests * (static_cast<double>(prompt.size()) + kMaxTokens - 1);
   const double routed = tokens_run * static_cast<double>(config->num_experts_per_tok * moe_layers);
+  // The loop's own counters (steps, pages) are sampled at the start of its
+  // next iteration, and a last step frees the finished requests' pages: wait
+  // until both views agree.
   const Scrape s1 = ScrapeUntil(scheduler, [&](const Scrape& s) {
     return s.Sum("dmoe_expert_tokens_total") >= routed && s.Sum("dmoe_num_requests_running") == 0 &&
-           s.Sum("dmoe_expert_node_tokens_total") >= routed;
+           s.Sum("dmoe_expert_node_tokens_total") >= routed && s.Sum("dmoe_latent_cache_pages_used") == 0 &&
+           s.Sum("dmoe_steps_total") == s.Sum("dmoe_step_duration_seconds_count");
   });
   EXPECT_EQ(s1.Sum("dmoe_request_success_total", {"finish_reason=\"length\""}), kRequests);
   EXPECT_EQ(s1.Sum("dmoe_request_success_total"), kRequests);
