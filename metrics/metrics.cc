@@ -1,5 +1,6 @@
 #include "metrics/metrics.h"
 
+#include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
@@ -68,6 +69,35 @@ std::shared_ptr<prometheus::Registry> SharedRegistry() {
   return shared;
 }
 
+// Runs the hooks that refresh values kept elsewhere, first in every scrape
+// (the exposer collects in registration order); contributes no family.
+class BeforeScrape : public prometheus::Collectable {
+ public:
+  static std::shared_ptr<BeforeScrape> Get() {
+    static std::shared_ptr<BeforeScrape> instance = std::make_shared<BeforeScrape>();
+    return instance;
+  }
+  void Add(std::function<void()> hook) {
+    absl::MutexLock lock(&mu_);
+    hooks_.push_back(std::move(hook));
+  }
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<std::function<void()>> hooks;
+    {
+      // Not held while the hooks run: they take the serving code's locks,
+      // and Add may run under those (the first metrics call constructs).
+      absl::MutexLock lock(&mu_);
+      hooks = hooks_;
+    }
+    for (const auto& hook : hooks) hook();
+    return {};
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::function<void()>> hooks_ ABSL_GUARDED_BY(mu_);
+};
+
 prometheus::Family<prometheus::Counter>& CounterFamily(const std::string& name, const std::string& help) {
   return BuildCounter().Name(name).Help(help).Register(Registry());
 }
@@ -111,7 +141,9 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
   }
   const std::vector<int> ports = exposer->GetListeningPorts();
   if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address));
+  exposer->RegisterCollectable(BeforeScrape::Get());
   exposer->RegisterCollectable(SharedRegistry());
+  DMOE_LOG(kInfo, "metrics") << "serving http://" << host << ":" << ports.front() << "/metrics";
   return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(exposer), ports.front()));
 }
 
@@ -181,7 +213,7 @@ SchedulerMetrics::SchedulerMetrics()
                                    "max/mean expert work per expert node over the last 32 steps; 1 = even.")),
       serving_bias_(GaugeFamily("dmoe_serving_bias", "Serving bias added to a routed expert's gate score.")),
       serving_bias_max_abs_(Gauge("dmoe_serving_bias_max_abs", "Largest absolute serving bias.")),
-      node_up_(GaugeFamily("dmoe_node_up", "1 while a node is ready and its steps succeed, else 0.")),
+      node_up_(GaugeFamily("dmoe_node_up", "1 while a node is ready, 0 once the scheduler marked it down.")),
       last_(std::make_unique<Delta>()) {
   for (const char* reason : kFinishReasons) request_success_.Add({{"finish_reason", reason}});
   // The usual refusals exist at 0, so rates and alerts see them from the start.
@@ -191,6 +223,15 @@ SchedulerMetrics::SchedulerMetrics()
   for (const char* phase : kPhases) phase_seconds_.Add({{"phase", phase}});
   expert_imbalance_.Set(1);
   expert_node_imbalance_.Set(1);
+  BeforeScrape::Get()->Add([this] {
+    absl::MutexLock lock(&source_mu_);
+    if (source_) ClusterStats(source_());
+  });
+}
+
+void SchedulerMetrics::SetClusterStatsSource(std::function<v1::GetClusterStatsResponse()> source) {
+  absl::MutexLock lock(&source_mu_);
+  source_ = std::move(source);
 }
 
 SchedulerMetrics& Scheduler() {
@@ -282,9 +323,7 @@ void SchedulerMetrics::NodeUp(v1::NodeKind kind, int node_id, bool up) {
   node_up_.Add({{"kind", k}, {"node_id", std::to_string(node_id)}}).Set(up ? 1 : 0);
 }
 
-RequestMetrics::RequestMetrics(int64_t prompt_tokens) : prompt_tokens_(prompt_tokens) {
-  Scheduler().prompt_tokens_.Increment(static_cast<double>(prompt_tokens));
-}
+void RequestMetrics::Admitted() const { Scheduler().prompt_tokens_.Increment(static_cast<double>(prompt_tokens_)); }
 
 void RequestMetrics::Tokens(int64_t tokens, absl::Time now) {
   if (tokens <= 0) return;
@@ -415,6 +454,13 @@ class MeteredTransport : public transport::Transport {
     if (m.ok()) metrics::Transport().Received(m->from, m->payload.size());
     return m;
   }
+  absl::StatusOr<transport::Message> ReceiveFrom(absl::Span<const transport::NodeId> senders, uint64_t tag,
+                                                 uint64_t tag_mask, absl::Duration timeout) override {
+    absl::StatusOr<transport::Message> m = inner_->ReceiveFrom(senders, tag, tag_mask, timeout);
+    if (m.ok()) metrics::Transport().Received(m->from, m->payload.size());
+    return m;
+  }
+  void StopReceiving() override { inner_->StopReceiving(); }
 
  private:
   std::unique_ptr<transport::Transport> inner_;

@@ -18,6 +18,7 @@
 #include <prometheus/histogram.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -43,7 +44,7 @@ class MetricsServer {
  public:
   // Listens on host:port; port 0 picks a free port. port -1 means off and
   // returns nullptr. INVALID_ARGUMENT outside [-1, 65535], UNAVAILABLE when
-  // the address cannot be bound.
+  // the address cannot be bound. Logs the address it serves.
   static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(const std::string& host, int64_t port);
   ~MetricsServer();
 
@@ -74,7 +75,11 @@ class SchedulerMetrics {
   // (ServingLoop::Stats()); counters advance by the difference to the last
   // call, so call it with snapshots of one loop.
   void ClusterStats(const v1::GetClusterStatsResponse& stats);
-  // Node membership as the scheduler sees it: ready, or its steps failing.
+  // Where ClusterStats snapshots come from: called at every scrape (the
+  // step loop may sleep for hours). nullptr stops; setting waits for a
+  // scrape in progress, so the source may be destroyed once this returns.
+  void SetClusterStatsSource(std::function<v1::GetClusterStatsResponse()> source);
+  // Node membership as the scheduler sees it: ready, or marked down.
   void NodeUp(v1::NodeKind kind, int node_id, bool up);
 
  private:
@@ -112,6 +117,8 @@ class SchedulerMetrics {
   prometheus::Gauge& serving_bias_max_abs_;
   prometheus::Family<prometheus::Gauge>& node_up_;
 
+  absl::Mutex source_mu_;
+  std::function<v1::GetClusterStatsResponse()> source_ ABSL_GUARDED_BY(source_mu_);
   absl::Mutex mu_;
   std::unique_ptr<Delta> last_ ABSL_GUARDED_BY(mu_);
   std::vector<prometheus::Counter*> expert_token_counters_ ABSL_GUARDED_BY(mu_);  // [layer * E + e]
@@ -123,8 +130,10 @@ SchedulerMetrics& Scheduler();
 // One Generate call from admission to its last event.
 class RequestMetrics {
  public:
-  // Counts the prompt tokens of an admitted request.
-  explicit RequestMetrics(int64_t prompt_tokens);
+  explicit RequestMetrics(int64_t prompt_tokens) : prompt_tokens_(prompt_tokens) {}
+  // Counts the prompt tokens once the request is queued. Touches no member,
+  // so it may run concurrently with Tokens/Finished.
+  void Admitted() const;
   // An event with `tokens` new tokens at `now`: generation tokens and the
   // inter-token latency since the previous token.
   void Tokens(int64_t tokens, absl::Time now = absl::Now());

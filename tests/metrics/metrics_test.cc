@@ -46,6 +46,7 @@ TEST(MetricsServer, ServesTheRegistryAndRefusesATakenPort) {
   }
   const absl::Time arrival = absl::Now();
   metrics::RequestMetrics request(7);
+  request.Admitted();
   request.Tokens(1, arrival + absl::Milliseconds(30));
   request.Tokens(1, arrival + absl::Milliseconds(50));
   request.Finished("stop", arrival, arrival + absl::Milliseconds(10), arrival + absl::Milliseconds(30),
