@@ -36,6 +36,8 @@ class Cluster {
   v1::Generation::Stub& client() { return *client_; }
   v1::Coordinator::Stub& coordinator() { return *coordinator_; }
   pid_t scheduler_pid() const { return pids_.empty() ? -1 : pids_[0]; }
+  // Every process, in start order (scheduler, attention nodes, expert nodes).
+  const std::vector<pid_t>& pids() const { return pids_; }
   // Waits for the scheduler to exit; returns its exit code (-1 on timeout or signal).
   int WaitScheduler(int timeout_ms);
   absl::StatusOr<v1::GetClusterStatsResponse> Stats();

@@ -8,7 +8,8 @@ tools="$(bash "$here/deploy_tools.sh")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 if [ -d "$1" ]; then
-  kubectl kustomize "$1" > "$work/objects.yaml"
+  # LoadRestrictionsNone: deploy/k8s/monitoring takes its files from deploy/prometheus.
+  kubectl kustomize --load-restrictor LoadRestrictionsNone "$1" > "$work/objects.yaml"
 else
   cp "$1" "$work/objects.yaml"
 fi

@@ -84,7 +84,8 @@ TEST(Grafana, BrokenDashboardIsRejected) {
 }
 
 TEST(Kubernetes, BaseAndEveryOverlayRenderAndValidate) {
-  for (const char* dir : {"deploy/k8s/base", "deploy/k8s/overlays/cpu", "deploy/k8s/overlays/gpu"}) {
+  for (const char* dir :
+       {"deploy/k8s/base", "deploy/k8s/overlays/cpu", "deploy/k8s/overlays/gpu", "deploy/k8s/monitoring"}) {
     const ShellRun r = Shell(absl::StrCat("bash tests/deploy/check_k8s.sh ", dir));
     EXPECT_EQ(r.rc, 0) << dir << "\n" << r.output;
     EXPECT_TRUE(Contains(r.output, "objects pass the schema validators")) << r.output;

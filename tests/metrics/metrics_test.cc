@@ -4,6 +4,7 @@
 #include "metrics/metrics.h"
 
 #include <grpcpp/grpcpp.h>
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -198,6 +199,15 @@ TEST(MetricsCluster, EveryProcessExposesSeriesThatMoveWithRequests) {
   EXPECT_EQ(a.Sum("dmoe_transport_received_bytes_total"), expert_sent);
   EXPECT_EQ(a.Sum("dmoe_transport_sent_messages_total"), served);
   EXPECT_EQ(a.Sum("dmoe_transport_send_failures_total"), 0);
+
+  // A node that dies is down in the scheduler's view (its health watch breaks).
+  ASSERT_EQ(cluster.pids().size(), 4u);
+  ASSERT_EQ(kill(cluster.pids()[3], SIGKILL), 0);
+  const Scrape down = ScrapeUntil(scheduler, [](const Scrape& s) {
+    return s.Sum("dmoe_node_up", {"kind=\"expert\""}) == 1;
+  });
+  EXPECT_EQ(down.Sum("dmoe_node_up", {"kind=\"expert\""}), 1);
+  EXPECT_EQ(down.Sum("dmoe_node_up", {"kind=\"attention\""}), 1);
 }
 
 TEST(MetricsCli, UpRejectsABadMetricsPort) {
