@@ -24,7 +24,7 @@ using Buckets = prometheus::Histogram::BucketBoundaries;
 // LLM serving spans milliseconds (a decode step on a GPU) to a minute (the
 // first token of a long prompt behind a queue).
 const Buckets& TtftBuckets() {
-  static const Buckets b = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+  static const Buckets b = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25, 0.5,
                             0.75,  1.0,   2.5,  5.0,  7.5,  10.0, 20.0, 30.0, 40.0, 60.0};
   return b;
 }
@@ -34,7 +34,7 @@ const Buckets& ItlBuckets() {
   return b;
 }
 const Buckets& RequestBuckets() {  // end-to-end and queue time
-  static const Buckets b = {0.01, 0.025, 0.05, 0.1,  0.25, 0.5,  1.0,  2.5,   5.0,  10.0,
+  static const Buckets b = {0.01, 0.025, 0.05, 0.1,  0.25, 0.5,  1.0,   2.5,   5.0,  10.0,
                             15.0, 20.0,  30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0};
   return b;
 }
@@ -168,43 +168,41 @@ constexpr const char* kFinishReasons[] = {"stop", "length", "cancelled", "error"
 SchedulerMetrics::SchedulerMetrics()
     : request_success_(CounterFamily("dmoe_request_success_total",
                                      "Requests finished, by finish_reason (stop, length, cancelled, error).")),
-      request_rejected_(CounterFamily("dmoe_request_rejected_total",
-                                      "Generate calls refused before queueing, by gRPC status code.")),
+      request_rejected_(
+          CounterFamily("dmoe_request_rejected_total", "Generate calls refused before queueing, by gRPC status code.")),
       prompt_tokens_(Counter("dmoe_prompt_tokens_total", "Prompt tokens of admitted requests.")),
       generation_tokens_(Counter("dmoe_generation_tokens_total", "Tokens generated and streamed.")),
-      ttft_(Histogram("dmoe_time_to_first_token_seconds", "From arrival to the first generated token.",
-                      TtftBuckets())),
-      itl_(Histogram("dmoe_inter_token_latency_seconds", "Between consecutive tokens of one request.",
-                     ItlBuckets())),
+      ttft_(Histogram("dmoe_time_to_first_token_seconds", "From arrival to the first generated token.", TtftBuckets())),
+      itl_(Histogram("dmoe_inter_token_latency_seconds", "Between consecutive tokens of one request.", ItlBuckets())),
       e2e_(Histogram("dmoe_e2e_request_latency_seconds", "From arrival to the last event of a request.",
                      RequestBuckets())),
-      queue_time_(Histogram("dmoe_request_queue_time_seconds", "From arrival to the first scheduled step.",
-                            RequestBuckets())),
+      queue_time_(
+          Histogram("dmoe_request_queue_time_seconds", "From arrival to the first scheduled step.", RequestBuckets())),
       request_prompt_tokens_(
           Histogram("dmoe_request_prompt_tokens", "Prompt length of finished requests.", PowersOfTwo(18))),
-      request_generation_tokens_(Histogram("dmoe_request_generation_tokens",
-                                           "Generated tokens of finished requests.", PowersOfTwo(18))),
+      request_generation_tokens_(
+          Histogram("dmoe_request_generation_tokens", "Generated tokens of finished requests.", PowersOfTwo(18))),
       step_duration_(Histogram("dmoe_step_duration_seconds",
                                "One scheduler iteration over all attention nodes: plan, RunStep, apply.",
                                StepBuckets())),
-      batch_sequences_(Histogram("dmoe_batch_size_sequences", "Sequences in one step (decode and prefill).",
-                                 PowersOfTwo(12))),
+      batch_sequences_(
+          Histogram("dmoe_batch_size_sequences", "Sequences in one step (decode and prefill).", PowersOfTwo(12))),
       batch_tokens_(Histogram("dmoe_batch_size_tokens", "Tokens in one step.", PowersOfTwo(16))),
       running_(Gauge("dmoe_num_requests_running", "Requests holding a latent cache (prefill or decode).")),
       waiting_(Gauge("dmoe_num_requests_waiting", "Requests queued for admission.")),
       steps_(Counter("dmoe_steps_total", "Steps run.")),
       preemptions_(Counter("dmoe_num_preemptions_total", "Requests whose latent cache was dropped for recompute.")),
       routing_decisions_(Counter("dmoe_routing_decisions_total", "Routed (token, expert) decisions made.")),
-      routing_changed_(Counter("dmoe_routing_decisions_changed_total",
-                               "Routing decisions that the serving bias changed.")),
+      routing_changed_(
+          Counter("dmoe_routing_decisions_changed_total", "Routing decisions that the serving bias changed.")),
       phase_seconds_(CounterFamily("dmoe_step_phase_seconds_total",
                                    "Time spent per step phase: scheduler, step_rpc (wall), and summed over "
                                    "attention nodes node_attention, node_expert_wait, node_other.")),
       pages_total_(GaugeFamily("dmoe_latent_cache_pages_total", "Latent-cache pages of an attention node.")),
       pages_used_(GaugeFamily("dmoe_latent_cache_pages_used", "Latent-cache pages in use on an attention node.")),
       cache_usage_(GaugeFamily("dmoe_latent_cache_usage_ratio", "Used / total latent-cache pages (0..1).")),
-      expert_tokens_(CounterFamily("dmoe_expert_tokens_total",
-                                   "Tokens routed to each routed expert, by layer and expert.")),
+      expert_tokens_(
+          CounterFamily("dmoe_expert_tokens_total", "Tokens routed to each routed expert, by layer and expert.")),
       expert_node_tokens_(CounterFamily("dmoe_expert_node_tokens_total",
                                         "(token, expert) pairs computed per expert node (its load reports).")),
       expert_imbalance_(Gauge("dmoe_expert_imbalance_ratio",
@@ -244,8 +242,7 @@ void SchedulerMetrics::RequestRejected(std::string_view code) {
 }
 
 void SchedulerMetrics::StepFinished(absl::Duration duration, int64_t sequences, int64_t tokens,
-                                    absl::Span<const int64_t> expert_tokens,
-                                    const router::ExpertPlacement& placement) {
+                                    absl::Span<const int64_t> expert_tokens, const router::ExpertPlacement& placement) {
   step_duration_.Observe(Seconds(duration));
   batch_sequences_.Observe(static_cast<double>(sequences));
   batch_tokens_.Observe(static_cast<double>(tokens));
@@ -260,8 +257,8 @@ void SchedulerMetrics::StepFinished(absl::Duration duration, int64_t sequences, 
   for (size_t i = 0; i < expert_tokens.size(); ++i) {
     if (expert_tokens[i] == 0) continue;
     if (expert_token_counters_[i] == nullptr) {
-      expert_token_counters_[i] = &expert_tokens_.Add(
-          {{"layer", std::to_string(i / E)}, {"expert", std::to_string(i % E)}});
+      expert_token_counters_[i] =
+          &expert_tokens_.Add({{"layer", std::to_string(i / E)}, {"expert", std::to_string(i % E)}});
     }
     expert_token_counters_[i]->Increment(static_cast<double>(expert_tokens[i]));
     window_[i % E] += expert_tokens[i];
@@ -280,8 +277,8 @@ void SchedulerMetrics::ServingBiasChanged(absl::Span<const float> bias, int64_t 
   double max_abs = 0;
   for (size_t i = 0; i < bias.size(); ++i) {
     // Dense layers carry no bias; only write the MoE layers' entries once set.
-    if (bias[i] == 0.0f && !serving_bias_.Has({{"layer", std::to_string(i / num_experts)},
-                                               {"expert", std::to_string(i % num_experts)}})) {
+    if (bias[i] == 0.0f &&
+        !serving_bias_.Has({{"layer", std::to_string(i / num_experts)}, {"expert", std::to_string(i % num_experts)}})) {
       continue;
     }
     serving_bias_.Add({{"layer", std::to_string(i / num_experts)}, {"expert", std::to_string(i % num_experts)}})
@@ -313,8 +310,8 @@ void SchedulerMetrics::ClusterStats(const v1::GetClusterStatsResponse& s) {
   for (int p = 0; p < 5; ++p) Advance(phase_seconds_.Add({{"phase", kPhases[p]}}), phases[p], &d.phases[p]);
   d.expert_node_tokens.resize(std::max<size_t>(d.expert_node_tokens.size(), s.expert_node_tokens_size()), 0.0);
   for (int i = 0; i < s.expert_node_tokens_size(); ++i) {
-    Advance(expert_node_tokens_.Add({{"expert_node", std::to_string(i)}}),
-            static_cast<double>(s.expert_node_tokens(i)), &d.expert_node_tokens[i]);
+    Advance(expert_node_tokens_.Add({{"expert_node", std::to_string(i)}}), static_cast<double>(s.expert_node_tokens(i)),
+            &d.expert_node_tokens[i]);
   }
 }
 
@@ -404,8 +401,7 @@ TransportMetrics::TransportMetrics()
       send_failures_(CounterFamily("dmoe_transport_send_failures_total", "Sends that failed, by peer node id.")),
       send_seconds_(HistogramFamily("dmoe_transport_send_seconds",
                                     "Until a send completed (queued at or delivered to the peer), by peer.")),
-      received_bytes_(
-          CounterFamily("dmoe_transport_received_bytes_total", "Payload bytes received, by peer node id.")),
+      received_bytes_(CounterFamily("dmoe_transport_received_bytes_total", "Payload bytes received, by peer node id.")),
       received_messages_(
           CounterFamily("dmoe_transport_received_messages_total", "Messages received, by peer node id.")) {}
 

@@ -140,8 +140,8 @@ class RequestMetrics {
   // The last event: finish reason ("stop", "length", "cancelled", "error")
   // and the latencies from arrival. first_scheduled/first_token are
   // InfiniteFuture when that never happened.
-  void Finished(std::string_view finish_reason, absl::Time arrival, absl::Time first_scheduled,
-                absl::Time first_token, absl::Time now = absl::Now());
+  void Finished(std::string_view finish_reason, absl::Time arrival, absl::Time first_scheduled, absl::Time first_token,
+                absl::Time now = absl::Now());
 
  private:
   const int64_t prompt_tokens_;

@@ -79,7 +79,7 @@ TEST(Grafana, DashboardTypeChecksAgainstGrafanaSchema) {
 TEST(Grafana, BrokenDashboardIsRejected) {
   const ShellRun r = Shell("bash tests/deploy/check_dashboard.sh tests/deploy/fixtures/broken_dashboard.json");
   EXPECT_NE(r.rc, 0) << r.output;
-  EXPECT_TRUE(Contains(r.output, "lineWidht")) << r.output;  // unknown field
+  EXPECT_TRUE(Contains(r.output, "lineWidht")) << r.output;   // unknown field
   EXPECT_TRUE(Contains(r.output, "\"middle\"")) << r.output;  // not a legend placement
 }
 
@@ -173,9 +173,10 @@ TEST(Kubernetes, OverlaysWireTheClusterTogether) {
 // checked without one, that every file they copy from the source tree exists.
 TEST(Docker, EverySourceTheDockerfilesCopyExists) {
   for (const char* file : {"deploy/docker/Dockerfile.cpu", "deploy/docker/Dockerfile.gpu"}) {
-    const ShellRun r = Shell(absl::StrCat(
-        "grep -E \"^COPY [^-]\" ", file, " | grep -v \"^COPY \\. \" | awk \"{print \\$2}\" | while read -r src; do "
-        "test -e \"$src\" && echo \"ok $src\" || { echo \"missing $src\"; exit 1; }; done"));
+    const ShellRun r =
+        Shell(absl::StrCat("grep -E \"^COPY [^-]\" ", file,
+                           " | grep -v \"^COPY \\. \" | awk \"{print \\$2}\" | while read -r src; do "
+                           "test -e \"$src\" && echo \"ok $src\" || { echo \"missing $src\"; exit 1; }; done"));
     EXPECT_EQ(r.rc, 0) << file << "\n" << r.output;
     EXPECT_TRUE(Contains(r.output, "ok scripts/setup.sh")) << r.output;
     EXPECT_TRUE(Contains(r.output, "ok deploy/docker/check-model.sh")) << r.output;

@@ -176,9 +176,8 @@ TEST(MetricsCluster, EveryProcessExposesSeriesThatMoveWithRequests) {
   EXPECT_GE(s1.Sum("dmoe_expert_node_imbalance_ratio"), 1.0);
 
   // The attention node: one RunStep per step, replies from both expert nodes.
-  const Scrape a = ScrapeUntil(attention, [&](const Scrape& s) {
-    return s.Sum("dmoe_attention_step_tokens_sum") >= tokens_run;
-  });
+  const Scrape a =
+      ScrapeUntil(attention, [&](const Scrape& s) { return s.Sum("dmoe_attention_step_tokens_sum") >= tokens_run; });
   EXPECT_EQ(a.Sum("dmoe_attention_step_tokens_sum"), tokens_run);
   EXPECT_GT(a.Sum("dmoe_attention_step_phase_seconds_count", {"phase=\"expert_wait\""}), 0);
   EXPECT_GT(a.Sum("dmoe_expert_dispatch_round_trip_seconds_count", {"expert_node=\"0\""}), 0);
@@ -203,9 +202,8 @@ TEST(MetricsCluster, EveryProcessExposesSeriesThatMoveWithRequests) {
   // A node that dies is down in the scheduler's view (its health watch breaks).
   ASSERT_EQ(cluster.pids().size(), 4u);
   ASSERT_EQ(kill(cluster.pids()[3], SIGKILL), 0);
-  const Scrape down = ScrapeUntil(scheduler, [](const Scrape& s) {
-    return s.Sum("dmoe_node_up", {"kind=\"expert\""}) == 1;
-  });
+  const Scrape down =
+      ScrapeUntil(scheduler, [](const Scrape& s) { return s.Sum("dmoe_node_up", {"kind=\"expert\""}) == 1; });
   EXPECT_EQ(down.Sum("dmoe_node_up", {"kind=\"expert\""}), 1);
   EXPECT_EQ(down.Sum("dmoe_node_up", {"kind=\"attention\""}), 1);
 }

@@ -3,12 +3,12 @@
 // intervals shortened) and alerts.yml, scrapes every dmoe process, and
 // answers every query of the Grafana dashboard with data. Fails, never
 // skips, when prometheus cannot start (scripts/setup.sh installs it).
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -96,9 +96,10 @@ class PrometheusServer {
       int status;
       if (pid_ <= 0 || waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
-        return absl::UnavailableError(absl::StrCat("prometheus exited (is Debian's prometheus installed? "
-                                                   "scripts/setup.sh installs it); its log:\n",
-                                                   ReadFile(log_)));
+        return absl::UnavailableError(
+            absl::StrCat("prometheus exited (is Debian's prometheus installed? "
+                         "scripts/setup.sh installs it); its log:\n",
+                         ReadFile(log_)));
       }
       absl::SleepFor(absl::Milliseconds(50));
     }
@@ -152,7 +153,8 @@ std::vector<PanelQuery> DashboardQueries(const json& dashboard) {
   }
   for (const json* p : panels) {
     if (!p->contains("targets")) continue;
-    for (const json& t : (*p)["targets"]) out.push_back({(*p)["title"].get<std::string>(), t["expr"].get<std::string>()});
+    for (const json& t : (*p)["targets"])
+      out.push_back({(*p)["title"].get<std::string>(), t["expr"].get<std::string>()});
   }
   return out;
 }
@@ -257,7 +259,8 @@ TEST(PrometheusServer, ScrapesTheClusterAndAnswersEveryDashboardQuery) {
   for (;;) {
     bool all = true;
     for (size_t i = 0; i < queries.size(); ++i) {
-      if (!answered[i]) answered[i] = !prometheus.Query(absl::StrReplaceAll(queries[i].expr, {{"$__rate_interval", "1m"}})).empty();
+      if (!answered[i])
+        answered[i] = !prometheus.Query(absl::StrReplaceAll(queries[i].expr, {{"$__rate_interval", "1m"}})).empty();
       all = all && answered[i];
     }
     if (all || absl::Now() > query_deadline) break;

@@ -132,9 +132,8 @@ std::set<std::string> PromqlMetricNames(const std::string& expr) {
       e += c;
     }
   }
-  static const std::set<std::string> kKeywords = {"by",     "without",    "on",          "ignoring", "group_left",
-                                                  "group_right", "and",   "or",          "unless",   "bool",
-                                                  "offset", "inf",        "nan",
+  static const std::set<std::string> kKeywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "and",
+                                                  "or", "unless", "bool", "offset", "inf", "nan",
                                                   // aggregations: `sum by (x) (..)` puts a modifier before the (
                                                   "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
                                                   "count_values", "bottomk", "topk", "quantile"};
