@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 
@@ -174,6 +175,7 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
   times->set_attention_seconds(std::max(0.0, engine_seconds - expert_wait_seconds));
   times->set_expert_wait_seconds(expert_wait_seconds);
   times->set_other_seconds(std::max(0.0, total_seconds - engine_seconds));
+  metrics::AttentionNode().StepFinished(*times, request);
   return result;
 }
 

@@ -20,6 +20,7 @@
 #include "core/model_weights.h"
 #include "core/status_macros.h"
 #include "proto/message_limits.h"
+#include "metrics/metrics.h"
 
 namespace dmoe::attention {
 namespace {
@@ -27,13 +28,14 @@ namespace {
 constexpr char kUsage[] =
     "usage: dmoe-attention-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
     "                           [--cache-pages 512] [--page-size 64] [--ping-pong-min-tokens 32]\n"
-    "                           [--port-file FILE]\n";
+    "                           [--port-file FILE] [--metrics-port -1] [--advertise-address HOST]\n";
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                             {"model", "scheduler", "host", "port", "cache-pages",
-                                                             "page-size", "ping-pong-min-tokens", "port-file"},
+                                                             "page-size", "ping-pong-min-tokens", "port-file",
+                                                             "metrics-port", "advertise-address"},
                                                             {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -63,6 +65,11 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.port = static_cast<int>(port);
   join.services = {&grpc_service};
   join.port_file = flags.Get("port-file").value_or("");
+  join.advertise_host = flags.Get("advertise-address").value_or("");
+  DMOE_ASSIGN_OR_RETURN(const int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  join.metrics_port = metrics_server ? metrics_server->port() : -1;
   join.cache_pages = options.cache_pages;
   join.page_size = options.page_size;
   join.log_component = kLog;

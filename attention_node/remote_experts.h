@@ -68,6 +68,7 @@ class RemoteExperts : public ExpertBackend {
     uint64_t tag = 0;
     int64_t layer = 0;
     std::vector<Sent> sent;
+    absl::Time sent_at = absl::InfinitePast();  // for the round-trip metric
   };
   // Sends s.payload to its replica, moving on to the next one while a send
   // fails; UNAVAILABLE naming them all when none is left.

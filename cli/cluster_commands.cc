@@ -57,6 +57,9 @@ struct UpOptions {
   int64_t expert_replicas = 1;  // expert nodes per expert shard
   // Passed to dmoe-scheduler as given (TLS and size limits of the client API).
   std::vector<std::string> scheduler_flags;
+  // -1: no metrics endpoints; 0: each process on any free port; P > 0: the
+  // scheduler on P, attention node i on P+1+i, expert node j on P+1+N+j.
+  int64_t metrics_port = -1;
 };
 
 constexpr const char* kSchedulerPassThroughFlags[] = {"tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"};
@@ -71,7 +74,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
                                                    "on-node-exit", "expert-replicas", "tls-cert", "tls-key",
-                                                   "tls-client-ca", "max-request-bytes"},
+                                                   "tls-client-ca", "max-request-bytes", "metrics-port"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -79,6 +82,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.expert_nodes));
   DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
   DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
+  DMOE_ASSIGN_OR_RETURN(o.metrics_port, flags.GetInt("metrics-port", o.metrics_port));
   DMOE_ASSIGN_OR_RETURN(double timeout_s, flags.GetDouble("timeout", absl::ToDoubleSeconds(o.timeout)));
   DMOE_ASSIGN_OR_RETURN(double grace_s, flags.GetDouble("grace", absl::ToDoubleSeconds(o.grace)));
   o.balance = flags.Get("balance").value_or("");
@@ -105,6 +109,11 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   }
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
+  }
+  if (o.metrics_port < -1 || o.metrics_port + o.attention_nodes + o.expert_nodes > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics-port = ", o.metrics_port,
+                                                   " must be -1 (off), 0 (any free ports) or a first port such that "
+                                                   "one port per process stays below 65536"));
   }
   if (flags.Has("balance") && o.balance != "off" && o.balance != "bias") {
     return absl::InvalidArgumentError(absl::StrCat("--balance = '", o.balance, "' must be off or bias"));
@@ -202,6 +211,7 @@ class Launcher {
     std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s)\n",
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
                 en == 1 ? "" : "s", BalanceMode(*ports).c_str());
+    if (opts_.metrics_port >= 0) PrintMetricsEndpoints();
     std::fflush(stdout);
     (void)children_.TakeExits();  // none: startup stops on any exit
     std::map<std::string, int> quick_exits;
@@ -249,6 +259,11 @@ class Launcher {
     } else if (std::optional<json> j = ReadJsonFile(get("--port-file")); j.has_value() && (*j)["port"].is_number_integer()) {
       set("--port", std::to_string((*j)["port"].get<int>()));
     }
+    // The same /metrics port too, so that Prometheus keeps its target.
+    if (std::optional<json> j = ReadJsonFile(get("--port-file"));
+        j.has_value() && (*j)["metrics_port"].is_number_integer() && (*j)["metrics_port"].get<int>() > 0) {
+      set("--metrics-port", std::to_string((*j)["metrics_port"].get<int>()));
+    }
     return args;
   }
 
@@ -291,6 +306,7 @@ class Launcher {
     if (opts_.expert_replicas > 1) args.insert(args.end(), {"--expert-replicas", std::to_string(opts_.expert_replicas)});
     if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
     args.insert(args.end(), opts_.scheduler_flags.begin(), opts_.scheduler_flags.end());
+    if (opts_.metrics_port >= 0) args.insert(args.end(), {"--metrics-port", std::to_string(opts_.metrics_port)});
     DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
 
     const absl::Time start = absl::Now();
@@ -331,6 +347,10 @@ class Launcher {
           "--host",      opts_.host,
           "--port",      "0",
           "--port-file", PortFile(absl::StrCat(attention ? "attention-" : "expert-", index)).string()};
+      if (opts_.metrics_port >= 0) {
+        const int64_t metrics_port = opts_.metrics_port == 0 ? 0 : opts_.metrics_port + 1 + i;
+        args.insert(args.end(), {"--metrics-port", std::to_string(metrics_port)});
+      }
       if (attention && opts_.cache_pages > 0) {
         args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
       }
@@ -338,6 +358,20 @@ class Launcher {
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }
     return absl::OkStatus();
+  }
+
+  // One line: every process's /metrics port, from the port files.
+  void PrintMetricsEndpoints() const {
+    std::string line = "dmoe: metrics on";
+    auto add = [&](const std::string& name) {
+      const std::optional<json> j = ReadJsonFile(PortFile(name));
+      const int port = j.has_value() && (*j)["metrics_port"].is_number_integer() ? (*j)["metrics_port"].get<int>() : -1;
+      absl::StrAppend(&line, " ", name, "=", connect_host_, ":", port);
+    };
+    add("scheduler");
+    for (int64_t i = 0; i < opts_.attention_nodes; ++i) add(absl::StrCat("attention-", i));
+    for (int64_t i = 0; i < opts_.expert_nodes; ++i) add(absl::StrCat("expert-", i));
+    std::printf("%s\n", line.c_str());
   }
 
   int NodesListening() const {

@@ -4,6 +4,7 @@
 #include <tuple>
 
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 
@@ -84,11 +85,13 @@ void ExpertWorker::Serve(std::vector<transport::Message> batch) {
       std::copy(it.dispatch.topk_idx.begin(), it.dispatch.topk_idx.end(), idx.begin() + it.row_begin * k);
       std::copy(it.dispatch.topk_weights.begin(), it.dispatch.topk_weights.end(), w.begin() + it.row_begin * k);
     }
+    const absl::Time compute_start = absl::Now();
     absl::Status st = experts_.Compute(layer, x.data(), n, k, idx.data(), w.data(), out.data());
     if (!st.ok()) {
       DMOE_LOG(kWarning, "expert-node") << "layer " << layer << ": " << st << "; not answering";
       continue;
     }
+    metrics::ExpertNode().LayerServed(n, static_cast<int64_t>(items.size()), absl::Now() - compute_start);
     {
       absl::MutexLock lock(&mu_);
       for (int32_t e : idx) {

@@ -18,6 +18,7 @@
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "expert_node/expert_service.h"
 #include "expert_node/expert_worker.h"
 
@@ -26,13 +27,17 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
-    "                        [--report-interval-ms 200] [--port-file FILE]\n";
+    "                        [--report-interval-ms 200] [--port-file FILE] [--metrics-port -1]\n"
+    "                        [--advertise-address HOST]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       Flags flags,
-      Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file"}, {}));
+      Flags::Parse(args,
+                   {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "metrics-port",
+                    "advertise-address"},
+                   {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -50,6 +55,11 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.host = host;
   join.port = static_cast<int>(port);
   join.port_file = flags.Get("port-file").value_or("");
+  join.advertise_host = flags.Get("advertise-address").value_or("");
+  DMOE_ASSIGN_OR_RETURN(const int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  join.metrics_port = metrics_server ? metrics_server->port() : -1;
   join.log_component = kLog;
   std::shared_ptr<const ModelWeights> weights;
   join.load = [&](const node::Registration& reg) -> absl::StatusOr<int64_t> {

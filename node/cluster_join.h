@@ -97,16 +97,22 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
                                            const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
-// Writes {"port": P} to `path` atomically (a temporary file, then rename).
-absl::Status WritePortFile(const std::string& path, int port);
+// Writes {"port": P, "metrics_port": M} to `path` atomically (a temporary
+// file, then rename); M is -1 when the metrics endpoint is off.
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port = -1);
 
 struct JoinOptions {
   v1::NodeKind kind = v1::NODE_KIND_UNSPECIFIED;
   std::string scheduler;  // the scheduler's control address, host:port
-  std::string host = "127.0.0.1";
+  std::string host = "127.0.0.1";  // where the server binds
+  // How the scheduler reaches this node (registered as advertise_host:port):
+  // a name that resolves to it, e.g. its pod's DNS name when host is
+  // 0.0.0.0. Empty: host.
+  std::string advertise_host;
   int port = 0;
   std::vector<grpc::Service*> services;  // served besides health; must outlive the member
-  std::string port_file;                 // {"port": P} once listening; empty: none
+  std::string port_file;                 // {"port": P, "metrics_port": M} once listening; empty: none
+  int metrics_port = -1;                 // for the port file: the /metrics port, -1 when off
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
   int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)

@@ -14,6 +14,7 @@
 #include "flags/flags.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
 #include "proto/grpc_credentials.h"
 #include "proto/message_limits.h"
@@ -73,7 +74,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
                                            "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps",
-                                           "expert-replicas", "tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"},
+                                           "expert-replicas", "tls-cert", "tls-key", "tls-client-ca", "max-request-bytes",
+                                           "metrics-port"},
                                           {}));
   DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -85,6 +87,7 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
   DMOE_ASSIGN_OR_RETURN(int64_t replicas, flags.GetInt("expert-replicas", 1));
+  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port, flags.GetInt("metrics-port", -1));
   if (num_attention < 1 || num_expert < 1) {
     return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
   }
@@ -161,9 +164,14 @@ absl::Status Serve(const std::vector<std::string>& args) {
   };
   control_server->GetHealthCheckService()->SetServingStatus(true);
   set_client_serving(false);
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  const int bound_metrics = metrics_server ? metrics_server->port() : -1;
   if (auto file = flags.Get("port-file")) {
     const std::string tmp = *file + ".tmp";
-    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}}.dump() << "\n";
+    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}, {"metrics_port", bound_metrics}}
+                                  .dump()
+                           << "\n";
     std::filesystem::rename(tmp, *file);
   }
   DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port
