@@ -456,6 +456,7 @@ class MeteredTransport : public transport::Transport {
     if (m.ok()) metrics::Transport().Received(m->from, m->payload.size());
     return m;
   }
+  absl::Status PeerStatus(transport::NodeId peer) override { return inner_->PeerStatus(peer); }
   void StopReceiving() override { inner_->StopReceiving(); }
 
  private:
