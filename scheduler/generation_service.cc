@@ -116,8 +116,11 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   // with the error.
   static GenerateCall* Begin(std::shared_ptr<GenerateCall> call, ServingLoop* loop, Request request) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
-    raw->loop_ = loop;
+    {
+      absl::MutexLock lock(&raw->mu_);
+      raw->self_ = call;
+    }
+    raw->loop_ = loop;  // set before the loop or gRPC can call back
     raw->id_ = request.id;
     if (absl::Status st = loop->Submit(std::move(request), call); !st.ok()) {
       raw->FinishWith(ToGrpcStatus(st));
@@ -127,7 +130,10 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
 
   static GenerateCall* Refuse(std::shared_ptr<GenerateCall> call, const grpc::Status& status) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
+    {
+      absl::MutexLock lock(&raw->mu_);
+      raw->self_ = call;
+    }
     raw->FinishWith(status);
     return raw;
   }
