@@ -117,11 +117,11 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   static GenerateCall* Begin(std::shared_ptr<GenerateCall> call, ServingLoop* loop, Request request) {
     GenerateCall* raw = call.get();
     {
-      absl::MutexLock lock(&raw->mu_);
+      absl::MutexLock lock(&raw->mu_);  // before the loop or gRPC can call back
       raw->self_ = call;
+      raw->loop_ = loop;
+      raw->id_ = request.id;
     }
-    raw->loop_ = loop;  // set before the loop or gRPC can call back
-    raw->id_ = request.id;
     if (absl::Status st = loop->Submit(std::move(request), call); !st.ok()) {
       raw->FinishWith(ToGrpcStatus(st));
     }
@@ -239,9 +239,9 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   const std::string request_id_;
   const int prompt_tokens_;
   const bool want_logprobs_;
-  ServingLoop* loop_ = nullptr;
-  RequestId id_ = 0;
   absl::Mutex mu_;
+  ServingLoop* loop_ ABSL_GUARDED_BY(mu_) = nullptr;
+  RequestId id_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<GenerateCall> self_ ABSL_GUARDED_BY(mu_);
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
