@@ -3,6 +3,8 @@
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -13,9 +15,11 @@
 #include "node/cluster_join.h"
 #include "attention_node/remote_experts.h"
 #include "flags/flags.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "proto/message_limits.h"
 
 namespace dmoe::attention {
 namespace {
@@ -45,8 +49,14 @@ absl::Status Run(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
   }
 
+  // A step cannot bring more tokens than the cache holds, nor free more
+  // sequences than it has pages.
+  DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
+  const int64_t pages = std::min<int64_t>(options.cache_pages, INT32_MAX);
   AttentionNodeGrpcService grpc_service;
   node::JoinOptions join;
+  join.max_receive_bytes = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts,
+                                               pages * std::min<int64_t>(options.page_size, INT32_MAX), pages);
   join.kind = v1::NODE_KIND_ATTENTION;
   join.scheduler = scheduler;
   join.host = host;

@@ -235,7 +235,7 @@ absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse&
 }
 
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services) {
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -248,6 +248,7 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
   NodeServer out;
   const std::string address = absl::StrCat(host, ":", port);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &out.port);
+  if (max_receive_bytes > 0) builder.SetMaxReceiveMessageSize(max_receive_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);
   out.server = builder.BuildAndStart();
   if (out.server == nullptr || out.port == 0) {
@@ -297,7 +298,8 @@ ClusterMember::~ClusterMember() { Leave(); }
 
 absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& options) {
   const char* log = options.log_component;
-  DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services));
+  DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services,
+                                                                   options.max_receive_bytes));
   const std::string grpc_address = absl::StrCat(options.host, ":", server.port);
   auto member = std::unique_ptr<ClusterMember>(new ClusterMember(options, grpc_address));
   member->server_ = std::move(server);

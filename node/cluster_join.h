@@ -92,8 +92,9 @@ struct NodeServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
+// `max_receive_bytes`: the largest request it takes (0: gRPC's 4 MiB).
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services);
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
 // Writes {"port": P} to `path` atomically (a temporary file, then rename).
@@ -108,6 +109,7 @@ struct JoinOptions {
   std::string port_file;                 // {"port": P} once listening; empty: none
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
+  int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)
   // Loads what the slot needs once registered (weights: the expert shard of
   // an expert node); returns the bytes loaded, for NodeReady.
   std::function<absl::StatusOr<int64_t>(const Registration&)> load;

@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <future>
 
@@ -11,6 +12,7 @@
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
+#include "proto/message_limits.h"
 
 namespace dmoe::scheduler {
 namespace {
@@ -18,11 +20,18 @@ namespace {
 // Health checks and cache cleanups of a node after a failure or a restart.
 constexpr absl::Duration kProbeTimeout = absl::Seconds(2);
 
-std::unique_ptr<v1::AttentionNode::Stub> NodeStub(const std::string& address) {
+// A channel to an attention node whose message limits fit its steps: at
+// most max_batch_tokens tokens, and freeing every sequence of the node (at
+// most one per page).
+std::unique_ptr<v1::AttentionNode::Stub> NodeStub(const NodeSlot& slot, const ModelConfig& config,
+                                                  int64_t max_batch_tokens) {
+  const int limit = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts, max_batch_tokens,
+                                        std::max(max_batch_tokens, slot.cache_pages));
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  return v1::AttentionNode::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  args.SetMaxReceiveMessageSize(limit);
+  args.SetMaxSendMessageSize(limit);
+  return v1::AttentionNode::NewStub(
+      grpc::CreateCustomChannel(slot.grpc_address, grpc::InsecureChannelCredentials(), args));
 }
 
 }  // namespace
@@ -64,7 +73,7 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
       return absl::FailedPreconditionError(absl::StrCat(slots[i].name, " uses pages of ", slots[i].page_size,
                                                         " tokens, the scheduler ", b.page_size));
     }
-    loop->nodes_.push_back(NodeStub(slots[i].grpc_address));
+    loop->nodes_.push_back(NodeStub(slots[i], config, b.max_batch_tokens));
     loop->node_slots_.push_back(slots[i]);
   }
   loop->node_bias_version_.assign(loop->nodes_.size(), 0);
@@ -361,7 +370,9 @@ void ServingLoop::SyncMembership() {
       }
     }
     if (!was_up && slot.serving) {
-      if (slot.grpc_address != node_slots_[i].grpc_address) nodes_[i] = NodeStub(slot.grpc_address);
+      if (slot.grpc_address != node_slots_[i].grpc_address || slot.cache_pages != node_slots_[i].cache_pages) {
+        nodes_[i] = NodeStub(slot, config_, options_.batching.max_batch_tokens);
+      }
       node_slots_[i] = slot;
       FreeLeftovers(i);  // a process that was only cut off may still hold sequences
       node_bias_version_[i] = -1;

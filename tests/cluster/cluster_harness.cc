@@ -88,6 +88,7 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
     if (c->args_[0][i] == "--port") c->args_[0][i + 1] = std::to_string(port);
     if (c->args_[0][i] == "--control-port") c->args_[0][i + 1] = std::to_string(control);
   }
+  c->client_port_ = port;
   const std::string scheduler = absl::StrCat("127.0.0.1:", control);
   for (int i = 0; i < o.attention_nodes; ++i) {
     const std::string pf = absl::StrCat(c->dir_, "/attention-", i, ".json");

@@ -36,7 +36,9 @@ class Cluster {
   static absl::StatusOr<std::unique_ptr<Cluster>> Start(const ClusterOptions& options);
   ~Cluster();  // SIGTERM, then SIGKILL after a grace period; reaps all
 
+  // A plaintext client of the client API (see client_port() for others).
   v1::Generation::Stub& client() { return *client_; }
+  int client_port() const { return client_port_; }
   v1::Coordinator::Stub& coordinator() { return *coordinator_; }
   pid_t scheduler_pid() const { return pids_.empty() ? -1 : pids_[0]; }
   // Waits for the scheduler to exit; returns its exit code (-1 on timeout or signal).
@@ -78,6 +80,7 @@ class Cluster {
   std::vector<std::vector<std::string>> args_;
   std::vector<std::string> port_files_;
   int attention_nodes_ = 0;
+  int client_port_ = 0;
   std::string dir_;
   std::string client_address_;
   std::unique_ptr<v1::Generation::Stub> client_;
