@@ -2,6 +2,7 @@
 // expert nodes) as child processes of this command, until SIGINT/SIGTERM.
 // Flags and output: docs/cli.md.
 #include <grpcpp/client_context.h>
+#include <sys/eventfd.h>
 #include <sys/inotify.h>
 #include <unistd.h>
 
@@ -14,9 +15,11 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_format.h"
 #include "cli/child_processes.h"
 #include "cli/commands.h"
@@ -36,8 +39,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 constexpr absl::Duration kProgressEvery = absl::Seconds(5);
-constexpr absl::Duration kHealthPollEvery = absl::Milliseconds(200);
-constexpr absl::Duration kHealthCallTimeout = absl::Seconds(1);
 // Stop stages: the scheduler drains first, while the nodes still run.
 constexpr int kSchedulerStage = 0;
 constexpr int kNodeStage = 1;
@@ -382,40 +383,95 @@ class Launcher {
     return n;
   }
 
-  // Polls the scheduler's health until SERVING (every node registered and
-  // ready); false on a stop request. Asked on the control port, where the
-  // scheduler mirrors the client API's status (which may need TLS).
+  // Watches the scheduler's health until SERVING (every node registered and
+  // ready), on a thread that wakes this one through an eventfd; false on a
+  // stop request. Asked on the control port, where the scheduler mirrors the
+  // client API's status (which may need TLS).
   absl::StatusOr<bool> WaitServing(const SchedulerPorts& ports) {
     const std::string address = absl::StrCat(connect_host_, ":", ports.control_port);
-    std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
     const int64_t nodes = opts_.attention_nodes + opts_.expert_nodes;
     DMOE_LOG(kInfo, "up") << "waiting for " << nodes << " nodes to register and the scheduler to turn SERVING";
-    const absl::Time start = absl::Now();
-    absl::Time next_progress = start + kProgressEvery;
-    std::string last_state;
-    while (true) {
+    const int woken = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (woken < 0) return absl::InternalError(absl::StrCat("eventfd: ", std::strerror(errno)));
+    struct Watch {
+      absl::Mutex mu;
+      std::string state ABSL_GUARDED_BY(mu) = "nothing yet";
+      bool serving ABSL_GUARDED_BY(mu) = false;
+      bool ended ABSL_GUARDED_BY(mu) = false;
+      bool ended_by_deadline ABSL_GUARDED_BY(mu) = false;
+      std::string error ABSL_GUARDED_BY(mu);
       grpc::ClientContext context;
-      context.set_deadline(absl::ToChronoTime(absl::Now() + kHealthCallTimeout));
+    } watch;
+    watch.context.set_wait_for_ready(true);
+    watch.context.set_deadline(absl::ToChronoTime(deadline_));
+    std::thread watcher([&] {
+      std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
       grpc::health::v1::HealthCheckRequest request;
       request.set_service(v1::Generation::service_full_name());
+      auto reader = health->Watch(&watch.context, request);
       grpc::health::v1::HealthCheckResponse response;
-      const grpc::Status status = health->Check(&context, request, &response);
-      if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) return true;
-      last_state = status.ok()
-                       ? grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
-                       : absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())),
-                                      ": ", status.error_message());
+      while (reader->Read(&response)) {
+        absl::MutexLock lock(&watch.mu);
+        watch.state = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+        if (response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+          watch.serving = true;
+          break;
+        }
+      }
+      watch.context.TryCancel();
+      const grpc::Status status = reader->Finish();
+      {
+        absl::MutexLock lock(&watch.mu);
+        watch.ended_by_deadline = status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+        watch.error = absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())), ": ",
+                                   status.error_message());
+        watch.ended = true;
+      }
+      const uint64_t one = 1;
+      (void)!::write(woken, &one, sizeof one);
+    });
+    struct Stop {
+      grpc::ClientContext& context;
+      std::thread& watcher;
+      int fd;
+      ~Stop() {
+        context.TryCancel();
+        watcher.join();
+        ::close(fd);
+      }
+    } stop{watch.context, watcher, woken};
+    const absl::Time start = absl::Now();
+    absl::Time next_progress = start + kProgressEvery;
+    while (true) {
+      std::string state, error;
+      bool ended, by_deadline;
+      {
+        absl::MutexLock lock(&watch.mu);
+        if (watch.serving) return true;
+        state = watch.state;
+        ended = watch.ended;
+        by_deadline = watch.ended_by_deadline;
+        error = watch.error;
+      }
       if (children_.stop_requested()) return false;
       DMOE_RETURN_IF_ERROR(ChildrenStatus());
       const absl::Time now = absl::Now();
-      const std::string state = absl::StrCat(NodesListening(), " of ", nodes, " nodes listening, health ", last_state);
-      if (now >= deadline_) return PastDeadline(state);
+      const std::string progress = absl::StrCat(NodesListening(), " of ", nodes, " nodes listening, health ", state);
+      if (now >= deadline_ || (ended && by_deadline)) return PastDeadline(progress);
+      if (ended) {
+        // The stream broke while the scheduler runs (or just exited: reap it first).
+        children_.Wait(absl::ZeroDuration());
+        DMOE_RETURN_IF_ERROR(ChildrenStatus());
+        return absl::UnavailableError(absl::StrCat("the scheduler's health watch ended (", error, "); stopped it"));
+      }
       if (now >= next_progress) {
         DMOE_LOG(kInfo, "up") << "waiting for the cluster to be ready ("
-                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << "): " << state;
+                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << "): " << progress;
         next_progress += kProgressEvery;
       }
-      children_.Wait(std::min(kHealthPollEvery, deadline_ - now));
+      // Wakes on the watch's answer, a signal or a child's exit; the
+      // timeout is only for the progress line and the deadline.
+      children_.Wait(std::min(next_progress, deadline_) - now, woken);
     }
   }
 

@@ -118,9 +118,12 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   // with the error.
   static GenerateCall* Begin(std::shared_ptr<GenerateCall> call, ServingLoop* loop, Request request) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
-    raw->loop_ = loop;
-    raw->id_ = request.id;
+    {
+      absl::MutexLock lock(&raw->mu_);  // before the loop or gRPC can call back
+      raw->self_ = call;
+      raw->loop_ = loop;
+      raw->id_ = request.id;
+    }
     if (absl::Status st = loop->Submit(std::move(request), call); !st.ok()) {
       metrics::Scheduler().RequestRejected(absl::StatusCodeToString(st.code()));
       raw->FinishWith(ToGrpcStatus(st));
@@ -132,7 +135,10 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
 
   static GenerateCall* Refuse(std::shared_ptr<GenerateCall> call, const grpc::Status& status) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
+    {
+      absl::MutexLock lock(&raw->mu_);
+      raw->self_ = call;
+    }
     metrics::Scheduler().RequestRejected(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())));
     raw->FinishWith(status);
     return raw;
@@ -241,9 +247,9 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   const std::string request_id_;
   const int prompt_tokens_;
   const bool want_logprobs_;
-  ServingLoop* loop_ = nullptr;
-  RequestId id_ = 0;
   absl::Mutex mu_;
+  ServingLoop* loop_ ABSL_GUARDED_BY(mu_) = nullptr;
+  RequestId id_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<GenerateCall> self_ ABSL_GUARDED_BY(mu_);
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
