@@ -21,6 +21,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/cpu/cpu_backend.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
@@ -52,7 +53,14 @@ bool SameParams(const SamplingParams& a, const SamplingParams& b) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::shared_ptr<const ModelWeights> weights,
-                                                                           RemoteExperts& experts,
+                                                                           ExpertBackend& experts,
+                                                                           const AttentionServiceOptions& options) {
+  if (weights == nullptr) return absl::InvalidArgumentError("attention service needs weights");
+  return Create(std::make_shared<CpuBackend>(std::move(weights)), experts, options);
+}
+
+absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::shared_ptr<ComputeBackend> backend,
+                                                                           ExpertBackend& experts,
                                                                            const AttentionServiceOptions& options) {
   if (options.ping_pong_min_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -60,14 +68,13 @@ absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::
   }
   DMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<Engine> engine,
-      Engine::Create(std::move(weights), EngineOptions{MlaForm::kAuto, options.ping_pong_min_tokens}));
-  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache,
-                        LatentCache::Create(engine->CacheOptions(options.cache_pages, options.page_size)));
+      Engine::Create(std::move(backend), EngineOptions{MlaForm::kAuto, options.ping_pong_min_tokens}));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, engine->CreateCache(options.cache_pages, options.page_size));
   return std::unique_ptr<AttentionService>(new AttentionService(std::move(engine), std::move(cache), experts));
 }
 
 AttentionService::AttentionService(std::unique_ptr<Engine> engine, std::unique_ptr<LatentCache> cache,
-                                   RemoteExperts& experts)
+                                   ExpertBackend& experts)
     : engine_(std::move(engine)), cache_(std::move(cache)), experts_(experts) {}
 
 absl::StatusOr<v1::StepResult> AttentionService::RunStep(const v1::StepRequest& request) {

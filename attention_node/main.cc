@@ -12,6 +12,7 @@
 #include "scheduler/cluster_join.h"
 #include "attention_node/remote_experts.h"
 #include "cli/flags.h"
+#include "core/backends.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
@@ -23,13 +24,18 @@ namespace {
 constexpr char kUsage[] =
     "usage: dmoe-attention-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
     "                           [--cache-pages 512] [--page-size 64] [--ping-pong-min-tokens 32]\n"
-    "                           [--port-file FILE]\n";
+    "                           [--port-file FILE] [--device cpu|cuda] [--load-format auto|dummy]\n"
+    "                           [--gpu-memory-fraction F (cuda: size the cache by memory, default 0.9)]\n"
+    "                           [--experts remote|local (local: every routed expert in this process, on its\n"
+    "                            device, for a cluster of no expert nodes)]\n";
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(cli::Flags flags, cli::Flags::Parse(args,
                                                             {"model", "scheduler", "host", "port", "cache-pages",
-                                                             "page-size", "ping-pong-min-tokens", "port-file"},
+                                                             "page-size", "ping-pong-min-tokens", "port-file",
+                                                             "device", "load-format", "gpu-memory-fraction",
+                                                             "experts"},
                                                             {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -43,6 +49,35 @@ absl::Status Run(const std::vector<std::string>& args) {
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
   if (options.cache_pages <= 0 || options.page_size <= 0) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
+  }
+  DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
+                                                                            flags.Get("load-format").value_or("auto")));
+  DMOE_ASSIGN_OR_RETURN(const double memory_fraction, flags.GetDouble("gpu-memory-fraction", 0.9));
+  if (flags.Has("gpu-memory-fraction") && backend_options.device != Device::kCuda) {
+    return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
+  }
+  if (!(memory_fraction > 0 && memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpu-memory-fraction ", memory_fraction, " outside (0, 1]"));
+  }
+  const std::string experts_where = flags.Get("experts").value_or("remote");
+  if (experts_where != "remote" && experts_where != "local") {
+    return absl::InvalidArgumentError(absl::StrCat("--experts '", experts_where, "' must be remote or local"));
+  }
+  const bool local_experts = experts_where == "local";
+  // The weights first: on a GPU the cache takes the memory they leave, and
+  // its page count goes into the registration.
+  const absl::Time load_start = absl::Now();
+  DMOE_ASSIGN_OR_RETURN(
+      std::shared_ptr<ComputeBackend> backend,
+      LoadComputeBackend(model, local_experts ? WeightSelection::All() : WeightSelection::NonExpertOnly(),
+                         backend_options));
+  const ModelWeights* weights = &backend->weights();
+  DMOE_LOG(kInfo, kLog) << "loaded the " << (local_experts ? "whole model" : "non-expert weights") << " on "
+                        << backend->name() << " in " << absl::ToDoubleSeconds(absl::Now() - load_start) << " s";
+  if (backend_options.device == Device::kCuda && !flags.Has("cache-pages")) {
+    DMOE_ASSIGN_OR_RETURN(options.cache_pages, backend->CachePagesForMemoryFraction(memory_fraction, options.page_size));
+    DMOE_LOG(kInfo, kLog) << "latent cache: " << options.cache_pages << " pages of " << options.page_size
+                          << " tokens in " << memory_fraction << " of the GPU memory";
   }
 
   AttentionNodeGrpcService grpc_service;
@@ -62,21 +97,24 @@ absl::Status Run(const std::vector<std::string>& args) {
   }));
   DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id;
 
-  const absl::Time load_start = absl::Now();
-  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights,
-                        ModelWeights::Load(model, WeightSelection::NonExpertOnly()));
-  DMOE_LOG(kInfo, kLog) << "loaded " << weights->total_bytes << " bytes of non-expert weights in "
-                        << absl::ToDoubleSeconds(absl::Now() - load_start) << " s";
-
   DMOE_ASSIGN_OR_RETURN(v1::GetClusterResponse cluster,
                         coordinator.WaitForCluster(absl::Minutes(2), node::WaitForStopSignal));
-  DMOE_ASSIGN_OR_RETURN(node::ExpertNodes experts,
-                        node::ExpertNodesFromCluster(cluster, weights->config.n_routed_experts));
-  DMOE_ASSIGN_OR_RETURN(const int connected, node::ConnectPeers(*reg.transport, cluster, v1::NODE_KIND_EXPERT));
-  DMOE_LOG(kInfo, kLog) << "connected to " << connected << " expert nodes";
-
-  RemoteExperts remote(*reg.transport, experts.placement, experts.node_ids, weights->config.hidden_size);
-  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionService> service, AttentionService::Create(weights, remote, options));
+  // Routed experts: on the expert nodes over the transport, or here on the
+  // backend's own buffers (one process, no host round trip on a GPU).
+  std::unique_ptr<ExpertBackend> experts;
+  if (local_experts) {
+    experts = std::make_unique<BackendExperts>(*backend);
+    DMOE_LOG(kInfo, kLog) << "routed experts run in this process on " << backend->name();
+  } else {
+    DMOE_ASSIGN_OR_RETURN(node::ExpertNodes nodes,
+                          node::ExpertNodesFromCluster(cluster, weights->config.n_routed_experts));
+    DMOE_ASSIGN_OR_RETURN(const int connected, node::ConnectPeers(*reg.transport, cluster, v1::NODE_KIND_EXPERT));
+    DMOE_LOG(kInfo, kLog) << "connected to " << connected << " expert nodes";
+    experts = std::make_unique<RemoteExperts>(*reg.transport, nodes.placement, nodes.node_ids,
+                                              weights->config.hidden_size);
+  }
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionService> service,
+                        AttentionService::Create(backend, *experts, options));
   grpc_service.SetService(service.get());
   node::SetServing(*server.server, true);
   // Ready only once every peer is connected and the service is up: the

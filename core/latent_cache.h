@@ -33,6 +33,9 @@ struct LatentCacheOptions {
   int64_t qk_rope_head_dim = 0;   // dr
   int64_t page_size = 64;         // tokens per page
   int64_t num_pages = 0;          // pool size
+  // false: no host pool; the entries live in storage a compute backend
+  // attaches (a device pool), and Entry() may not be called.
+  bool host_pool = true;
 };
 
 using SequenceId = int64_t;
@@ -75,6 +78,17 @@ class LatentCache {
   // The sequence's pages in position order (empty for an unknown sequence).
   const std::vector<int64_t>& BlockTable(SequenceId seq) const;
 
+  bool has_host_pool() const { return options_.host_pool; }
+  // Entry storage owned by a compute backend (e.g. a GPU pool laid out by
+  // page index), kept alive with the cache; `owner` identifies the backend
+  // that may read it.
+  void AttachStorage(std::shared_ptr<void> storage, const void* owner) {
+    storage_ = std::move(storage);
+    storage_owner_ = owner;
+  }
+  void* storage() const { return storage_.get(); }
+  const void* storage_owner() const { return storage_owner_; }
+
  private:
   explicit LatentCache(const LatentCacheOptions& options);
   struct Sequence {
@@ -86,6 +100,8 @@ class LatentCache {
   std::vector<float> pool_;  // [num_pages][num_layers][page_size][entry_width]
   std::vector<int64_t> free_pages_;
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
+  std::shared_ptr<void> storage_;
+  const void* storage_owner_ = nullptr;
 };
 
 }  // namespace dmoe

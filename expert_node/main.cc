@@ -15,6 +15,7 @@
 #include "scheduler/cluster_join.h"
 #include "cli/flags.h"
 #include "core/config.h"
+#include "core/backends.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
@@ -27,13 +28,15 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
-    "                        [--report-interval-ms 200] [--port-file FILE]\n";
+    "                        [--report-interval-ms 200] [--port-file FILE] [--device cpu|cuda]\n"
+    "                        [--load-format auto|dummy]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       cli::Flags flags,
-      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file"}, {}));
+      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "device",
+                                   "load-format"}, {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -42,6 +45,8 @@ absl::Status Run(const std::vector<std::string>& args) {
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
   if (report_ms <= 0)
     return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
+  DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
+                                                                            flags.Get("load-format").value_or("auto")));
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
@@ -62,11 +67,12 @@ absl::Status Run(const std::vector<std::string>& args) {
 
   const absl::Time load_start = absl::Now();
   DMOE_ASSIGN_OR_RETURN(WeightSelection selection, ShardSelection(config, reg.expert_shard));
-  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights, ModelWeights::Load(model, selection));
+  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<ComputeBackend> backend, LoadComputeBackend(model, selection, backend_options));
+  const ModelWeights* weights = &backend->weights();
   int64_t moe_layers = 0;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers += config.is_moe_layer(l) ? 1 : 0;
   DMOE_LOG(kInfo, kLog) << "loaded " << reg.expert_shard.size() << " experts x " << moe_layers << " layers, "
-                        << weights->total_bytes << " bytes in " << absl::ToDoubleSeconds(absl::Now() - load_start)
+                        << weights->total_bytes << " bytes on " << backend->name() << " in " << absl::ToDoubleSeconds(absl::Now() - load_start)
                         << " s";
 
   DMOE_ASSIGN_OR_RETURN(v1::GetClusterResponse cluster,
@@ -74,7 +80,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(const int connected, node::ConnectPeers(*reg.transport, cluster, v1::NODE_KIND_ATTENTION));
   DMOE_LOG(kInfo, kLog) << "connected to " << connected << " attention nodes";
 
-  ExpertWorker worker(*weights, *reg.transport);
+  ExpertWorker worker(backend, *reg.transport);
   std::thread worker_thread([&worker] { worker.Run(); });
   node::SetServing(*server.server, true);
   // Ready only once every peer is connected and the service is up: the

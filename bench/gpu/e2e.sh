@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# End-to-end GPU benchmark (issue 8, item 7), for the device machine in the
+# same call as bench/gpu/run_all.sh (which builds build-gpu first):
+#   1. `dmoe up --device cuda --load-format dummy` on DeepSeek-V2-Lite's real
+#      dimensions (27 layers, random weights generated on the GPU; one
+#      process: attention and experts), then `dmoe bench` with prompt 512,
+#      256 output tokens, concurrency 1, 16, 64, 256: output tok/s, TTFT and
+#      ITL p50/p99;
+#   2. HF transformers DeepseekV2ForCausalLM with random weights of the same
+#      shapes (bf16, eager), model.generate at batch 1, 16, 64: output tok/s;
+#   3. the bandwidth roofline per batch: device-to-device copy bandwidth
+#      measured here, over the bytes a decode step must read (non-expert
+#      weights, the routed experts B tokens touch, the latent cache at the
+#      mean context).
+# Every step logs its failure and the script goes on. Results: JSON lines in
+# $OUT/e2e.jsonl and a table in $OUT/e2e.md (also copied to bench/results/).
+#   bash bench/gpu/e2e.sh [build dir, default build-gpu]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+build="${1:-build-gpu}"
+bin="$build/bin"
+out="${OUT:-/tmp/out}"
+mkdir -p "$out" bench/results
+jsonl="$out/e2e.jsonl"
+log="$out/e2e.log"
+: > "$jsonl"
+: > "$log"
+prompt_len="${E2E_PROMPT_LEN:-512}"
+max_tokens="${E2E_MAX_TOKENS:-256}"
+concurrencies="${E2E_CONCURRENCY:-1 16 64 256}"
+hf_batches="${E2E_HF_BATCHES:-1 16 64}"
+hf_new_tokens="${E2E_HF_NEW_TOKENS:-$max_tokens}"
+hf_timeout="${E2E_HF_TIMEOUT_S:-420}"
+up_timeout="${E2E_UP_TIMEOUT_S:-600}"
+python="${PYTHON:-python3}"
+export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
+
+note() { echo "[e2e $(date +%T)] $*" | tee -a "$log" >&2; }
+fail() { note "FAILED: $*"; echo "{\"failed\": \"$*\"}" >> "$jsonl"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/e2e_gpu.txt" 2>&1 \
+  || fail "nvidia-smi"
+gpu_name=$(head -1 "$out/e2e_gpu.txt" 2>/dev/null | cut -d, -f1)
+
+model="$(mktemp -d /tmp/dmoe-e2e-v2lite-XXXXXX)"
+if ! "$bin/dmoe" make-model --preset v2-lite-shape --config-only --out "$model" >> "$log" 2>&1; then
+  fail "make-model --config-only"
+fi
+
+# --- 1. dmoe on the GPU -------------------------------------------------------
+run_dmoe() {
+  local up_out="$out/e2e_up.out" up_err="$out/e2e_up.err" port="" pid
+  "$bin/dmoe" up --model "$model" --device cuda --load-format dummy --port 0 --timeout "$up_timeout" \
+    > "$up_out" 2> "$up_err" &
+  pid=$!
+  for _ in $(seq 1 $((up_timeout * 10))); do
+    port=$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$up_out" | head -1)
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$port" ]; then
+    fail "dmoe up --device cuda did not come up (tail of its log follows)"
+    tail -20 "$up_err" | tee -a "$log" >&2
+    kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    return 1
+  fi
+  note "dmoe up serving on port $port ($(grep -c . "$up_err") log lines)"
+  # Warm-up (first-use allocations, cuBLAS heuristics); not reported.
+  "$bin/dmoe" bench --server "127.0.0.1:$port" --concurrency 4 --requests 4 --prompt-len "$prompt_len" \
+    --max-tokens 16 --json >> "$log" 2>&1 || fail "warm-up bench"
+  for c in $concurrencies; do
+    local requests=$(( c < 4 ? 4 : c )) result
+    note "dmoe bench: concurrency $c, $requests requests, prompt $prompt_len, $max_tokens out"
+    if result=$(timeout 900 "$bin/dmoe" bench --server "127.0.0.1:$port" --concurrency "$c" --requests "$requests" \
+        --prompt-len "$prompt_len" --max-tokens "$max_tokens" --json 2>> "$log"); then
+      echo "{\"system\": \"dmoe\", \"gpu\": \"$gpu_name\", \"concurrency\": $c, \"bench\": $result}" >> "$jsonl"
+    else
+      fail "dmoe bench concurrency $c (output: ${result:-none})"
+    fi
+  done
+  grep -o 'step phases.*' "$up_err" | tail -1 >> "$log"
+  kill -TERM "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
+  cp "$up_err" "$out/e2e_up.err.txt" 2>/dev/null
+}
+run_dmoe || note "dmoe part incomplete"
+
+# --- 2 + 3. HF transformers baseline and the roofline (python) ---------------
+cat > "$out/e2e_hf.py" <<'PY'
+import json, math, os, sys, time
+import torch
+
+out_path, model_dir, prompt_len, new_tokens, batches, gpu = sys.argv[1:7]
+prompt_len, new_tokens = int(prompt_len), int(new_tokens)
+batches = [int(b) for b in batches.split()]
+cfg_json = json.load(open(os.path.join(model_dir, "config.json")))
+
+def emit(obj):
+    with open(out_path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+    print(json.dumps(obj), flush=True)
+
+# Copy bandwidth: read + write of a 2 GiB device buffer, best of 10.
+try:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda"); b = torch.empty_like(a)
+    b.copy_(a); torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(10):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+        best = max(best, 2 * a.numel() * 2 / (s.elapsed_time(e) / 1e3) / 1e9)
+    del a, b
+    torch.cuda.empty_cache()
+    emit({"system": "copy", "gpu": gpu, "copy_GBps": best})
+except Exception as ex:  # noqa
+    best = float("nan")
+    emit({"failed": f"copy bandwidth: {ex!r}"})
+
+# Roofline: bytes a decode step reads at batch B (bf16 weights, bf16 latent cache).
+c = cfg_json
+D, V, L, H = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"], c["num_attention_heads"]
+dn, dr, dv, r = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+E, k, Ie, S = c["n_routed_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["n_shared_experts"]
+I, dense = c["intermediate_size"], c["first_k_dense_replace"]
+q = H * (dn + dr) * (c["q_lora_rank"] or D) + ((c["q_lora_rank"] or 0) * D)
+attn = q + (r + dr) * D + H * (dn + dv) * r + D * H * dv
+nonexp = L * attn + dense * 3 * I * D + (L - dense) * (3 * S * Ie * D + E * D) + V * D
+expert = 3 * Ie * D
+for B in sorted(set(batches + [1, 16, 64, 256])):
+    touched = E * (1 - (1 - k / E) ** B)  # expected distinct experts per layer, uniform routing
+    ctx = prompt_len + new_tokens / 2
+    step_bytes = 2 * (nonexp + (L - dense) * touched * expert) + B * ctx * L * (r + dr) * 2
+    emit({"system": "roofline", "gpu": gpu, "batch": B, "step_GB": step_bytes / 1e9, "copy_GBps": best,
+          "roofline_output_tokens_per_s": B * best * 1e9 / step_bytes if best == best else None})
+
+# HF transformers: DeepseekV2ForCausalLM, random weights of the same shapes.
+try:
+    import transformers
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    cfg = DeepseekV2Config(**{kk: vv for kk, vv in cfg_json.items() if kk not in ("architectures",)})
+    cfg.torch_dtype = torch.bfloat16
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 (float32 first would need twice the memory)
+    t0 = time.time()
+    with torch.device("cuda"):
+        model = DeepseekV2ForCausalLM(cfg).eval()
+    emit({"system": "hf", "event": "loaded", "transformers": transformers.__version__, "torch": torch.__version__,
+          "init_s": time.time() - t0, "params": sum(p.numel() for p in model.parameters())})
+except Exception as ex:  # noqa
+    emit({"failed": f"HF model: {ex!r}"})
+    sys.exit(0)
+for B in batches:
+    try:
+        ids = torch.randint(2, cfg.vocab_size, (B, prompt_len), device="cuda")
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            model.generate(ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=4, min_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            t0 = time.time()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        gen = (out.shape[1] - prompt_len) * B
+        emit({"system": "hf", "gpu": gpu, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+              "seconds": dt, "output_tokens_per_s": gen / dt})
+    except Exception as ex:  # noqa
+        emit({"failed": f"HF batch {B}: {ex!r}"})
+    torch.cuda.empty_cache()
+PY
+note "HF baseline and roofline (batches $hf_batches, $hf_new_tokens new tokens, timeout ${hf_timeout}s)"
+timeout "$hf_timeout" "$python" "$out/e2e_hf.py" "$jsonl" "$model" "$prompt_len" "$hf_new_tokens" "$hf_batches" \
+  "$gpu_name" >> "$log" 2>&1 || fail "HF/roofline script (exit $?; see e2e.log)"
+
+# --- summary ------------------------------------------------------------------
+"$python" - "$jsonl" > "$out/e2e.md" 2>> "$log" <<'PY' || fail "summary"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+dm = {r["concurrency"]: r["bench"] for r in rows if r.get("system") == "dmoe"}
+hf = {r["batch"]: r for r in rows if r.get("system") == "hf" and "batch" in r}
+roof = {r["batch"]: r for r in rows if r.get("system") == "roofline"}
+copy = [r for r in rows if r.get("system") == "copy"]
+print("# dmoe end to end on one GPU (V2-Lite dims, dummy weights, prompt 512, 256 out)\n")
+if copy: print(f"copy bandwidth {copy[0]['copy_GBps']:.0f} GB/s on {copy[0]['gpu']}\n")
+print("| concurrency | dmoe out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | HF out tok/s | x HF | roofline tok/s | % roofline |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+f = lambda v, s=1: "-" if v is None else f"{v*s:.1f}"
+for c in sorted(set(dm) | set(hf) | set(roof)):
+    b = dm.get(c, {}); t = b.get("output_tokens_per_s"); h = hf.get(c, {}).get("output_tokens_per_s")
+    rf = roof.get(c, {}).get("roofline_output_tokens_per_s")
+    print(f"| {c} | {f(t)} | {f(b.get('ttft_s',{}).get('p50'),1e3)} | {f(b.get('ttft_s',{}).get('p99'),1e3)} | "
+          f"{f(b.get('itl_s',{}).get('p50'),1e3)} | {f(b.get('itl_s',{}).get('p99'),1e3)} | {f(h)} | "
+          f"{f(t/h if t and h else None)} | {f(rf)} | {f(100*t/rf if t and rf else None)} |")
+fails = [r["failed"] for r in rows if "failed" in r]
+if fails: print("\nfailures:\n" + "\n".join(f"- {x}" for x in fails))
+PY
+cat "$out/e2e.md" >&2
+cp "$jsonl" "$out/e2e.md" bench/results/ 2>/dev/null || true
+mv bench/results/e2e.jsonl bench/results/gpu_e2e.jsonl 2>/dev/null; mv bench/results/e2e.md bench/results/gpu_e2e.md 2>/dev/null
+rm -rf "$model"
+exit 0
