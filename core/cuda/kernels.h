@@ -34,6 +34,46 @@ using Stream = void*;  // cudaStream_t
 enum class OutType { kF32, kBF16 };
 
 // ---------------------------------------------------------------------------
+// Device memory and streams (device 0 of the calling thread's current device).
+
+// Number of CUDA devices; UNAVAILABLE (naming the CUDA error) when there is no
+// driver or no device.
+absl::StatusOr<int> DeviceCount();
+
+// An owned device allocation (cudaMalloc), freed on destruction. Movable.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  // RESOURCE_EXHAUSTED when the device is out of memory.
+  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+  void* data() const { return ptr_; }
+  size_t size() const { return bytes_; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Copies and fills, ordered on `stream` (host memory is pageable: the host
+// side may be reused once the call returns for host-to-device copies; a
+// device-to-host copy is complete only after StreamSynchronize).
+absl::Status CopyToDevice(void* dst, const void* src, size_t bytes, Stream stream);
+absl::Status CopyToHost(void* dst, const void* src, size_t bytes, Stream stream);
+absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes, Stream stream);
+absl::Status FillBytes(void* dst, int byte, size_t bytes, Stream stream);
+absl::Status StreamSynchronize(Stream stream);
+// Creates / destroys a non-blocking stream.
+absl::StatusOr<Stream> CreateStream();
+void DestroyStream(Stream stream);
+
+// ---------------------------------------------------------------------------
 // Conversions.
 
 // out[i] = bf16(in[i]) (round to nearest even), n values.
@@ -244,7 +284,7 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p, Stream stream);
 // with B_g = b + g * b_group_stride, [n, k]. Empty groups are fine.
 enum class GroupedGemmImpl {
   kOwn,     // dmoe's tensor-core kernel; reads offsets on the device (graph-capturable)
-  kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups; needs host_offsets
+  kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups (else a cublasGemmEx loop); needs host_offsets
 };
 struct GroupedGemmParams {
   const uint16_t* a = nullptr;          // [offsets[G], k] bf16
@@ -260,6 +300,9 @@ struct GroupedGemmParams {
   BlasHandle* blas = nullptr;           // kCublas only
 };
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
+// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or
+// "cublasGemmEx loop" once the former refused the types (it is then looped).
+const char* CublasGroupedPath(const BlasHandle& blas);
 
 // Routed experts of one MoE layer (MODEL_SPEC.md 3.6/3.8) for n tokens:
 //   out[t] = sum_j topk_weights[t][j] * MLP_{topk_idx[t][j]}(x[t])
