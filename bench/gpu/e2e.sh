@@ -57,6 +57,19 @@ if [ ! -x "$bin/dmoe-attention-node" ] || [ ! -x "$bin/dmoe-scheduler" ] || [ ! 
   cmake --build "$build" -j"$(nproc)" --target dmoe dmoe-scheduler dmoe-attention-node dmoe-expert-node \
     >> "$log" 2>&1 || fail "build of the serving binaries"
 fi
+# The engine's GPU test (golden logits and greedy on the device, GPU vs CPU
+# decode across pages, dummy weights at V2-Lite dims), unless run_all.sh
+# ran it already (E2E_RUN_ENGINE_TEST=0).
+if [ "${E2E_RUN_ENGINE_TEST:-1}" = 1 ] && [ "$(left)" -gt 300 ]; then
+  cmake --build "$build" -j"$(nproc)" --target cuda_engine_test >> "$log" 2>&1 || fail "build of cuda_engine_test"
+  if [ -x "$bin/cuda_engine_test" ]; then
+    (cd tests && timeout 240 "../$bin/cuda_engine_test" --gtest_brief=1) > "$work/engine_test.txt" 2>&1
+    rc=$?
+    grep -E '^\[cuda|^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|error' "$work/engine_test.txt" | head -40 >> "$log"
+    if [ $rc = 0 ]; then note "cuda_engine_test: ok"; else fail "cuda_engine_test rc=$rc"; fi
+    cp "$work/engine_test.txt" "$work/engine_test.log"
+  fi
+fi
 model="$work/v2-lite-dummy"
 if ! "$bin/dmoe" make-model --preset v2-lite-shape --config-only --out "$model" >> "$log" 2>&1; then
   fail "make-model --config-only"
@@ -255,8 +268,14 @@ PY
   echo '```'
   echo "## log (tail)"
   echo '```'
-  tail -80 "$log"
+  tail -120 "$log"
   echo '```'
+  if [ -f "$work/engine_test.log" ]; then
+    echo "## cuda_engine_test"
+    echo '```'
+    tail -60 "$work/engine_test.log"
+    echo '```'
+  fi
 } > "$out/e2e.md"
 cp "$out/e2e.md" bench/results/gpu_e2e.md 2>/dev/null || true
 head -20 "$out/e2e.md" >&2

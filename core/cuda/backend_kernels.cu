@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace dmoe::cuda {
@@ -93,7 +95,86 @@ __global__ void FillRandomKernel(void* dst, OutType type, int64_t n, int64_t fir
   }
 }
 
+constexpr int kMlaThreads = 128;
+constexpr int64_t kMlaMaxContext = 8192;
+
+// Block-wide reduction of one float per thread (sum or max); every thread
+// gets the result.
+template <bool kMax>
+__device__ float BlockReduce(float v, float* scratch /* [32] */) {
+  for (int o = 16; o > 0; o /= 2) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();  // scratch may still be read by a previous call
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) r = kMax ? fmaxf(r, scratch[w]) : r + scratch[w];
+  return r;
+}
+
+__global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
+  extern __shared__ float smem[];
+  __shared__ float scratch[32];
+  const int64_t r = p.shape.kv_lora_rank, dr = p.shape.rope_dim, width = r + dr, ps = p.shape.page_size;
+  float* q = smem;           // [width]
+  float* s = smem + width;   // [context]
+  const int64_t row = blockIdx.x;  // query * H + head
+  const int64_t qi = row / p.num_heads;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
+    q[i] = i < r ? Bf16(p.q_lat[row * r + i]) : Bf16(p.q_pe[row * dr + i - r]);
+  }
+  __syncthreads();
+  const int32_t pos = p.query_pos[qi];
+  const int64_t ctx = pos < 0 ? 0 : int64_t{pos} + 1;
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j < ctx; j += blockDim.x) {
+    const uint16_t* e = p.cache + (int64_t{bt[j / ps]} * ps + j % ps) * width;
+    float d = 0.f;
+    for (int64_t i = 0; i < width; ++i) d += q[i] * Bf16(e[i]);
+    s[j] = d * p.scale;
+    local_max = fmaxf(local_max, s[j]);
+  }
+  const float m = BlockReduce<true>(local_max, scratch);
+  float local_sum = 0.f;
+  for (int64_t j = threadIdx.x; j < ctx; j += blockDim.x) {
+    s[j] = expf(s[j] - m);
+    local_sum += s[j];
+  }
+  const float l = BlockReduce<false>(local_sum, scratch);  // its barriers also publish s
+  const float inv = l > 0.f ? 1.0f / l : 0.f;
+  for (int64_t i = threadIdx.x; i < r; i += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < ctx; ++j) acc += s[j] * Bf16(p.cache[(int64_t{bt[j / ps]} * ps + j % ps) * width + i]);
+    p.out[row * r + i] = acc * inv;
+  }
+}
+
 }  // namespace
+
+absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream) {
+  if (p.shape.kv_lora_rank <= 0 || p.shape.rope_dim < 0 || p.shape.page_size <= 0 || p.num_heads <= 0 ||
+      p.max_pages_per_seq <= 0) {
+    return absl::InvalidArgumentError("MlaAttentionAnyDims: shape");
+  }
+  if (p.max_context_len > kMlaMaxContext) {
+    return absl::InvalidArgumentError(absl::StrCat("MlaAttentionAnyDims: context ", p.max_context_len, " > ",
+                                                   kMlaMaxContext, " (kv_lora_rank 512 / rope 64 take the tuned kernel)"));
+  }
+  if (p.num_queries <= 0) return absl::OkStatus();
+  const size_t smem = static_cast<size_t>(p.shape.entry_width() + std::max<int64_t>(p.max_context_len, 1)) * sizeof(float);
+  if (smem > 48 * 1024) {
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(MlaAnyDimsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+    if (attr != cudaSuccess) {
+      return absl::InternalError(absl::StrCat("cudaFuncSetAttribute(MlaAnyDimsKernel): ", cudaGetErrorString(attr)));
+    }
+  }
+  MlaAnyDimsKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kMlaThreads, smem, S(stream)>>>(p);
+  return Launched("MlaAnyDimsKernel");
+}
 
 absl::Status EmbedRows(const uint16_t* table, const int32_t* ids, int64_t n, int64_t d, float* out, Stream stream) {
   if (n * d == 0) return absl::OkStatus();

@@ -41,6 +41,14 @@ absl::Status StridedCopy(const StridedCopyParams& p, Stream stream);
 absl::Status TransposeUk(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r, uint16_t* out,
                          Stream stream);
 
+// MLA absorbed attention (kernels.h's MlaAttention, the same function and
+// parameters) for any kv_lora_rank and rope_dim: kernels.h's tuned and
+// reference kernels take V2/V3's 512 / 64 only, and tiny test models
+// (tiny-v3: 32 / 8) need this one. One block per (query, head), scores of
+// the whole context in shared memory (max_context_len <= 8192), float32.
+// Ignores num_splits / workspace / lse.
+absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream);
+
 // n random values, exactly RandomTensorValues' (core/synthetic_checkpoint.h)
 // for the tensor whose RandomTensorKey is `key`, starting at element
 // `first` of that tensor: center + half_width * (2u - 1), stored as float32

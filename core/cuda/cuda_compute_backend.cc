@@ -137,40 +137,43 @@ class WeightSource {
 class HostSource : public WeightSource {
  public:
   explicit HostSource(cudaStream_t stream) : stream_(stream) {}
+  // Every copy is ordered on the backend's stream (the kernels that follow
+  // run there) and waited for before returning: the host bytes are the
+  // caller's, the temporaries this function's.
   absl::Status Matrix(const std::string& name, const dmoe::Matrix* host, int64_t rows, int64_t cols, void* dst,
                       OutType type) override {
     if (host == nullptr || host->empty() || host->rows != rows || host->cols != cols) {
       return absl::InternalError(absl::StrCat("cuda: ", name, ": host weight missing or not [", rows, ", ", cols, "]"));
     }
     const int64_t n = rows * cols;
+    const size_t bytes = static_cast<size_t>(host->bytes());
     const bool same = (host->dtype == DType::kBF16 && type == OutType::kBF16) ||
                       (host->dtype == DType::kF32 && type == OutType::kF32);
     if (same) {
-      DMOE_CUDA_CALL(cudaMemcpy(dst, host->data, static_cast<size_t>(host->bytes()), cudaMemcpyHostToDevice));
+      DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host->data, bytes, cudaMemcpyHostToDevice, stream_));
+      DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
       return absl::OkStatus();
     }
     void* tmp = nullptr;
-    DMOE_CUDA_CALL(cudaMalloc(&tmp, static_cast<size_t>(host->bytes())));
-    struct Free {
-      void* p;
-      ~Free() { (void)cudaFree(p); }
-    } free_tmp{tmp};
-    DMOE_CUDA_CALL(cudaMemcpy(tmp, host->data, static_cast<size_t>(host->bytes()), cudaMemcpyHostToDevice));
-    if (host->dtype == DType::kF32) {
-      DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(static_cast<const float*>(tmp), n, static_cast<uint16_t*>(dst),
-                                            AsStream(stream_)));
-    } else {
-      DMOE_RETURN_IF_ERROR(ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), n, static_cast<float*>(dst),
-                                            AsStream(stream_)));
+    DMOE_CUDA_CALL(cudaMallocAsync(&tmp, bytes, stream_));
+    absl::Status st = CudaCall(cudaMemcpyAsync(tmp, host->data, bytes, cudaMemcpyHostToDevice, stream_),
+                               "cudaMemcpyAsync(weight)");
+    if (st.ok() && host->dtype == DType::kF32) {
+      st = ConvertF32ToBf16(static_cast<const float*>(tmp), n, static_cast<uint16_t*>(dst), AsStream(stream_));
+    } else if (st.ok()) {
+      st = ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), n, static_cast<float*>(dst), AsStream(stream_));
     }
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
+    (void)cudaFreeAsync(tmp, stream_);
+    if (st.ok()) st = CudaCall(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return st;
   }
   absl::Status Vector(const std::string& name, const std::vector<float>* host, int64_t n, float* dst) override {
     if (host == nullptr || static_cast<int64_t>(host->size()) != n) {
       return absl::InternalError(absl::StrCat("cuda: ", name, ": host vector missing or not [", n, "]"));
     }
-    DMOE_CUDA_CALL(cudaMemcpy(dst, host->data(), static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice));
+    DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host->data(), static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice,
+                                   stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
 
@@ -193,18 +196,18 @@ class DummySource : public WeightSource {
     if (type == OutType::kBF16) {
       return FillRandom(dst, OutType::kBF16, rows * cols, 0, key, spec->center, spec->half_width, AsStream(stream_));
     }
+    // A bf16 draw widened to float32, as the CPU loader reads a bf16 router.
     void* tmp = nullptr;
-    DMOE_CUDA_CALL(cudaMalloc(&tmp, static_cast<size_t>(rows * cols) * 2));
-    struct Free {
-      void* p;
-      ~Free() { (void)cudaFree(p); }
-    } free_tmp{tmp};
-    DMOE_RETURN_IF_ERROR(
-        FillRandom(tmp, OutType::kBF16, rows * cols, 0, key, spec->center, spec->half_width, AsStream(stream_)));
-    DMOE_RETURN_IF_ERROR(ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), rows * cols, static_cast<float*>(dst),
-                                          AsStream(stream_)));
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
+    DMOE_CUDA_CALL(cudaMallocAsync(&tmp, static_cast<size_t>(rows * cols) * 2, stream_));
+    absl::Status st =
+        FillRandom(tmp, OutType::kBF16, rows * cols, 0, key, spec->center, spec->half_width, AsStream(stream_));
+    if (st.ok()) {
+      st = ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), rows * cols, static_cast<float*>(dst),
+                            AsStream(stream_));
+    }
+    (void)cudaFreeAsync(tmp, stream_);
+    if (st.ok()) st = CudaCall(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return st;
   }
   absl::Status Vector(const std::string& name, const std::vector<float>*, int64_t n, float* dst) override {
     DMOE_ASSIGN_OR_RETURN(const RandomTensorSpec* spec, Find(name, n));
@@ -259,6 +262,7 @@ class CudaAttentionPlan : public AttentionPlan {
   const int32_t* slot = nullptr;      // [n]
   const int32_t* query_seq = nullptr; // [n]
   const int32_t* block_tables = nullptr;  // [num_seqs, max_pages]
+  const int32_t* head_offsets = nullptr;  // [H + 1]: h * n, the per-head row groups of the absorbed projections
   int64_t max_pages = 0;
   int64_t max_context = 0;
 
@@ -326,6 +330,10 @@ class CudaBackend : public ComputeBackend {
   absl::StatusOr<std::unique_ptr<LatentCache>> CreateCache(const LatentCacheOptions& options) override {
     LatentCacheOptions o = options;
     o.host_pool = false;
+    if (o.page_size % 32 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda: page size ", o.page_size, " must be a multiple of 32 (the MLA kernels' tile)"));
+    }
     DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, LatentCache::Create(o));
     DMOE_RETURN_IF_ERROR(SetDevice());
     auto pool = std::make_shared<DevicePool>();
@@ -339,9 +347,10 @@ class CudaBackend : public ComputeBackend {
       return absl::ResourceExhaustedError(absl::StrCat("cuda: latent cache of ", o.num_pages, " pages (",
                                                        bytes >> 20, " MiB): cudaMalloc: ", cudaGetErrorString(err)));
     }
-    // NaN everywhere (bf16 0xFFFF), as the host pool: a read of an entry
-    // nobody wrote poisons the output instead of attending to zeros.
-    DMOE_CUDA_CALL(cudaMemsetAsync(pool->base, 0xFF, bytes, stream_));
+    // Zeros, not the host pool's NaN poison: the tiled kernels load whole
+    // 32-token tiles and mask the positions past a query, and a masked NaN
+    // would still reach the output through 0 * NaN.
+    DMOE_CUDA_CALL(cudaMemsetAsync(pool->base, 0, bytes, stream_));
     DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     DMOE_LOG(kInfo, kLog) << "latent cache: " << o.num_pages << " pages x " << o.page_size << " tokens x "
                           << o.num_layers << " layers, " << (bytes >> 20) << " MiB of GPU memory";
@@ -413,12 +422,16 @@ class CudaBackend : public ComputeBackend {
       max_context = std::max(max_context, s.start_pos + s.num_tokens);
     }
     const int64_t num_seqs = static_cast<int64_t>(sequences.size());
-    // One array: pos [n], slot [n], query_seq [n], block tables [num_seqs * max_pages].
-    std::vector<int32_t> host(3 * n + num_seqs * max_pages, -1);
+    const int64_t H = config().num_attention_heads;
+    // One array: pos [n], slot [n], query_seq [n], block tables
+    // [num_seqs * max_pages], head offsets [H + 1].
+    const int64_t tables_at = 3 * n, offsets_at = tables_at + num_seqs * max_pages;
+    std::vector<int32_t> host(offsets_at + H + 1, -1);
+    for (int64_t h = 0; h <= H; ++h) host[offsets_at + h] = static_cast<int32_t>(h * n);
     for (int64_t si = 0; si < num_seqs; ++si) {
       const MlaSequence& s = sequences[si];
       const std::vector<int64_t>& table = cache.BlockTable(s.seq);
-      for (size_t p = 0; p < table.size(); ++p) host[3 * n + si * max_pages + p] = static_cast<int32_t>(table[p]);
+      for (size_t p = 0; p < table.size(); ++p) host[tables_at + si * max_pages + p] = static_cast<int32_t>(table[p]);
       for (int64_t i = 0; i < s.num_tokens; ++i) {
         const int64_t row = s.row_begin + i, pos = s.start_pos + i;
         host[row] = static_cast<int32_t>(pos);
@@ -435,7 +448,8 @@ class CudaBackend : public ComputeBackend {
     plan->pos = plan->device_;
     plan->slot = plan->device_ + n;
     plan->query_seq = plan->device_ + 2 * n;
-    plan->block_tables = plan->device_ + 3 * n;
+    plan->block_tables = plan->device_ + tables_at;
+    plan->head_offsets = plan->device_ + offsets_at;
     plan->max_pages = max_pages;
     plan->max_context = max_context;
     return std::unique_ptr<AttentionPlan>(std::move(plan));
@@ -521,37 +535,16 @@ class CudaBackend : public ComputeBackend {
     wp.n = n;
     DMOE_RETURN_IF_ERROR(LatentCacheWrite(wp, S()));
 
-    // Absorbed queries: q_lat[t][h] = W_UK[h]^T q_nope[t][h], q_pe[t][h].
-    DMOE_ASSIGN_OR_RETURN(uint16_t* qb, scratch.Get<uint16_t>(n * H * dq));
-    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(q, n * H * dq, qb, S()));
+    // Absorbed queries: q_lat[t][h] = W_UK[h]^T q_nope[t][h], one grouped
+    // GEMM over head-major rows (group h: rows h*n .. h*n + n - 1), and q_pe.
+    DMOE_ASSIGN_OR_RETURN(uint16_t* q_nope, scratch.Get<uint16_t>(H * n * dn));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, H * dq, q_nope, OutType::kBF16, n * dn, dn, H, n, dn), S()));
+    DMOE_ASSIGN_OR_RETURN(float* q_lat_hm, scratch.Get<float>(H * n * r));
+    DMOE_RETURN_IF_ERROR(PerHead(q_nope, dl.w_uk_t.p, r * dn, q_lat_hm, r, dn, n, plan));
     DMOE_ASSIGN_OR_RETURN(uint16_t* q_lat, scratch.Get<uint16_t>(n * H * r));
-    for (int64_t hh = 0; hh < H; ++hh) {
-      GemmParams g;
-      g.a = qb + hh * dq;
-      g.lda = H * dq;
-      g.b = dl.w_uk_t.p + hh * r * dn;
-      g.ldb = dn;
-      g.c = q_lat + hh * r;
-      g.ldc = H * r;
-      g.c_type = OutType::kBF16;
-      g.m = n;
-      g.n = r;
-      g.k = dn;
-      DMOE_RETURN_IF_ERROR(Gemm(*blas_, g, S()));
-    }
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q_lat_hm, r, n * r, q_lat, OutType::kBF16, H * r, r, n, H, r), S()));
     DMOE_ASSIGN_OR_RETURN(uint16_t* q_pe, scratch.Get<uint16_t>(n * H * dr));
-    StridedCopyParams sc;
-    sc.src = q + dn;
-    sc.src_a = H * dq;
-    sc.src_b = dq;
-    sc.dst = q_pe;
-    sc.dst_type = OutType::kBF16;
-    sc.dst_a = H * dr;
-    sc.dst_b = dr;
-    sc.na = n;
-    sc.nb = H;
-    sc.nc = dr;
-    DMOE_RETURN_IF_ERROR(StridedCopy(sc, S()));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, H * dq, dq, q_pe, OutType::kBF16, H * dr, dr, n, H, dr), S()));
 
     DMOE_ASSIGN_OR_RETURN(float* u, scratch.Get<float>(n * H * r));
     MlaAttentionParams mp;
@@ -575,29 +568,19 @@ class CudaBackend : public ComputeBackend {
       DMOE_ASSIGN_OR_RETURN(mp.workspace, scratch.Bytes(mp.workspace_bytes));
       DMOE_RETURN_IF_ERROR(MlaAttention(mp, S()));
     } else {
-      // The tuned kernel covers V2/V3's dims only; other shapes (tiny test
-      // models) take the reference kernel, the same function.
-      DMOE_RETURN_IF_ERROR(MlaAttentionReference(mp, S()));
+      // kernels.h's kernels take V2/V3's dims only; other shapes (tiny test
+      // models) take the generic kernel, the same function.
+      DMOE_RETURN_IF_ERROR(MlaAttentionAnyDims(mp, S()));
     }
 
-    // o[t][h] = W_UV[h] u[t][h], then o_proj.
-    DMOE_ASSIGN_OR_RETURN(uint16_t* ub, scratch.Get<uint16_t>(n * H * r));
-    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(u, n * H * r, ub, S()));
+    // o[t][h] = W_UV[h] u[t][h] (grouped by head, W_UV[h] = rows dn.. of
+    // head h's kv_b block), then o_proj over o [n, H*dv].
+    DMOE_ASSIGN_OR_RETURN(uint16_t* u_hm, scratch.Get<uint16_t>(H * n * r));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(u, r, H * r, u_hm, OutType::kBF16, n * r, r, H, n, r), S()));
+    DMOE_ASSIGN_OR_RETURN(float* o_hm, scratch.Get<float>(H * n * dv));
+    DMOE_RETURN_IF_ERROR(PerHead(u_hm, dl.kv_b.p + dn * r, (dn + dv) * r, o_hm, dv, r, n, plan));
     DMOE_ASSIGN_OR_RETURN(uint16_t* ob, scratch.Get<uint16_t>(n * H * dv));
-    for (int64_t hh = 0; hh < H; ++hh) {
-      GemmParams g;
-      g.a = ub + hh * r;
-      g.lda = H * r;
-      g.b = dl.kv_b.p + (hh * (dn + dv) + dn) * r;
-      g.ldb = r;
-      g.c = ob + hh * dv;
-      g.ldc = H * dv;
-      g.c_type = OutType::kBF16;
-      g.m = n;
-      g.n = dv;
-      g.k = r;
-      DMOE_RETURN_IF_ERROR(Gemm(*blas_, g, S()));
-    }
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(o_hm, dv, n * dv, ob, OutType::kBF16, H * dv, dv, n, H, dv), S()));
     return Linear(ob, n, dl.o_proj, out, OutType::kF32);
   }
 
@@ -761,7 +744,9 @@ class CudaBackend : public ComputeBackend {
     DMOE_CUBLAS_CALL(cublasSetMathMode(sgemm_, CUBLAS_PEDANTIC_MATH));
     const std::vector<float>& inv = rope_.inv_freq();
     DMOE_ASSIGN_OR_RETURN(inv_freq_, arena_.Alloc<float>(static_cast<int64_t>(inv.size())));
-    DMOE_CUDA_CALL(cudaMemcpy(inv_freq_, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice));
+    DMOE_CUDA_CALL(
+        cudaMemcpyAsync(inv_freq_, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
 
@@ -772,6 +757,43 @@ class CudaBackend : public ComputeBackend {
                                      stream_));
     }
     return dev;
+  }
+
+  // dst[a][b][c] = src[a][b][c] with the given strides (a < na, b < nb, c < nc).
+  static StridedCopyParams Permute(const float* src, int64_t src_a, int64_t src_b, void* dst, OutType type,
+                                   int64_t dst_a, int64_t dst_b, int64_t na, int64_t nb, int64_t nc) {
+    StridedCopyParams p;
+    p.src = src;
+    p.src_a = src_a;
+    p.src_b = src_b;
+    p.dst = dst;
+    p.dst_type = type;
+    p.dst_a = dst_a;
+    p.dst_b = dst_b;
+    p.na = na;
+    p.nb = nb;
+    p.nc = nc;
+    return p;
+  }
+
+  // The absorbed per-head products as one grouped GEMM: for head h, rows
+  // h*n .. h*n + n - 1 of out [H*n, n_out] (float32) = those rows of a
+  // [H*n, k] (bf16) · (b + h * b_stride)^T, a [n_out, k] block per head.
+  absl::Status PerHead(const uint16_t* a, const uint16_t* b, int64_t b_stride, float* out, int64_t n_out, int64_t k,
+                       int64_t n, const CudaAttentionPlan& plan) {
+    GroupedGemmParams g;
+    g.a = a;
+    g.b = b;
+    g.b_group_stride = b_stride;
+    g.c = out;
+    g.c_type = OutType::kF32;
+    g.num_groups = config().num_attention_heads;
+    g.n = n_out;
+    g.k = k;
+    g.offsets = plan.head_offsets;
+    g.max_rows = config().num_attention_heads * n;
+    g.impl = GroupedGemmImpl::kOwn;
+    return GroupedGemm(g, S());
   }
 
   // out[n, w.rows] = a[n, w.cols] · w^T (a bf16).
