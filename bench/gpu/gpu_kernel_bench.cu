@@ -142,11 +142,13 @@ double CopyBandwidth(Out& out) {
   return gbs;
 }
 
-void MlaDecode(Out& out, double copy_gbs, bool quick) {
-  constexpr int64_t H = 128, R = 512, DR = 64, W = R + DR, PAGE = 64;
-  const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 16, 64, 128};
-  const std::vector<int64_t> contexts = quick ? std::vector<int64_t>{1024, 16384} : std::vector<int64_t>{1024, 4096, 16384};
-  const int64_t max_tokens = 128 * 16384;
+void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, int64_t H, std::vector<int64_t> batches,
+               std::vector<int64_t> contexts) {
+  constexpr int64_t R = 512, DR = 64, W = R + DR, PAGE = 64;
+  int64_t max_tokens = 0, max_b = 0;
+  for (int64_t b : batches)
+    for (int64_t c : contexts) max_tokens = std::max(max_tokens, b * ((c + 63) / 64 * 64));
+  for (int64_t b : batches) max_b = std::max(max_b, b);
   const int64_t pool_pages = max_tokens / PAGE + 64;
   LatentCacheShape shape;
   shape.kv_lora_rank = R;
@@ -155,7 +157,6 @@ void MlaDecode(Out& out, double copy_gbs, bool quick) {
   shape.num_pages = pool_pages;
   uint16_t* cache = static_cast<uint16_t*>(Alloc(shape.layer_elements() * 2));
   RandomBf16(cache, shape.layer_elements(), 2);
-  const int64_t max_b = 128;
   uint16_t* q_lat = static_cast<uint16_t*>(Alloc(max_b * H * R * 2));
   uint16_t* q_pe = static_cast<uint16_t*>(Alloc(max_b * H * DR * 2));
   RandomBf16(q_lat, max_b * H * R, 3);
@@ -168,12 +169,12 @@ void MlaDecode(Out& out, double copy_gbs, bool quick) {
   int32_t* d_qpos = static_cast<int32_t*>(Alloc(max_b * 4));
   CK(cudaMemcpy(d_qseq, qseq.data(), max_b * 4, cudaMemcpyHostToDevice));
   std::mt19937 rng(5);
-  out.json += "  \"mla_decode\": [\n";
-  out.md += "## MLA absorbed decode (H=128, kv_lora 512, rope 64, bf16 latent pages of 64)\n\n"
+  out.json += std::string("  \"") + key + "\": [\n";
+  out.md += std::string("## ") + title + "\n\n"
             "Bytes = latent cache read (B x ctx x 1152) + q (bf16) + out (fp32) + LSE. "
             "% copy = GB/s over the copy bandwidth above.\n\n"
             "| batch | context | splits | time (us) | GB/s | % copy | TFLOP/s |\n|---|---|---|---|---|---|---|\n";
-  std::printf("\nMLA decode  B  ctx  splits  us  GB/s  %%copy  TFLOP/s\n");
+  std::printf("\n%s\nMLA decode  B  ctx  splits  us  GB/s  %%copy  TFLOP/s\n", title);
   bool first = true;
   for (int64_t B : batches) {
     for (int64_t ctx : contexts) {
@@ -425,7 +426,11 @@ int main(int argc, char** argv) {
             " SMs, L2 " + std::to_string(prop.l2CacheSize >> 20) + " MiB. Times: median of 5 batches of back-to-back "
             "calls (CUDA events around each batch), after 3 warm-up calls.\n\n";
   const double copy = dmoe::cuda::CopyBandwidth(out);
-  dmoe::cuda::MlaDecode(out, copy, quick);
+  using V = std::vector<int64_t>;
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode", "MLA absorbed decode, DeepSeek-V3 attention (H=128, kv_lora 512, rope 64, bf16 latent pages of 64)",
+                        128, quick ? V{1, 64} : V{1, 16, 64, 128}, quick ? V{1024, 16384} : V{1024, 4096, 16384});
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite", "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16, kv_lora 512, rope 64)",
+                        16, V{1, 16, 64, 256}, V{768, 4096});
   dmoe::cuda::GroupedGemms(out, quick);
   out.json += "}\n";
   dmoe::cuda::WriteFiles(out, false);

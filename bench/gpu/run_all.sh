@@ -68,7 +68,7 @@ if stage build 200; then
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DDMOE_BUILD_BENCH=OFF &&
       cmake --build build-gpu -j"$(nproc)" --target cuda_matmul_test cuda_kernels_test cuda_mla_test \
-        golden_test gpu_kernel_bench
+        ${RUN_GOLDEN:+golden_test} gpu_kernel_bench
   } > "$out/build.log" 2>&1 && built=1
   if [ "$built" = 1 ]; then
     note "- build: ok ($SECONDS s)"
@@ -83,7 +83,8 @@ bin=build-gpu/bin
 tests="cuda_matmul_test cuda_kernels_test cuda_mla_test"
 if [ "$built" = 1 ] && stage tests 60; then
   : > "$out/tests.log"
-  for t in $tests golden_test; do
+  # golden_test (CPU path) only with RUN_GOLDEN=1: it ran past 240 s on the H200 machine (2026-12-03).
+  for t in $tests ${RUN_GOLDEN:+golden_test}; do
     (cd tests && timeout 240 "../$bin/$t" --gtest_brief=1) >> "$out/tests.log" 2>&1
     rc=$?
     res=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/tests.log" | tail -3 | tr '\n' ' ')
@@ -115,7 +116,7 @@ if [ "$built" = 1 ] && command -v compute-sanitizer > /dev/null && stage sanitiz
     rc=$?
     [ $rc = 0 ] && note "- memcheck $t: clean" || note "- memcheck $t: rc=$rc (3 = errors found, 124 = timeout)"
   done
-  for spec in "cuda_mla_test:*HeadCounts*" "cuda_kernels_test:*GroupedGemm*:*Gate*"; do
+  for spec in "cuda_mla_test:*HeadCounts*" "cuda_kernels_test:*GroupedGemm*:*Gate*:*Moe*"; do
     t=${spec%%:*} filter=${spec#*:}
     [ "$(left)" -lt 40 ] && { note "- racecheck $t: SKIPPED (budget)"; continue; }
     (cd tests && timeout $(( $(left) - 30 < 150 ? $(left) - 30 : 150 )) compute-sanitizer --tool racecheck \

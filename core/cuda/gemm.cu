@@ -46,8 +46,13 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
   } while (0)
 
 // ---- dmoe's grouped GEMM kernel: C_g = A_g · B_g^T, mma.m16n8k16 bf16. ----
-constexpr int kBM = 64, kBN = 128, kBK = 32, kGStages = 3, kGThreads = 128;
-constexpr int kGStride = kBK + 8;  // bf16 per smem row (80 bytes: conflict-free ldmatrix)
+// BK = 64: each weight row contributes 128 contiguous bytes per stage (32
+// gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
+// decode shapes).
+constexpr int kBN = 128, kBK = 64, kGStages = 3, kGThreads = 128;
+constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
+template <int BM>
+constexpr size_t GemmSmemBytes() { return size_t{kGStages} * (BM + kBN) * kGStride * 2; }
 constexpr int kMaxGroups = 1024;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -71,10 +76,20 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
 
 // grid.x: n tiles; grid.y: an upper bound of the m tiles summed over groups.
 // Each block finds its (group, m tile) by a block-wide scan of the groups'
-// tile counts (offsets read on the device).
+// tile counts (offsets read on the device). BM = 64 rows per tile for
+// well-filled groups; BM = 16 when groups hold few rows each (decode: a few
+// tokens per expert), so the padding does not turn a weight-bandwidth-bound
+// product into a compute-bound one. Warps: BM 64 -> 2 x 2 warps of 32 x 64;
+// BM 16 -> 1 x 4 warps of 16 x 32.
+template <int BM>
 __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
-  __shared__ __align__(16) uint16_t as[kGStages][kBM * kGStride];
-  __shared__ __align__(16) uint16_t bs[kGStages][kBN * kGStride];
+  constexpr int MT = BM == 64 ? 2 : 1;          // m16 tiles per warp
+  constexpr int WARPS_M = BM / (16 * MT);       // 2 or 1
+  constexpr int WARPS_N = 4 / WARPS_M;          // 2 or 4
+  constexpr int NT = kBN / (8 * WARPS_N);       // n8 tiles per warp: 8 or 4
+  extern __shared__ __align__(16) unsigned char gsmem[];
+  uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);                      // [kGStages][BM * kGStride]
+  uint16_t* bs_base = as_base + kGStages * BM * kGStride;                       // [kGStages][kBN * kGStride]
   __shared__ int32_t warp_tot[kGThreads / 32];
   __shared__ int32_t found[2];  // group, first tile of the group
 
@@ -84,7 +99,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   const int per = (G + kGThreads - 1) / kGThreads;
   const int g0 = tid * per, g1 = min(G, g0 + per);
   int mine = 0;
-  for (int g = g0; g < g1; ++g) mine += (p.offsets[g + 1] - p.offsets[g] + kBM - 1) / kBM;
+  for (int g = g0; g < g1; ++g) mine += (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
   int incl = mine;  // inclusive scan within the warp
   for (int o = 1; o < 32; o *= 2) {
     const int v = __shfl_up_sync(0xffffffffu, incl, o);
@@ -98,7 +113,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   int start = base + incl - mine;  // exclusive prefix: first tile of group g0
   const int tile = blockIdx.y;
   for (int g = g0; g < g1; ++g) {
-    const int t = (p.offsets[g + 1] - p.offsets[g] + kBM - 1) / kBM;
+    const int t = (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
     if (tile >= start && tile < start + t) {
       found[0] = g;
       found[1] = start;
@@ -108,7 +123,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   __syncthreads();
   const int group = found[0];
   if (group < 0) return;  // past the last tile
-  const int64_t row0 = p.offsets[group] + int64_t{tile - found[1]} * kBM;
+  const int64_t row0 = p.offsets[group] + int64_t{tile - found[1]} * BM;
   const int64_t row_end = p.offsets[group + 1];
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t K = p.k, N = p.n;
@@ -116,17 +131,19 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   const uint16_t* B = p.b + group * (p.b_group_stride != 0 ? p.b_group_stride : N * K);
 
   auto load = [&](int64_t k0, int stage) {
-    for (int c = tid; c < kBM * (kBK / 8); c += kGThreads) {
+    for (int c = tid; c < BM * (kBK / 8); c += kGThreads) {
       const int r = c / (kBK / 8), ch = c % (kBK / 8);
       const int64_t row = row0 + r, kk = k0 + ch * 8;
       const bool ok = row < row_end && kk < K;
-      CpAsync16(&as[stage][r * kGStride + ch * 8], ok ? A + row * K + kk : A, ok ? 16 : 0);
+      CpAsync16(as_base + (stage * BM + r) * kGStride + ch * 8, ok ? A + row * K + kk : A, ok ? 16 : 0);
     }
-    for (int c = tid; c < kBN * (kBK / 8); c += kGThreads) {
+#pragma unroll
+    for (int i = 0; i < kBN * (kBK / 8) / kGThreads; ++i) {
+      const int c = tid + i * kGThreads;
       const int r = c / (kBK / 8), ch = c % (kBK / 8);
       const int64_t col = col0 + r, kk = k0 + ch * 8;
       const bool ok = col < N && kk < K;
-      CpAsync16(&bs[stage][r * kGStride + ch * 8], ok ? B + col * K + kk : B, ok ? 16 : 0);
+      CpAsync16(bs_base + (stage * kBN + r) * kGStride + ch * 8, ok ? B + col * K + kk : B, ok ? 16 : 0);
     }
   };
   const int64_t ktiles = (K + kBK - 1) / kBK;
@@ -134,48 +151,56 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
     if (s < ktiles) load(s * kBK, s);
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  const int wm = warp % 2, wn = warp / 2;  // warp tile: rows wm*32.., cols wn*64..
-  float acc[2][8][4];
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  float acc[MT][NT][4];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
   const int mi = lane / 8, mr = lane % 8;
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kGStages - 2));
     __syncthreads();
     if (kt + kGStages - 1 < ktiles) load((kt + kGStages - 1) * kBK, static_cast<int>((kt + kGStages - 1) % kGStages));
     asm volatile("cp.async.commit_group;\n" ::);
-    const uint16_t* at = as[kt % kGStages];
-    const uint16_t* btile = bs[kt % kGStages];
+    const uint16_t* at = as_base + (kt % kGStages) * BM * kGStride;
+    const uint16_t* btile = bs_base + (kt % kGStages) * kBN * kGStride;
+    // Two k16 steps' fragments at a time, then their mma.
 #pragma unroll
-    for (int k16 = 0; k16 < kBK; k16 += 16) {
-      uint32_t af[2][4];
+    for (int k2 = 0; k2 < kBK / 16; k2 += 2) {
+      uint32_t af[2][MT][4], bf[2][NT / 2][4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) LdMatrixX4(af[i], at + (wm * 32 + i * 16 + (lane % 16)) * kGStride + k16 + (lane / 16) * 8);
+      for (int ks = 0; ks < 2; ++ks) {
 #pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        uint32_t bf[4];
-        LdMatrixX4(bf, btile + (wn * 64 + j * 8 + (mi / 2) * 8 + mr) * kGStride + k16 + (mi % 2) * 8);
+        for (int i = 0; i < MT; ++i)
+          LdMatrixX4(af[ks][i], at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + (k2 + ks) * 16 + (lane / 16) * 8);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          Mma16816(acc[i][j], af[i], bf[0], bf[1]);
-          Mma16816(acc[i][j + 1], af[i], bf[2], bf[3]);
-        }
+        for (int j = 0; j < NT / 2; ++j)
+          LdMatrixX4(bf[ks][j],
+                     btile + (wn * 8 * NT + j * 16 + (mi / 2) * 8 + mr) * kGStride + (k2 + ks) * 16 + (mi % 2) * 8);
       }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            Mma16816(acc[i][2 * j], af[ks][i], bf[ks][j][0], bf[ks][j][1]);
+            Mma16816(acc[i][2 * j + 1], af[ks][i], bf[ks][j][2], bf[ks][j][3]);
+          }
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
   const int g = lane / 4, q4 = lane % 4;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int64_t row = row0 + wm * 32 + i * 16 + g + hh * 8;
+      const int64_t row = row0 + wm * 16 * MT + i * 16 + g + hh * 8;
       if (row >= row_end) continue;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t col = col0 + wn * 64 + j * 8 + q4 * 2;
+      for (int j = 0; j < NT; ++j) {
+        const int64_t col = col0 + wn * 8 * NT + j * 8 + q4 * 2;
         if (col >= N) continue;  // N % 8 == 0: both columns in range
         const float v0 = acc[i][j][hh * 2], v1 = acc[i][j][hh * 2 + 1];
         if (p.c_type == OutType::kF32) {
@@ -418,10 +443,23 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.max_rows >= 0, "GroupedGemm: max_rows >= 0");
   if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
   if (p.max_rows == 0) return absl::OkStatus();
-  const int64_t tiles_y = CeilDiv(p.max_rows, kBM) + p.num_groups;
+  // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
+  // (16-row tiles over fuller groups would re-read each weight per tile).
+  const bool small = p.max_rows <= 8 * p.num_groups;
+  const int bm = small ? 16 : 64;
+  const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
-  GroupedGemmKernel<<<grid, kGThreads, 0, AsStream(stream)>>>(p);
+  static const cudaError_t attr16 = cudaFuncSetAttribute(GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<16>()));
+  static const cudaError_t attr64 = cudaFuncSetAttribute(GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<64>()));
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
+  if (small) {
+    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
+  } else {
+    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), AsStream(stream)>>>(p);
+  }
   return LaunchStatus("GroupedGemmKernel");
 }
 

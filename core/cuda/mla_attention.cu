@@ -119,19 +119,20 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionPa
     }
     CpAsync16(qs + row * kStride + chunk * 8, src, bytes);
   }
+  // A 32-token tile never straddles pages (page_size % 32 == 0): one block
+  // table lookup per tile, no per-chunk division.
   auto load_tile = [&](int64_t ti, int stage) {
     uint16_t* dst = ks + stage * kTile * kStride;
-    for (int c = tid; c < kTile * kChunksPerRow; c += kThreads) {
+    const int64_t pos0 = ti * kTile;
+    const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
+    const uint16_t* base = p.cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
+    const int valid_rows = ctx - pos0 < kTile ? static_cast<int>(ctx - pos0) : kTile;
+#pragma unroll
+    for (int i = 0; i < kTile * kChunksPerRow / kThreads; ++i) {
+      const int c = tid + i * kThreads;
       const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-      const int64_t pos = ti * kTile + row;
-      const uint16_t* src = p.cache;
-      int bytes = 0;
-      if (pos < ctx) {
-        const int64_t page = bt[pos / page_size];
-        src = p.cache + (page * page_size + pos % page_size) * kWidth + chunk * 8;
-        bytes = 16;
-      }
-      CpAsync16(dst + row * kStride + chunk * 8, src, bytes);
+      const bool ok = row < valid_rows;
+      CpAsync16(dst + row * kStride + chunk * 8, ok ? base + row * kWidth + chunk * 8 : p.cache, ok ? 16 : 0);
     }
   };
   for (int s = 0; s < kStages - 1; ++s) {
@@ -157,19 +158,33 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionPa
     CpAsyncCommit();
     const uint16_t* kt = ks + ((ti - t0) % kStages) * kTile * kStride;
 
-    // S = Q K^T for rows rb*16.., tokens half*16.. (2 n-tiles).
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // S = Q K^T for rows rb*16.., tokens half*16.. (2 n-tiles). Four
+    // accumulator chains (even / odd k-steps) and fragments loaded one step
+    // ahead keep the tensor cores fed despite mma and ldmatrix latency.
+    float s2[2][2][4] = {};
     const uint16_t* qa = qs + (rb * 16 + (lane % 16)) * kStride + (lane / 16) * 8;
     const int mi = lane / 8, mr = lane % 8;
     const uint16_t* kb = kt + (half * 16 + (mi / 2) * 8 + mr) * kStride + (mi % 2) * 8;
-#pragma unroll 4
-    for (int k0 = 0; k0 < kWidth; k0 += 16) {
-      uint32_t a[4], b[4];
-      LdMatrixX4(a, qa + k0);
-      LdMatrixX4(b, kb + k0);
-      Mma16816(s[0], a, b[0], b[1]);
-      Mma16816(s[1], a, b[2], b[3]);
+    {
+      uint32_t a[2][4], b[2][4];
+      LdMatrixX4(a[0], qa);
+      LdMatrixX4(b[0], kb);
+#pragma unroll
+      for (int ks = 0; ks < kWidth / 16; ++ks) {
+        const int cur = ks & 1;
+        if (ks + 1 < kWidth / 16) {
+          LdMatrixX4(a[cur ^ 1], qa + (ks + 1) * 16);
+          LdMatrixX4(b[cur ^ 1], kb + (ks + 1) * 16);
+        }
+        Mma16816(s2[cur][0], a[cur], b[cur][0], b[cur][1]);
+        Mma16816(s2[cur][1], a[cur], b[cur][2], b[cur][3]);
+      }
     }
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = s2[0][nt][e] + s2[1][nt][e];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -225,21 +240,29 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionPa
       o[j][2] *= alpha[1];
       o[j][3] *= alpha[1];
     }
-    // O += P V over dims half*256 .. +256 (32 n-tiles), tokens in 2 k-steps.
+    // O += P V over dims half*256 .. +256 (32 n-tiles), tokens in 2 k-steps;
+    // V fragments (ldmatrix.trans of the tile's c part) loaded one step ahead.
+    uint32_t pa[2][4];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
-      uint32_t a[4];
-      a[0] = PackBf16(pv[0][kk * 4 + 0], pv[0][kk * 4 + 1]);
-      a[1] = PackBf16(pv[1][kk * 4 + 0], pv[1][kk * 4 + 1]);
-      a[2] = PackBf16(pv[0][kk * 4 + 2], pv[0][kk * 4 + 3]);
-      a[3] = PackBf16(pv[1][kk * 4 + 2], pv[1][kk * 4 + 3]);
-      const uint16_t* vb = kt + (kk * 16 + (mi % 2) * 8 + mr) * kStride + half * 256 + (mi / 2) * 8;
+      pa[kk][0] = PackBf16(pv[0][kk * 4 + 0], pv[0][kk * 4 + 1]);
+      pa[kk][1] = PackBf16(pv[1][kk * 4 + 0], pv[1][kk * 4 + 1]);
+      pa[kk][2] = PackBf16(pv[0][kk * 4 + 2], pv[0][kk * 4 + 3]);
+      pa[kk][3] = PackBf16(pv[1][kk * 4 + 2], pv[1][kk * 4 + 3]);
+    }
+    const uint16_t* vb = kt + ((mi % 2) * 8 + mr) * kStride + half * 256 + (mi / 2) * 8;
+    {
+      uint32_t b[2][4];
+      LdMatrixX4Trans(b[0], vb);
 #pragma unroll
-      for (int j = 0; j < 32; j += 2) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, vb + j * 8);
-        Mma16816(o[j], a, b[0], b[1]);
-        Mma16816(o[j + 1], a, b[2], b[3]);
+      for (int step = 0; step < 32; ++step) {  // step = kk * 16 + j / 2
+        const int cur = step & 1, kk = step / 16, j = (step % 16) * 2;
+        if (step + 1 < 32) {
+          const int nk = (step + 1) / 16, nj = ((step + 1) % 16) * 2;
+          LdMatrixX4Trans(b[cur ^ 1], vb + nk * 16 * kStride + nj * 8);
+        }
+        Mma16816(o[j], pa[kk], b[cur][0], b[cur][1]);
+        Mma16816(o[j + 1], pa[kk], b[cur][2], b[cur][3]);
       }
     }
   }

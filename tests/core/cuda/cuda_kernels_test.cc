@@ -55,7 +55,8 @@ TEST_F(CudaElementwiseTest, RmsNormMatchesCpu) {
     p.out = out16.data();
     p.out_type = OutType::kBF16;
     ASSERT_TRUE(RmsNorm(p, nullptr).ok());
-    EXPECT_LT(RelL2(Download<float>(out, n * d), ref), 1e-6) << "d=" << d;
+    // float32 sums in another order over up to 7168 values: a few 1e-7.
+    EXPECT_LT(RelL2(Download<float>(out, n * d), ref), 3e-6) << "d=" << d;
     const auto got16 = Download<uint16_t>(out16, n * d);
     std::vector<float> got16f(n * d);
     for (int64_t i = 0; i < n * d; ++i) got16f[i] = Bf16ToFloat(got16[i]);
@@ -285,11 +286,18 @@ TEST_F(CudaGemmTest, DenseGemmMatchesFloat64) {
   }
 }
 
-TEST_F(CudaGemmTest, GroupedGemmUnevenAndEmptyGroupsBothImpls) {
+class CudaGroupedGemmTest : public CudaTest, public ::testing::WithParamInterface<std::vector<int32_t>> {};
+
+// Rows per group: well filled (64-row tiles) and decode-like (16-row tiles).
+INSTANTIATE_TEST_SUITE_P(RowCounts, CudaGroupedGemmTest,
+                         ::testing::Values(std::vector<int32_t>{0, 1, 17, 64, 65, 0, 130, 3, 200, 0},
+                                           std::vector<int32_t>{0, 1, 5, 16, 17, 0, 3, 2}));
+
+TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
   auto blas = BlasHandle::Create();
   ASSERT_TRUE(blas.ok()) << blas.status();
   std::mt19937 rng(22);
-  const std::vector<int32_t> counts = {0, 1, 17, 64, 65, 0, 130, 3, 200, 0};
+  const std::vector<int32_t> counts = GetParam();
   const int64_t G = counts.size(), n = 136, k = 264;  // n, k not tile multiples
   std::vector<int32_t> offsets(G + 1, 0);
   for (int64_t g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + counts[g];
@@ -315,7 +323,7 @@ TEST_F(CudaGemmTest, GroupedGemmUnevenAndEmptyGroupsBothImpls) {
       p.k = k;
       p.offsets = doff.as<int32_t>();
       p.host_offsets = offsets.data();
-      p.max_rows = rows + 37;  // an upper bound, not exact
+      p.max_rows = rows + 3;  // an upper bound, not exact
       p.impl = impl;
       p.blas = blas->get();
       ASSERT_TRUE(GroupedGemm(p, nullptr).ok());
