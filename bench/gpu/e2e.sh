@@ -38,6 +38,9 @@ hf_new_tokens="${E2E_HF_NEW_TOKENS:-$max_tokens}"
 hf_timeout="${E2E_HF_TIMEOUT_S:-420}"
 up_timeout="${E2E_UP_TIMEOUT_S:-600}"
 python="${PYTHON:-python3}"
+# Dry runs elsewhere: E2E_DEVICE=cpu E2E_PRESET=tiny E2E_PROMPT_LEN=16 E2E_MAX_TOKENS=8 ...
+device="${E2E_DEVICE:-cuda}"
+preset="${E2E_PRESET:-v2-lite-shape}"
 export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
 
 note() { echo "[e2e $(date +%T)] $*" | tee -a "$log" >&2; }
@@ -72,15 +75,16 @@ if [ "${E2E_RUN_ENGINE_TEST:-1}" = 1 ] && [ "$(left)" -gt 300 ]; then
   done
   grep -E '^\[cuda|^\[  (PASSED|FAILED|SKIPPED) |Failure|Expected|Which is|error' "$work/engine_test.log" | head -60 >> "$log"
 fi
-model="$work/v2-lite-dummy"
-if ! "$bin/dmoe" make-model --preset v2-lite-shape --config-only --out "$model" >> "$log" 2>&1; then
+model="$work/$preset-dummy"
+if ! "$bin/dmoe" make-model --preset "$preset" --config-only --out "$model" >> "$log" 2>&1; then
   fail "make-model --config-only"
 fi
 
 # --- 1. dmoe on the GPU -------------------------------------------------------
 run_dmoe() {
   local up_out="$work/up.out" up_err="$work/up.err" port="" pid
-  "$bin/dmoe" up --model "$model" --device cuda --load-format dummy --port 0 --timeout "$up_timeout" \
+  "$bin/dmoe" up --model "$model" --device "$device" --load-format dummy --expert-nodes 0 --port 0 \
+    --timeout "$up_timeout" \
     > "$up_out" 2> "$up_err" &
   pid=$!
   for _ in $(seq 1 $((up_timeout * 10))); do
@@ -90,7 +94,7 @@ run_dmoe() {
     sleep 0.1
   done
   if [ -z "$port" ]; then
-    fail "dmoe up --device cuda did not come up (tail of its log follows)"
+    fail "dmoe up --device $device did not come up (tail of its log follows)"
     tail -20 "$up_err" | tee -a "$log" >&2
     kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     return 1
@@ -106,7 +110,7 @@ run_dmoe() {
     note "dmoe bench: concurrency $c, $requests requests, prompt $prompt_len, $max_tokens out"
     if result=$(timeout $(( $(left) - 80 )) "$bin/dmoe" bench --server "127.0.0.1:$port" --concurrency "$c" --requests "$requests" \
         --prompt-len "$prompt_len" --max-tokens "$max_tokens" --json 2>> "$log"); then
-      echo "{\"system\": \"dmoe\", \"gpu\": \"$gpu_name\", \"concurrency\": $c, \"bench\": $result}" >> "$jsonl"
+      echo "{\"system\": \"dmoe\", \"device\": \"$device\", \"gpu\": \"$gpu_name\", \"concurrency\": $c, \"bench\": $result}" >> "$jsonl"
     else
       fail "dmoe bench concurrency $c (output: ${result:-none})"
     fi
@@ -239,7 +243,7 @@ fi
 
 # --- summary: the one file that comes back -------------------------------------
 {
-  "$python" - "$jsonl" <<'PY' || echo "(summary script failed)"
+  "$python" - "$jsonl" "$preset" "$device" "$prompt_len" "$max_tokens" <<'PY' || echo "(summary script failed)"
 import json, sys
 rows = []
 for line in open(sys.argv[1]):
@@ -251,7 +255,9 @@ dm = {r["concurrency"]: r["bench"] for r in rows if r.get("system") == "dmoe"}
 hf = {r["batch"]: r for r in rows if r.get("system") == "hf" and "batch" in r}
 roof = {r["batch"]: r for r in rows if r.get("system") == "roofline"}
 copy = [r for r in rows if r.get("system") == "copy"]
-print("# dmoe end to end on one GPU: V2-Lite dims (27 layers), dummy weights, prompt 512, 256 out\n")
+preset, device, plen, mt = sys.argv[2:6]
+print(f"# dmoe end to end: dmoe up --device {device} --load-format dummy, preset {preset} (all layers), "
+      f"prompt {plen}, {mt} out; HF transformers and the roofline beside it\n")
 if copy:
     print(f"copy bandwidth {copy[0]['copy_GBps']:.0f} GB/s (read + write) on {copy[0]['gpu']}\n")
 print("| concurrency | dmoe out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors | HF out tok/s | x HF | roofline tok/s | % of roofline |")
@@ -285,7 +291,7 @@ PY
     echo '```'
   fi
 } > "$out/e2e.md"
-cp "$out/e2e.md" bench/results/gpu_e2e.md 2>/dev/null || true
+[ "$device" = cuda ] && cp "$out/e2e.md" bench/results/gpu_e2e.md 2>/dev/null
 head -20 "$out/e2e.md" >&2
 rm -rf "$work"
 exit 0
