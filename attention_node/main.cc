@@ -64,6 +64,10 @@ absl::Status Run(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--experts '", experts_where, "' must be remote or local"));
   }
   const bool local_experts = experts_where == "local";
+  // Micro-batch ping-pong hides the expert exchange behind attention; with
+  // the experts in this process there is nothing to hide, only smaller
+  // batches: off unless asked for.
+  if (local_experts && !flags.Has("ping-pong-min-tokens")) options.ping_pong_min_tokens = 0;
   // The weights first: on a GPU the cache takes the memory they leave, and
   // its page count goes into the registration.
   const absl::Time load_start = absl::Now();
