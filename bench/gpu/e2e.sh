@@ -42,6 +42,9 @@ python="${PYTHON:-python3}"
 device="${E2E_DEVICE:-cuda}"
 preset="${E2E_PRESET:-v2-lite-shape}"
 export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
+# OpenBLAS where run_all.sh unpacks it, when this script runs on its own.
+ob=/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread
+[ -d "$ob" ] && export LD_LIBRARY_PATH="$ob:${LD_LIBRARY_PATH:-}"
 
 note() { echo "[e2e $(date +%T)] $*" | tee -a "$log" >&2; }
 fail() {
