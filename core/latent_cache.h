@@ -13,7 +13,9 @@
 // written poisons the attention output instead of silently using zeros
 // (pages freed and handed out again keep their previous owner's values).
 // Allocation is deterministic (LIFO free list; a fresh cache hands out pages
-// 0, 1, 2, ...).
+// 0, 1, 2, ...). A GPU compute backend creates the cache without a host pool
+// (host_pool = false) and attaches its device pool, laid out by the same
+// page indices; the block tables stay here.
 #ifndef DMOE_CORE_LATENT_CACHE_H_
 #define DMOE_CORE_LATENT_CACHE_H_
 
