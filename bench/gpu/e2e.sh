@@ -37,6 +37,10 @@ hf_batches="${E2E_HF_BATCHES:-1 16 64}"
 hf_new_tokens="${E2E_HF_NEW_TOKENS:-$max_tokens}"
 hf_timeout="${E2E_HF_TIMEOUT_S:-420}"
 up_timeout="${E2E_UP_TIMEOUT_S:-600}"
+# Tokens per scheduler step (the scheduler's default is 512): 2048 lets a
+# prefill step carry 4 prompts of 512, so the routed experts' weights are
+# read once per 4 prompts.
+max_batch_tokens="${E2E_MAX_BATCH_TOKENS:-2048}"
 python="${PYTHON:-python3}"
 # Dry runs elsewhere: E2E_DEVICE=cpu E2E_PRESET=tiny E2E_PROMPT_LEN=16 E2E_MAX_TOKENS=8 ...
 device="${E2E_DEVICE:-cuda}"
@@ -86,8 +90,9 @@ fi
 # --- 1. dmoe on the GPU -------------------------------------------------------
 run_dmoe() {
   local up_out="$work/up.out" up_err="$work/up.err" port="" pid
+  echo "{\"max_batch_tokens\": $max_batch_tokens}" > "$work/scheduler.json"
   "$bin/dmoe" up --model "$model" --device "$device" --load-format dummy --expert-nodes 0 --port 0 \
-    --timeout "$up_timeout" \
+    --config "$work/scheduler.json" --timeout "$up_timeout" \
     > "$up_out" 2> "$up_err" &
   pid=$!
   for _ in $(seq 1 $((up_timeout * 10))); do
@@ -246,7 +251,7 @@ fi
 
 # --- summary: the one file that comes back -------------------------------------
 {
-  "$python" - "$jsonl" "$preset" "$device" "$prompt_len" "$max_tokens" <<'PY' || echo "(summary script failed)"
+  "$python" - "$jsonl" "$preset" "$device" "$prompt_len" "$max_tokens" "$max_batch_tokens" <<'PY' || echo "(summary script failed)"
 import json, sys
 rows = []
 for line in open(sys.argv[1]):
@@ -258,9 +263,12 @@ dm = {r["concurrency"]: r["bench"] for r in rows if r.get("system") == "dmoe"}
 hf = {r["batch"]: r for r in rows if r.get("system") == "hf" and "batch" in r}
 roof = {r["batch"]: r for r in rows if r.get("system") == "roofline"}
 copy = [r for r in rows if r.get("system") == "copy"]
-preset, device, plen, mt = sys.argv[2:6]
+preset, device, plen, mt, mbt = sys.argv[2:7]
 print(f"# dmoe end to end: dmoe up --device {device} --load-format dummy, preset {preset} (all layers), "
       f"prompt {plen}, {mt} out; HF transformers and the roofline beside it\n")
+print(f"dmoe: one process (attention + experts), scheduler max_batch_tokens {mbt}, `dmoe bench` with "
+      "requests = max(concurrency, 4), ignore_eos. HF: DeepseekV2ForCausalLM, random bf16 weights, "
+      "model.generate at batch = concurrency, min_new_tokens = max_new_tokens.\n")
 if copy:
     print(f"copy bandwidth {copy[0]['copy_GBps']:.0f} GB/s (read + write) on {copy[0]['gpu']}\n")
 print("| concurrency | dmoe out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors | HF out tok/s | x HF | roofline tok/s | % of roofline |")
