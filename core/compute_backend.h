@@ -134,7 +134,11 @@ class ComputeBackend {
   // out[n, D] = the MoE layer's shared experts(h), zeros when it has none.
   virtual absl::Status SharedExperts(int64_t layer, const float* h, int64_t n, float* out) = 0;
   // host_logits[n, E] = W_router h, in float32 (the gate's input).
-  virtual absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits) = 0;
+  // `meanwhile` (optional) is called once the product is queued and before
+  // its result is waited for: device work it queues (the shared experts)
+  // runs while the logits travel back and the host runs the gate.
+  virtual absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
+                                    const std::function<absl::Status()>& meanwhile = nullptr) = 0;
   // Whether this backend holds routed expert `expert` of `layer`.
   virtual bool HasRoutedExpert(int64_t layer, int64_t expert) const = 0;
   // out[n, D] = sum over slots of w * MLP_expert(x), every expert run once

@@ -101,8 +101,20 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   }
   const MoeWeights& moe = weights().layers[l].moe;
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
+  if (mb.shared.empty()) {
+    DMOE_ASSIGN_OR_RETURN(mb.shared, be.Allocate(n * D));
+  }
+  // The shared experts run while the routed ones are in flight (on expert
+  // nodes, or on the CPU in Begin); on a device whose own buffers the
+  // experts read, they are queued behind the router instead, so the device
+  // computes them while the host waits for the logits and runs the gate.
+  const bool shared_first = be.memory() != MemorySpace::kHost && experts.takes_backend_buffers();
   std::vector<float> logits(n * E);
-  DMOE_RETURN_IF_ERROR(be.RouterLogits(l, h, n, logits.data()));  // float32 router
+  DMOE_RETURN_IF_ERROR(be.RouterLogits(l, h, n, logits.data(),  // float32 router
+                                       shared_first ? std::function<absl::Status()>([&] {
+                                         return be.SharedExperts(l, h, n, mb.shared.data());
+                                       })
+                                                    : nullptr));
   mb.topk_idx.resize(n * k);
   std::vector<float> topk_weights(n * k);
   absl::Span<const float> serving_bias;
@@ -131,11 +143,7 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   DMOE_RETURN_IF_ERROR(
       experts.BeginRoutedExperts(l, index, expert_input, n, k, mb.topk_idx.data(), topk_weights.data()));
   mb.pending_layer = l;
-  // The shared experts run while the routed ones are in flight.
-  if (mb.shared.empty()) {
-    DMOE_ASSIGN_OR_RETURN(mb.shared, be.Allocate(n * D));
-  }
-  return be.SharedExperts(l, h, n, mb.shared.data());
+  return shared_first ? absl::OkStatus() : be.SharedExperts(l, h, n, mb.shared.data());
 }
 
 absl::Status Engine::FinishLayer(int index, MicroBatch& mb, ExpertBackend& experts) const {

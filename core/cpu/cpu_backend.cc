@@ -90,9 +90,10 @@ absl::Status CpuBackend::SharedExperts(int64_t layer, const float* h, int64_t n,
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits) {
+absl::Status CpuBackend::RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
+                                      const std::function<absl::Status()>& meanwhile) {
   cpu::MatMul(h, n, weights_->layers[layer].moe.router, host_logits);  // float32 router
-  return absl::OkStatus();
+  return meanwhile ? meanwhile() : absl::OkStatus();
 }
 
 bool CpuBackend::HasRoutedExpert(int64_t layer, int64_t expert) const {

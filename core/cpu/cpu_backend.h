@@ -37,7 +37,8 @@ class CpuBackend : public ComputeBackend {
                          LatentCache& cache, float* out) override;
   absl::Status DenseMlp(int64_t layer, const float* h, int64_t n, float* out) override;
   absl::Status SharedExperts(int64_t layer, const float* h, int64_t n, float* out) override;
-  absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits) override;
+  absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
+                            const std::function<absl::Status()>& meanwhile = nullptr) override;
   bool HasRoutedExpert(int64_t layer, int64_t expert) const override;
   absl::Status RoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* host_topk_idx,
                              const float* host_topk_weights, float* out) override;

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -274,6 +276,8 @@ class CudaBackend : public ComputeBackend {
  public:
   ~CudaBackend() override {
     blas_.reset();
+    if (router_staging_ != nullptr) (void)cudaFreeHost(router_staging_);
+    if (router_done_ != nullptr) (void)cudaEventDestroy(router_done_);
     if (sgemm_ != nullptr) (void)cublasDestroy(sgemm_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
   }
@@ -602,25 +606,42 @@ class CudaBackend : public ComputeBackend {
     return Mlp(dl.shared_gate_up, dl.shared_down, h, n, out);
   }
 
-  absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits) override {
-    if (n == 0) return absl::OkStatus();
-    std::lock_guard<std::mutex> lock(mu_);
-    DMOE_RETURN_IF_ERROR(SetDevice());
-    const DevLayer& dl = layers_[layer];
-    if (dl.router == nullptr) return absl::InvalidArgumentError(absl::StrCat("cuda: layer ", layer, " has no router"));
+  absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
+                            const std::function<absl::Status()>& meanwhile) override {
+    if (n == 0) return meanwhile ? meanwhile() : absl::OkStatus();
     const int64_t E = config().n_routed_experts, D = config().hidden_size;
-    Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
-    // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
-    // column-major product router^T(op T) x h; float32 throughout.
-    const float one = 1.0f, zero = 0.0f;
-    DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
-                                 static_cast<int>(D), &one, dl.router, static_cast<int>(D), h, static_cast<int>(D),
-                                 &zero, logits, static_cast<int>(E)));
-    DMOE_CUDA_CALL(cudaMemcpyAsync(host_logits, logits, static_cast<size_t>(n * E) * sizeof(float),
-                                   cudaMemcpyDeviceToHost, stream_));
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      DMOE_RETURN_IF_ERROR(SetDevice());
+      const DevLayer& dl = layers_[layer];
+      if (dl.router == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("cuda: layer ", layer, " has no router"));
+      }
+      // Pinned staging, so that the copy back is asynchronous and work
+      // queued after it (meanwhile) overlaps the host's wait.
+      const size_t bytes = static_cast<size_t>(n * E) * sizeof(float);
+      if (router_staging_bytes_ < bytes) {
+        if (router_staging_ != nullptr) DMOE_CUDA_CALL(cudaFreeHost(router_staging_));
+        router_staging_ = nullptr;
+        router_staging_bytes_ = 0;
+        DMOE_CUDA_CALL(cudaMallocHost(&router_staging_, bytes));
+        router_staging_bytes_ = bytes;
+      }
+      Scratch scratch(stream_);
+      DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
+      // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
+      // column-major product router^T(op T) x h; float32 throughout.
+      const float one = 1.0f, zero = 0.0f;
+      DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
+                                   static_cast<int>(D), &one, dl.router, static_cast<int>(D), h,
+                                   static_cast<int>(D), &zero, logits, static_cast<int>(E)));
+      DMOE_CUDA_CALL(cudaMemcpyAsync(router_staging_, logits, bytes, cudaMemcpyDeviceToHost, stream_));
+      DMOE_CUDA_CALL(cudaEventRecord(router_done_, stream_));
+    }
+    absl::Status st = meanwhile ? meanwhile() : absl::OkStatus();  // takes the lock itself
+    DMOE_CUDA_CALL(cudaEventSynchronize(router_done_));
+    std::memcpy(host_logits, router_staging_, static_cast<size_t>(n * E) * sizeof(float));
+    return st;
   }
 
   bool HasRoutedExpert(int64_t layer, int64_t expert) const override {
@@ -731,6 +752,7 @@ class CudaBackend : public ComputeBackend {
   absl::Status Init() {
     DMOE_RETURN_IF_ERROR(SetDevice());
     DMOE_CUDA_CALL(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&router_done_, cudaEventDisableTiming));
     // Keep freed working memory in the stream-ordered pool (steps allocate
     // the same sizes over and over).
     cudaMemPool_t pool;
@@ -967,6 +989,9 @@ class CudaBackend : public ComputeBackend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<BlasHandle> blas_;
   cublasHandle_t sgemm_ = nullptr;
+  cudaEvent_t router_done_ = nullptr;  // the router logits' copy back
+  void* router_staging_ = nullptr;     // pinned host memory for them
+  size_t router_staging_bytes_ = 0;
   DeviceArena arena_;
   float* inv_freq_ = nullptr;
   DevMat embed_, lm_head_;
