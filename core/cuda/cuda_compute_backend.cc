@@ -278,6 +278,8 @@ class CudaBackend : public ComputeBackend {
     blas_.reset();
     if (router_staging_ != nullptr) (void)cudaFreeHost(router_staging_);
     if (router_done_ != nullptr) (void)cudaEventDestroy(router_done_);
+    if (upload_staging_ != nullptr) (void)cudaFreeHost(upload_staging_);
+    if (upload_done_ != nullptr) (void)cudaEventDestroy(upload_done_);
     if (sgemm_ != nullptr) (void)cublasDestroy(sgemm_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
   }
@@ -679,10 +681,18 @@ class CudaBackend : public ComputeBackend {
       return absl::OkStatus();
     }
     Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(int32_t* idx, UploadInts(scratch, local));
-    DMOE_ASSIGN_OR_RETURN(float* w, scratch.Get<float>(n * k));
-    DMOE_CUDA_CALL(cudaMemcpyAsync(w, host_topk_weights, static_cast<size_t>(n * k) * sizeof(float),
-                                   cudaMemcpyHostToDevice, stream_));
+    // The slots' experts and weights in one upload through pinned memory: a
+    // pageable copy may wait for the stream (the shared experts queued
+    // before it), an asynchronous one does not.
+    const size_t half = static_cast<size_t>(n * k) * 4;
+    DMOE_ASSIGN_OR_RETURN(void* packed, scratch.Bytes(2 * half));
+    DMOE_ASSIGN_OR_RETURN(char* staging, PinnedStaging(2 * half));
+    std::memcpy(staging, local.data(), half);
+    std::memcpy(staging + half, host_topk_weights, half);
+    DMOE_CUDA_CALL(cudaMemcpyAsync(packed, staging, 2 * half, cudaMemcpyHostToDevice, stream_));
+    DMOE_CUDA_CALL(cudaEventRecord(upload_done_, stream_));
+    const int32_t* idx = static_cast<const int32_t*>(packed);
+    const float* w = reinterpret_cast<const float*>(static_cast<const char*>(packed) + half);
     MoeExpertsParams p;
     p.x = x;
     p.n = n;
@@ -753,6 +763,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(SetDevice());
     DMOE_CUDA_CALL(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     DMOE_CUDA_CALL(cudaEventCreateWithFlags(&router_done_, cudaEventDisableTiming));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming));
     // Keep freed working memory in the stream-ordered pool (steps allocate
     // the same sizes over and over).
     cudaMemPool_t pool;
@@ -770,6 +781,21 @@ class CudaBackend : public ComputeBackend {
         cudaMemcpyAsync(inv_freq_, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
     DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
+  }
+
+  // The pinned upload buffer, at least `bytes`, once the previous upload
+  // from it has been copied out (long done by then: it was queued before
+  // the router product whose result the caller has waited for).
+  absl::StatusOr<char*> PinnedStaging(size_t bytes) {
+    DMOE_CUDA_CALL(cudaEventSynchronize(upload_done_));
+    if (upload_staging_bytes_ < bytes) {
+      if (upload_staging_ != nullptr) DMOE_CUDA_CALL(cudaFreeHost(upload_staging_));
+      upload_staging_ = nullptr;
+      upload_staging_bytes_ = 0;
+      DMOE_CUDA_CALL(cudaMallocHost(&upload_staging_, bytes));
+      upload_staging_bytes_ = bytes;
+    }
+    return static_cast<char*>(upload_staging_);
   }
 
   absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {
@@ -992,6 +1018,9 @@ class CudaBackend : public ComputeBackend {
   cudaEvent_t router_done_ = nullptr;  // the router logits' copy back
   void* router_staging_ = nullptr;     // pinned host memory for them
   size_t router_staging_bytes_ = 0;
+  cudaEvent_t upload_done_ = nullptr;  // the last upload from upload_staging_
+  void* upload_staging_ = nullptr;     // pinned host memory for the experts' slots
+  size_t upload_staging_bytes_ = 0;
   DeviceArena arena_;
   float* inv_freq_ = nullptr;
   DevMat embed_, lm_head_;
