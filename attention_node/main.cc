@@ -1,22 +1,22 @@
 // dmoe-attention-node: one data-parallel attention node. Joins the cluster
-// through the scheduler's Coordinator (dmoe::node in scheduler/cluster_join.h),
+// through the scheduler's Coordinator (node::JoinCluster),
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "attention_node/attention_service.h"
-#include "scheduler/cluster_join.h"
+#include "node/cluster_join.h"
 #include "attention_node/remote_experts.h"
-#include "cli/flags.h"
 #include "core/backends.h"
+#include "flags/flags.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
-#include "transport/ucx_transport.h"
 
 namespace dmoe::attention {
 namespace {
@@ -31,7 +31,7 @@ constexpr char kUsage[] =
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
-  DMOE_ASSIGN_OR_RETURN(cli::Flags flags, cli::Flags::Parse(args,
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                             {"model", "scheduler", "host", "port", "cache-pages",
                                                              "page-size", "ping-pong-min-tokens", "port-file",
                                                              "device", "load-format", "gpu-memory-fraction",
@@ -85,24 +85,19 @@ absl::Status Run(const std::vector<std::string>& args) {
   }
 
   AttentionNodeGrpcService grpc_service;
-  DMOE_ASSIGN_OR_RETURN(node::NodeServer server, node::StartNodeServer(host, static_cast<int>(port), {&grpc_service}));
-  const std::string grpc_address = absl::StrCat(host, ":", server.port);
-  DMOE_LOG(kInfo, kLog) << "listening on " << grpc_address << " (not serving until connected)";
-  if (auto file = flags.Get("port-file")) DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port));
-
-  node::CoordinatorClient coordinator(scheduler);
-  v1::RegisterNodeRequest request;
-  request.set_kind(v1::NODE_KIND_ATTENTION);
-  request.set_grpc_address(grpc_address);
-  request.set_cache_pages(options.cache_pages);
-  request.set_page_size(options.page_size);
-  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
-  }));
-  DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id;
-
-  DMOE_ASSIGN_OR_RETURN(v1::GetClusterResponse cluster,
-                        coordinator.WaitForCluster(absl::Minutes(2), node::WaitForStopSignal));
+  node::JoinOptions join;
+  join.kind = v1::NODE_KIND_ATTENTION;
+  join.scheduler = scheduler;
+  join.host = host;
+  join.port = static_cast<int>(port);
+  join.services = {&grpc_service};
+  join.port_file = flags.Get("port-file").value_or("");
+  join.cache_pages = options.cache_pages;
+  join.page_size = options.page_size;
+  join.log_component = kLog;
+  // Loaded before joining: the cache's page count goes into the registration.
+  join.load = [&](const node::Registration&) -> absl::StatusOr<int64_t> { return weights->total_bytes; };
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
   // Routed experts: on the expert nodes over the transport, or here on the
   // backend's own buffers (one process, no host round trip on a GPU).
   std::unique_ptr<ExpertBackend> experts;
@@ -111,29 +106,27 @@ absl::Status Run(const std::vector<std::string>& args) {
     DMOE_LOG(kInfo, kLog) << "routed experts run in this process on " << backend->name();
   } else {
     DMOE_ASSIGN_OR_RETURN(node::ExpertNodes nodes,
-                          node::ExpertNodesFromCluster(cluster, weights->config.n_routed_experts));
-    DMOE_ASSIGN_OR_RETURN(const int connected, node::ConnectPeers(*reg.transport, cluster, v1::NODE_KIND_EXPERT));
-    DMOE_LOG(kInfo, kLog) << "connected to " << connected << " expert nodes";
-    experts = std::make_unique<RemoteExperts>(*reg.transport, nodes.placement, nodes.node_ids,
-                                              weights->config.hidden_size);
+                          node::ExpertNodesFromCluster(member->cluster(), weights->config.n_routed_experts));
+    auto remote = std::make_unique<RemoteExperts>(member->transport(), nodes.placement, nodes.node_ids,
+                                                  weights->config.hidden_size);
+    remote->SetNodeNames(nodes.names);
+    experts = std::move(remote);
   }
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionService> service,
                         AttentionService::Create(backend, *experts, options));
   grpc_service.SetService(service.get());
-  node::SetServing(*server.server, true);
-  // Ready only once every peer is connected and the service is up: the
-  // scheduler sends steps from then on.
-  DMOE_RETURN_IF_ERROR(coordinator.NodeReady(reg.node_id, weights->total_bytes));
-  DMOE_LOG(kInfo, kLog) << "serving on port " << server.port << " (" << options.cache_pages << " pages of "
-                        << options.page_size << " tokens)";
+  // The server goes before the service it calls into.
+  absl::Cleanup leave = [&] {
+    member->Leave();
+    grpc_service.SetService(nullptr);
+  };
+  DMOE_RETURN_IF_ERROR(member->Serve());
+  DMOE_LOG(kInfo, kLog) << options.cache_pages << " pages of " << options.page_size << " tokens";
 
-  while (!node::WaitForStopSignal(absl::Seconds(1))) {
-  }
+  node::WaitForStopSignal(absl::InfiniteDuration());
   DMOE_LOG(kInfo, kLog) << "stopping";
-  node::SetServing(*server.server, false);
-  server.server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-  grpc_service.SetService(nullptr);
-  return absl::OkStatus();
+  std::move(leave).Invoke();
+  return member->status();
 }
 
 }  // namespace

@@ -5,14 +5,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "flags/flags.h"
 #include "cli/generate_flags.h"
 #include "core/backends.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
-#include "expert_node/in_process_experts.h"
+#include "in_process/in_process_experts.h"
 #include "router/expert_placement.h"
 #include "nlohmann/json.hpp"
 
@@ -27,7 +27,7 @@ using json = nlohmann::ordered_json;
 // backend itself, on its device buffers (BackendExperts).
 struct LoadedModel {
   std::unique_ptr<Engine> engine;
-  std::unique_ptr<expert::InProcessExperts> in_process;
+  std::unique_ptr<in_process::InProcessExperts> in_process;
   std::unique_ptr<ExpertBackend> local;
   ExpertBackend& experts() { return in_process ? static_cast<ExpertBackend&>(in_process->backend()) : *local; }
 };
@@ -53,7 +53,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& dir, const Flags& flags
   } else if (weights.config.has_moe()) {
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement placement,
                           router::ExpertPlacement::Contiguous(weights.config.n_routed_experts, 1));
-    DMOE_ASSIGN_OR_RETURN(m.in_process, expert::InProcessExperts::Create(m.engine->weights(), placement));
+    DMOE_ASSIGN_OR_RETURN(m.in_process, in_process::InProcessExperts::Create(m.engine->weights(), placement));
   } else {
     m.local = std::make_unique<LocalExperts>(m.engine->weights());
   }
