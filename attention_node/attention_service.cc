@@ -112,7 +112,12 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
                          " outside [0, max_position_embeddings = ", c.max_position_embeddings, "]"));
       }
     }
-    batch.push_back({s.sequence_id(), std::vector<int32_t>(s.tokens().begin(), s.tokens().end()), false});
+    // Greedy samples without top log-probabilities need no logits here: the
+    // backend picks the token where it computes (one id per sequence back
+    // from a GPU, not vocab_size floats).
+    const bool greedy_only = s.sample() && params[i].temperature == 0.0f && params[i].top_logprobs == 0;
+    batch.push_back(
+        {s.sequence_id(), std::vector<int32_t>(s.tokens().begin(), s.tokens().end()), false, greedy_only});
   }
 
   v1::StepResult result;
@@ -161,9 +166,14 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
       const v1::StepSequence& s = request.sequences(i);
       if (!s.sample()) continue;
       SequenceSampler& sampler = SamplerFor(s.sequence_id(), params[i], s.sample_index());
-      const std::vector<float>& l = (*logits)[i].logits;  // the last position's [vocab_size]
-      const SampleResult sample =
-          sampler.sampler.Sample(absl::MakeConstSpan(l.data() + l.size() - c.vocab_size, c.vocab_size));
+      SampleResult sample;
+      if (batch[i].greedy_only) {  // what the sampler gives at temperature 0 (it draws nothing)
+        sample.token = (*logits)[i].greedy_token;
+        sample.logprob = (*logits)[i].greedy_logprob;
+      } else {
+        const std::vector<float>& l = (*logits)[i].logits;  // the last position's [vocab_size]
+        sample = sampler.sampler.Sample(absl::MakeConstSpan(l.data() + l.size() - c.vocab_size, c.vocab_size));
+      }
       ++sampler.next_index;
       v1::SampledTokenResult* t = result.add_tokens();
       t->set_sequence_id(s.sequence_id());

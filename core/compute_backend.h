@@ -150,6 +150,11 @@ class ComputeBackend {
   // host_logits[rows.size(), V] = lm_head RmsNorm(x[row]; model.norm) for
   // each row index into x.
   virtual absl::Status Logits(const float* x, absl::Span<const int64_t> rows, float* host_logits) = 0;
+  // For each row: the greedy token of lm_head RmsNorm(x[row]) and its
+  // log-probability, as Sampler at temperature 0 gives them (argmax, lowest
+  // id on ties, NaN never wins; log_softmax of the raw logits).
+  virtual absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
+                                    float* host_logprobs) = 0;
   // Waits for queued work (a no-op on the CPU).
   virtual absl::Status Synchronize() { return absl::OkStatus(); }
 };

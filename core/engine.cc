@@ -272,12 +272,20 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
   }
 
   // Head: only the positions asked for, in one pass over both micro-batches
-  // (rows of the second follow the first's).
+  // (rows of the second follow the first's); greedy_only sequences get their
+  // token instead of logits.
   std::vector<SequenceLogits> result(batch.size());
-  std::vector<int64_t> rows;
+  std::vector<int64_t> rows, greedy_rows;
+  std::vector<size_t> greedy_of;  // batch index of each greedy row
   for (size_t b = 0; b < batch.size(); ++b) {
     const MlaSequence& m = mbs[b < split ? 0 : 1].seqs[b < split ? b : b - split];
     const int64_t base = b < split ? 0 : mbs[0].n;
+    if (batch[b].greedy_only && !batch[b].all_logits) {
+      greedy_rows.push_back(base + m.row_begin + m.num_tokens - 1);
+      greedy_of.push_back(b);
+      result[b].positions.push_back(m.start_pos + m.num_tokens - 1);
+      continue;
+    }
     const int64_t first = batch[b].all_logits ? 0 : m.num_tokens - 1;
     for (int64_t t = first; t < m.num_tokens; ++t) {
       rows.push_back(base + m.row_begin + t);
@@ -296,13 +304,24 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     hidden = joined.data();
   }
   std::vector<float> logits(rows.size() * V);
-  if (st.ok()) st = be.Logits(hidden, rows, logits.data());
+  if (st.ok() && !rows.empty()) st = be.Logits(hidden, rows, logits.data());
+  std::vector<int32_t> greedy_tokens(greedy_rows.size());
+  std::vector<float> greedy_logprobs(greedy_rows.size());
+  if (st.ok() && !greedy_rows.empty()) {
+    st = be.GreedyTokens(hidden, greedy_rows, greedy_tokens.data(), greedy_logprobs.data());
+  }
   if (!st.ok()) {
     rollback();
     return st;
   }
+  for (size_t i = 0; i < greedy_of.size(); ++i) {
+    result[greedy_of[i]].greedy_token = greedy_tokens[i];
+    result[greedy_of[i]].greedy_logprob = greedy_logprobs[i];
+  }
   int64_t offset = 0;
-  for (SequenceLogits& r : result) {
+  for (size_t b = 0; b < batch.size(); ++b) {
+    SequenceLogits& r = result[b];
+    if (batch[b].greedy_only && !batch[b].all_logits) continue;
     const int64_t count = static_cast<int64_t>(r.positions.size());
     r.logits.assign(logits.begin() + offset * V, logits.begin() + (offset + count) * V);
     offset += count;

@@ -39,11 +39,19 @@ struct StepSequence {
   SequenceId seq = 0;
   std::vector<int32_t> tokens;
   bool all_logits = false;  // logits of every position, else only the last
+  // Only the last position's greedy token and its log-probability, no
+  // logits (ignored with all_logits): a GPU backend then sends back one id
+  // per sequence instead of vocab_size floats.
+  bool greedy_only = false;
 };
 
 struct SequenceLogits {
   std::vector<int64_t> positions;
-  std::vector<float> logits;  // [positions.size(), vocab_size]
+  std::vector<float> logits;  // [positions.size(), vocab_size]; empty for greedy_only
+  // greedy_only: what Sampler gives at temperature 0 for the last position
+  // (the token exactly; the log-probability up to float rounding on a GPU).
+  int32_t greedy_token = -1;
+  float greedy_logprob = 0.0f;
 };
 
 // Per-step hooks into the MoE layers, e.g. the balancer's serving bias.

@@ -6,7 +6,9 @@
 #include "absl/strings/str_cat.h"
 #include "core/cpu/matmul.h"
 #include "core/cpu/ops.h"
+#include "core/cpu/parallel.h"
 #include "core/mlp.h"
+#include "core/sampling.h"
 
 namespace dmoe {
 
@@ -116,6 +118,23 @@ absl::Status CpuBackend::Logits(const float* x, absl::Span<const int64_t> rows, 
   const float eps = static_cast<float>(c.rms_norm_eps);
   for (int64_t i = 0; i < nr; ++i) cpu::RmsNorm(x + rows[i] * D, 1, D, weights_->norm.data(), eps, normed.data() + i * D);
   cpu::MatMul(normed.data(), nr, weights_->lm_head, host_logits);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
+                                      float* host_logprobs) {
+  const int64_t V = weights_->config.vocab_size, nr = static_cast<int64_t>(rows.size());
+  std::vector<float> logits(nr * V);
+  if (absl::Status st = Logits(x, rows, logits.data()); !st.ok()) return st;
+  // The Sampler itself (greedy draws no random numbers), one row per task.
+  cpu::ParallelFor(nr, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      Sampler greedy(SamplingParams{});
+      const SampleResult r = greedy.Sample(absl::MakeConstSpan(logits.data() + i * V, V));
+      host_tokens[i] = r.token;
+      host_logprobs[i] = r.logprob;
+    }
+  });
   return absl::OkStatus();
 }
 

@@ -43,6 +43,8 @@ class CpuBackend : public ComputeBackend {
   absl::Status RoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* host_topk_idx,
                              const float* host_topk_weights, float* out) override;
   absl::Status Logits(const float* x, absl::Span<const int64_t> rows, float* host_logits) override;
+  absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
+                            float* host_logprobs) override;
 
  private:
   std::shared_ptr<const ModelWeights> weights_;

@@ -152,7 +152,43 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   }
 }
 
+__device__ __forceinline__ float Clean(float v) { return isnan(v) ? -INFINITY : v; }
+
+// One block per row.
+__global__ void TokenLogprobsKernel(const float* logits, int64_t vocab, const int32_t* tokens, float* out) {
+  __shared__ float scratch[32];
+  const float* row = logits + blockIdx.x * vocab;
+  float mx = -INFINITY;
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, Clean(row[v]));
+  mx = BlockReduce<true>(mx, scratch);
+  const float mine = Clean(row[tokens[blockIdx.x]]);
+  float acc = 0.f;
+  if (isinf(mx) && mx > 0) {  // the +inf tokens share the mass
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) acc += Clean(row[v]) == mx ? 1.f : 0.f;
+  } else if (isfinite(mx)) {
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) acc += expf(Clean(row[v]) - mx);
+  }
+  acc = BlockReduce<false>(acc, scratch);
+  if (threadIdx.x == 0) {
+    if (isinf(mx) && mx > 0) {
+      out[blockIdx.x] = mine == mx ? -logf(acc) : -INFINITY;
+    } else if (isfinite(mx)) {
+      out[blockIdx.x] = mine - mx - logf(acc);
+    } else {
+      out[blockIdx.x] = -INFINITY;
+    }
+  }
+}
+
 }  // namespace
+
+absl::Status TokenLogprobs(const float* logits, int64_t n, int64_t vocab, const int32_t* tokens, float* out,
+                           Stream stream) {
+  if (vocab <= 0) return absl::InvalidArgumentError("TokenLogprobs: vocab > 0");
+  if (n <= 0) return absl::OkStatus();
+  TokenLogprobsKernel<<<static_cast<unsigned>(n), 256, 0, S(stream)>>>(logits, vocab, tokens, out);
+  return Launched("TokenLogprobsKernel");
+}
 
 absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream) {
   if (p.shape.kv_lora_rank <= 0 || p.shape.rope_dim < 0 || p.shape.page_size <= 0 || p.num_heads <= 0 ||

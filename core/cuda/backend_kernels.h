@@ -49,6 +49,14 @@ absl::Status TransposeUk(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_
 // Ignores num_splits / workspace / lse.
 absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream);
 
+// out[t] = log_softmax(logits[t])[tokens[t]] for n rows of `vocab` float32
+// logits, as core/sampling.h defines it: NaN counts as -inf; when some logit
+// is +inf the +inf tokens share the mass (-log(count)) and the others get
+// -inf; all -inf gives -inf. (The normalizer is summed in float32 here, in
+// double on the CPU.)
+absl::Status TokenLogprobs(const float* logits, int64_t n, int64_t vocab, const int32_t* tokens, float* out,
+                           Stream stream);
+
 // n random values, exactly RandomTensorValues' (core/synthetic_checkpoint.h)
 // for the tensor whose RandomTensorKey is `key`, starting at element
 // `first` of that tensor: center + half_width * (2u - 1), stored as float32

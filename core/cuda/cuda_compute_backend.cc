@@ -716,28 +716,34 @@ class CudaBackend : public ComputeBackend {
     if (rows.empty()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
-    const ModelConfig& c = config();
-    const int64_t D = c.hidden_size, V = c.vocab_size, nr = static_cast<int64_t>(rows.size());
+    const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
     Scratch scratch(stream_);
-    std::vector<int32_t> rows32(rows.begin(), rows.end());
-    DMOE_ASSIGN_OR_RETURN(int32_t* dev_rows, UploadInts(scratch, rows32));
-    DMOE_ASSIGN_OR_RETURN(float* picked, scratch.Get<float>(nr * D));
-    DMOE_RETURN_IF_ERROR(GatherRows(x, dev_rows, nr, D, picked, S()));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* normed, scratch.Get<uint16_t>(nr * D));
-    RmsNormParams np;
-    np.x = picked;
-    np.n = nr;
-    np.d = D;
-    np.w = final_norm_;
-    np.eps = static_cast<float>(c.rms_norm_eps);
-    np.out = normed;
-    np.out_type = OutType::kBF16;
-    DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
-    DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(nr * V));
-    DMOE_RETURN_IF_ERROR(Linear(normed, nr, lm_head_, logits, OutType::kF32));
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
     DMOE_CUDA_CALL(cudaMemcpyAsync(host_logits, logits, static_cast<size_t>(nr * V) * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
     DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
+                            float* host_logprobs) override {
+    if (rows.empty()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
+    // [tokens (int32) | logprobs (float32)], one copy back.
+    DMOE_ASSIGN_OR_RETURN(void* picked, scratch.Bytes(static_cast<size_t>(nr) * 8));
+    int32_t* tokens = static_cast<int32_t*>(picked);
+    float* logprobs = reinterpret_cast<float*>(tokens + nr);
+    DMOE_RETURN_IF_ERROR(ArgmaxRows(logits, nr, V, tokens, S()));
+    DMOE_RETURN_IF_ERROR(TokenLogprobs(logits, nr, V, tokens, logprobs, S()));
+    std::vector<int32_t> host(2 * nr);
+    DMOE_CUDA_CALL(cudaMemcpyAsync(host.data(), picked, static_cast<size_t>(nr) * 8, cudaMemcpyDeviceToHost, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    std::memcpy(host_tokens, host.data(), static_cast<size_t>(nr) * 4);
+    std::memcpy(host_logprobs, host.data() + nr, static_cast<size_t>(nr) * 4);
     return absl::OkStatus();
   }
 
@@ -842,6 +848,29 @@ class CudaBackend : public ComputeBackend {
     g.max_rows = config().num_attention_heads * n;
     g.impl = GroupedGemmImpl::kOwn;
     return GroupedGemm(g, S());
+  }
+
+  // logits [rows.size(), V] (device, in `scratch`) = lm_head RmsNorm(x[row]).
+  absl::StatusOr<float*> DeviceLogits(Scratch& scratch, const float* x, absl::Span<const int64_t> rows) {
+    const ModelConfig& c = config();
+    const int64_t D = c.hidden_size, V = c.vocab_size, nr = static_cast<int64_t>(rows.size());
+    std::vector<int32_t> rows32(rows.begin(), rows.end());
+    DMOE_ASSIGN_OR_RETURN(int32_t* dev_rows, UploadInts(scratch, rows32));
+    DMOE_ASSIGN_OR_RETURN(float* picked, scratch.Get<float>(nr * D));
+    DMOE_RETURN_IF_ERROR(GatherRows(x, dev_rows, nr, D, picked, S()));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* normed, scratch.Get<uint16_t>(nr * D));
+    RmsNormParams np;
+    np.x = picked;
+    np.n = nr;
+    np.d = D;
+    np.w = final_norm_;
+    np.eps = static_cast<float>(c.rms_norm_eps);
+    np.out = normed;
+    np.out_type = OutType::kBF16;
+    DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
+    DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(nr * V));
+    DMOE_RETURN_IF_ERROR(Linear(normed, nr, lm_head_, logits, OutType::kF32));
+    return logits;
   }
 
   // out[n, w.rows] = a[n, w.cols] · w^T (a bf16).

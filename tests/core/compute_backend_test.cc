@@ -8,6 +8,7 @@
 #include "core/backends.h"
 #include "core/cpu/cpu_backend.h"
 #include "core/engine.h"
+#include "core/sampling.h"
 #include "core/synthetic_checkpoint.h"
 #include "gtest/gtest.h"
 #include "tests/core/model_test_util.h"
@@ -46,6 +47,40 @@ TEST(ComputeBackend, BackendExpertsOnTheCpuGiveLocalExpertsBits) {
     ASSERT_FALSE(a.empty());
     EXPECT_TRUE(BitwiseEqual(a, b)) << "prompt of " << gc.prompt_ids.size() << " tokens";
     EXPECT_LE(testing::MaxRelativeError(a, gc.logits, (*engine)->config().vocab_size), 1e-4);
+  }
+}
+
+TEST(ComputeBackend, GreedyOnlyStepsGiveTheSamplersGreedyResult) {
+  auto weights = ModelWeights::Load(GoldenModelDir());
+  ASSERT_TRUE(weights.ok());
+  auto engine = Engine::Create(*weights);
+  ASSERT_TRUE(engine.ok());
+  LocalExperts experts(**weights);
+  const auto cases = LoadGoldenCases(GoldenModelDir());
+  std::vector<StepSequence> with_logits, greedy;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    with_logits.push_back({static_cast<SequenceId>(i), cases[i].prompt_ids, false, false});
+    greedy.push_back({static_cast<SequenceId>(i), cases[i].prompt_ids, false, /*greedy_only=*/i % 2 == 0});
+  }
+  auto c1 = (*engine)->CreateCache(16);
+  auto c2 = (*engine)->CreateCache(16);
+  ASSERT_TRUE(c1.ok() && c2.ok());
+  auto a = (*engine)->Step(with_logits, **c1, experts);
+  auto b = (*engine)->Step(greedy, **c2, experts);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const int64_t V = (*engine)->config().vocab_size;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    EXPECT_EQ((*b)[i].positions, (*a)[i].positions);
+    if (i % 2 == 1) {
+      EXPECT_TRUE(BitwiseEqual((*b)[i].logits, (*a)[i].logits));
+      continue;
+    }
+    EXPECT_TRUE((*b)[i].logits.empty());
+    Sampler sampler(SamplingParams{});
+    const SampleResult r = sampler.Sample(absl::MakeConstSpan((*a)[i].logits.data(), V));
+    EXPECT_EQ((*b)[i].greedy_token, r.token);
+    EXPECT_EQ((*b)[i].greedy_logprob, r.logprob);
+    EXPECT_EQ((*b)[i].greedy_token, cases[i].greedy_ids[0]);
   }
 }
 

@@ -25,6 +25,7 @@
 #include "core/cuda/cuda_compute_backend.h"
 #include "core/engine.h"
 #include "core/generate.h"
+#include "core/sampling.h"
 #include "core/synthetic_checkpoint.h"
 #include "gtest/gtest.h"
 #include "tests/core/model_test_util.h"
@@ -244,6 +245,39 @@ TEST_F(CudaEngineTest, DummyWeightsMatchTheCpuDummyTiny) { ExpectDummyMatchesCpu
 
 TEST_F(CudaEngineTest, DummyWeightsMatchTheCpuDummyAtV2LiteDims) {
   ExpectDummyMatchesCpu("v2-lite-shape", 2, 70, 60);
+}
+
+// greedy_only steps pick the argmax on the GPU: the token of the logits a
+// plain step returns, and their log-softmax.
+TEST_F(CudaEngineTest, GreedyOnlyPicksTheArgmaxOnTheDevice) {
+  auto weights = ModelWeights::Load(GoldenModelDir());
+  ASSERT_TRUE(weights.ok());
+  auto backend = cuda::CreateCudaBackend(*weights);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto engine = Engine::Create(*backend);
+  ASSERT_TRUE(engine.ok());
+  BackendExperts experts(**backend);
+  const auto cases = LoadGoldenCases(GoldenModelDir());
+  std::vector<StepSequence> plain, greedy;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    plain.push_back({static_cast<SequenceId>(i), cases[i].prompt_ids, false, false});
+    greedy.push_back({static_cast<SequenceId>(i), cases[i].prompt_ids, false, true});
+  }
+  auto c1 = (*engine)->CreateCache(16);
+  auto c2 = (*engine)->CreateCache(16);
+  ASSERT_TRUE(c1.ok() && c2.ok());
+  auto a = (*engine)->Step(plain, **c1, experts);
+  auto b = (*engine)->Step(greedy, **c2, experts);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  const int64_t V = (*engine)->config().vocab_size;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    ASSERT_TRUE((*b)[i].logits.empty());
+    Sampler sampler(SamplingParams{});
+    const SampleResult r = sampler.Sample(absl::MakeConstSpan((*a)[i].logits.data(), V));
+    EXPECT_EQ((*b)[i].greedy_token, r.token) << "case " << i;
+    EXPECT_NEAR((*b)[i].greedy_logprob, r.logprob, 1e-4 * (1 + std::fabs(r.logprob))) << "case " << i;
+  }
 }
 
 TEST_F(CudaEngineTest, CacheSizedByMemoryFractionAndForeignCachesRefused) {
