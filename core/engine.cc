@@ -5,6 +5,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "core/cpu/cpu_backend.h"
+#include "core/cpu/parallel.h"
 #include "core/status_macros.h"
 
 namespace dmoe {
@@ -121,18 +122,26 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
     serving_bias = (*routing.serving_bias)[l];
   }
-  for (int64_t t = 0; t < n; ++t) {
-    gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
-                mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
-  }
+  // Tokens route independently (MoeGate is immutable): in parallel, which
+  // matters for large decode batches on a GPU, where this is host time the
+  // device waits for.
+  constexpr int64_t kRouteGrain = 32;
+  cpu::ParallelFor(n, kRouteGrain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
+                  mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
+    }
+  });
   mb.unbiased_topk_idx.clear();
   if (routing.unbiased_topk_idx_out != nullptr && !serving_bias.empty()) {
     mb.unbiased_topk_idx.resize(n * k);
-    std::vector<float> unused(k);
-    for (int64_t t = 0; t < n; ++t) {
-      gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, {},
-                  mb.unbiased_topk_idx.data() + t * k, unused.data());
-    }
+    cpu::ParallelFor(n, kRouteGrain, [&](int64_t b, int64_t e) {
+      std::vector<float> unused(k);
+      for (int64_t t = b; t < e; ++t) {
+        gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, {},
+                    mb.unbiased_topk_idx.data() + t * k, unused.data());
+      }
+    });
   }
   const float* expert_input = h;
   if (StagesExperts(experts)) {
