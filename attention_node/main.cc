@@ -3,6 +3,8 @@
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -14,9 +16,11 @@
 #include "attention_node/remote_experts.h"
 #include "core/backends.h"
 #include "flags/flags.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "proto/message_limits.h"
 
 namespace dmoe::attention {
 namespace {
@@ -84,8 +88,14 @@ absl::Status Run(const std::vector<std::string>& args) {
                           << " tokens in " << memory_fraction << " of the GPU memory";
   }
 
+  // A step cannot bring more tokens than the cache holds, nor free more
+  // sequences than it has pages.
+  DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
+  const int64_t pages = std::min<int64_t>(options.cache_pages, INT32_MAX);
   AttentionNodeGrpcService grpc_service;
   node::JoinOptions join;
+  join.max_receive_bytes = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts,
+                                               pages * std::min<int64_t>(options.page_size, INT32_MAX), pages);
   join.kind = v1::NODE_KIND_ATTENTION;
   join.scheduler = scheduler;
   join.host = host;
@@ -107,7 +117,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   } else {
     DMOE_ASSIGN_OR_RETURN(node::ExpertNodes nodes,
                           node::ExpertNodesFromCluster(member->cluster(), weights->config.n_routed_experts));
-    auto remote = std::make_unique<RemoteExperts>(member->transport(), nodes.placement, nodes.node_ids,
+    auto remote = std::make_unique<RemoteExperts>(member->transport(), nodes.placement, nodes.replicas,
                                                   weights->config.hidden_size);
     remote->SetNodeNames(nodes.names);
     experts = std::move(remote);

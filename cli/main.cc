@@ -23,7 +23,7 @@ constexpr char kUsage[] =
     "cluster commands:\n"
     "  up          --model DIR [--attention-nodes N] [--expert-nodes M] [--balance off|bias] [--port P]\n"
     "              [--host H] [--config FILE] [--cache-pages N] [--timeout S] [--grace S]\n"
-    "              [--on-node-exit restart|stop]\n"
+    "              [--on-node-exit restart|stop] [--expert-replicas R]\n"
     "              [--device cpu|cuda] [--load-format auto|dummy] [--gpu-memory-fraction F]\n"
     "              (--expert-nodes 0, the default with --device cuda: experts in the attention node)\n"
     "  generate    --server HOST:PORT (--prompt TEXT | --ids 1,2,3) [--max-tokens N] [sampling flags]\n"
