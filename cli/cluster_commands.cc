@@ -22,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/strings/str_format.h"
 #include "cli/child_processes.h"
+#include "core/backends.h"
 #include "cli/commands.h"
 #include "flags/flags.h"
 #include "cli/grpc_client.h"
@@ -52,6 +53,11 @@ struct UpOptions {
   std::string balance;      // empty: the scheduler's default (or --config)
   std::string config;       // empty: none
   int64_t cache_pages = 0;  // 0: the attention node's default
+  // Passed to every node: --device, --load-format; to the attention nodes
+  // --gpu-memory-fraction (empty: the node's default).
+  std::string device = "cpu";
+  std::string load_format;
+  std::string gpu_memory_fraction;
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
   bool restart_on_exit = true;  // --on-node-exit restart|stop
@@ -75,12 +81,22 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
                                                    "on-node-exit", "expert-replicas", "tls-cert", "tls-key",
-                                                   "tls-client-ca", "max-request-bytes", "metrics-port"},
+                                                   "tls-client-ca", "max-request-bytes", "metrics-port", "device",
+                                                   "load-format", "gpu-memory-fraction"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(o.attention_nodes, flags.GetInt("attention-nodes", o.attention_nodes));
-  DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.expert_nodes));
+  o.device = flags.Get("device").value_or("cpu");
+  o.load_format = flags.Get("load-format").value_or("");
+  o.gpu_memory_fraction = flags.Get("gpu-memory-fraction").value_or("");
+  DMOE_RETURN_IF_ERROR(ParseBackendOptions(o.device, o.load_format.empty() ? "auto" : o.load_format).status());
+  if (!o.gpu_memory_fraction.empty() && o.device != "cuda") {
+    return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
+  }
+  // On a GPU the default is one process: the attention node holds the
+  // routed experts too (no expert nodes).
+  DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.device == "cuda" ? 0 : o.expert_nodes));
   DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
   DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
   DMOE_ASSIGN_OR_RETURN(o.metrics_port, flags.GetInt("metrics-port", o.metrics_port));
@@ -101,8 +117,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
-  if (o.expert_nodes < 1 || o.expert_nodes > 256) {
-    return absl::InvalidArgumentError(absl::StrCat("--expert-nodes = ", o.expert_nodes, " must be in 1..256"));
+  if (o.expert_nodes < 0 || o.expert_nodes > 256) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--expert-nodes = ", o.expert_nodes, " must be in 0..256 (0: the attention nodes run the experts)"));
   }
   if (o.expert_replicas < 1 || o.expert_nodes % o.expert_replicas != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-replicas = ", o.expert_replicas,
@@ -355,6 +372,12 @@ class Launcher {
       if (attention && opts_.cache_pages > 0) {
         args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
       }
+      args.insert(args.end(), {"--device", opts_.device});
+      if (!opts_.load_format.empty()) args.insert(args.end(), {"--load-format", opts_.load_format});
+      if (attention && !opts_.gpu_memory_fraction.empty()) {
+        args.insert(args.end(), {"--gpu-memory-fraction", opts_.gpu_memory_fraction});
+      }
+      if (attention && opts_.expert_nodes == 0) args.insert(args.end(), {"--experts", "local"});
       DMOE_RETURN_IF_ERROR(children_.Start(
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }

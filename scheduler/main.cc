@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -88,8 +89,10 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
   DMOE_ASSIGN_OR_RETURN(int64_t replicas, flags.GetInt("expert-replicas", 1));
   DMOE_ASSIGN_OR_RETURN(int64_t metrics_port, flags.GetInt("metrics-port", -1));
-  if (num_attention < 1 || num_expert < 1) {
-    return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
+  // --expert-nodes 0: the attention nodes hold every routed expert
+  // themselves (dmoe-attention-node --experts local, e.g. one GPU).
+  if (num_attention < 1 || num_expert < 0) {
+    return absl::InvalidArgumentError("--attention-nodes must be at least 1 and --expert-nodes at least 0");
   }
   if (replicas < 1 || num_expert % replicas != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-replicas ", replicas,
@@ -115,9 +118,15 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(cluster.balancer.window_steps,
                         flags.GetInt("balance-window-steps", cluster.balancer.window_steps));
   if (!config.has_moe()) return absl::InvalidArgumentError("the model has no routed experts to serve on expert nodes");
+  if (num_expert == 0 && cluster.placement.has_value()) {
+    return absl::InvalidArgumentError("--config places experts on expert nodes, but --expert-nodes is 0");
+  }
   if (!cluster.placement.has_value()) {
+    // With no expert nodes no shard is ever handed out; a one-node
+    // placement stands in.
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement p,
-                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert / replicas));
+                          router::ExpertPlacement::Contiguous(config.n_routed_experts,
+                                                              std::max<int64_t>(num_expert / replicas, 1)));
     cluster.placement = std::move(p);
   } else if (cluster.placement->num_nodes() * replicas != num_expert) {
     return absl::InvalidArgumentError(absl::StrCat("--config places experts on ", cluster.placement->num_nodes(),
