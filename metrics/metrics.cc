@@ -1,9 +1,18 @@
 #include "metrics/metrics.h"
 
-#include <CivetServer.h>
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <prometheus/text_serializer.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <prometheus/collectable.h>
-#include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
 #include <algorithm>
@@ -66,13 +75,13 @@ prometheus::Registry& Registry() {
   return *registry;
 }
 std::shared_ptr<prometheus::Registry> SharedRegistry() {
-  // The exposer keeps a weak_ptr; the registry lives as long as the process.
+  // The registry lives as long as the process.
   static std::shared_ptr<prometheus::Registry> shared(&Registry(), [](prometheus::Registry*) {});
   return shared;
 }
 
 // Runs the hooks that refresh values kept elsewhere, first in every scrape
-// (the exposer collects in registration order); contributes no family.
+// (MetricsServer::Answer collects it first); contributes no family.
 class BeforeScrape : public prometheus::Collectable {
  public:
   static std::shared_ptr<BeforeScrape> Get() {
@@ -134,37 +143,121 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
     return absl::InvalidArgumentError(absl::StrCat("--metrics-port ", port, " outside [-1, 65535] (-1 = off)"));
   }
   const std::string address = absl::StrCat(host, ":", port);
-  std::unique_ptr<prometheus::Exposer> exposer;
-  // civetweb says why it could not start only through this callback.
-  static thread_local std::string civetweb_error;
-  civetweb_error.clear();
-  static const CivetCallbacks callbacks = [] {
-    CivetCallbacks c{};
-    c.log_message = [](const mg_connection*, const char* message) {
-      civetweb_error = message;
-      return 1;
-    };
-    return c;
-  }();
-  try {
-    // One thread: scrapes are rare and must not compete with serving.
-    exposer = std::make_unique<prometheus::Exposer>(address, 1, &callbacks);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address, ": ",
-                                               civetweb_error.empty() ? e.what() : civetweb_error));
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string service = std::to_string(port);
+  if (int rc = getaddrinfo(host.c_str(), service.c_str(), &hints, &found); rc != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics endpoint: cannot resolve ", address, ": ", gai_strerror(rc)));
   }
-  const std::vector<int> ports = exposer->GetListeningPorts();
-  if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address));
-  exposer->RegisterCollectable(BeforeScrape::Get());
-  exposer->RegisterCollectable(SharedRegistry());
-  DMOE_LOG(kInfo, "metrics") << "serving http://" << host << ":" << ports.front() << "/metrics";
-  return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(exposer), ports.front()));
+  std::string why = "no address";
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      why = std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));  // restarts within TIME_WAIT
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+      why = std::strerror(errno);
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address, ": ", why));
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  const int bound_port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                                             : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  auto server = std::unique_ptr<MetricsServer>(new MetricsServer(fd, bound_port));
+  if (pipe2(server->stop_pipe_, O_CLOEXEC) != 0) {
+    return absl::UnavailableError(absl::StrCat("metrics endpoint: pipe: ", std::strerror(errno)));
+  }
+  server->thread_ = std::thread([s = server.get()] { s->Serve(); });
+  DMOE_LOG(kInfo, "metrics") << "serving http://" << host << ":" << bound_port << "/metrics";
+  return server;
 }
 
-MetricsServer::MetricsServer(std::unique_ptr<prometheus::Exposer> exposer, int port)
-    : exposer_(std::move(exposer)), port_(port) {}
+MetricsServer::MetricsServer(int listen_fd, int port) : listen_fd_(listen_fd), port_(port) {}
 
-MetricsServer::~MetricsServer() = default;
+MetricsServer::~MetricsServer() {
+  if (thread_.joinable()) {
+    const char stop = 1;
+    (void)!write(stop_pipe_[1], &stop, 1);
+    thread_.join();
+  }
+  for (int fd : stop_pipe_) {
+    if (fd >= 0) close(fd);
+  }
+  close(listen_fd_);
+}
+
+// One connection at a time: scrapes are rare, small and must not compete
+// with serving for threads.
+void MetricsServer::Serve() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      DMOE_LOG(kError, "metrics") << "poll: " << std::strerror(errno);
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    const int connection = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (connection < 0) continue;
+    Answer(connection);
+    close(connection);
+  }
+}
+
+void MetricsServer::Answer(int connection) const {
+  // A slow or silent client cannot hold the endpoint for long.
+  const timeval timeout{2, 0};
+  setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  setsockopt(connection, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  std::string request;
+  char buffer[4096];
+  while (request.find("\r\n\r\n") == std::string::npos && request.size() < 16384) {
+    const ssize_t n = recv(connection, buffer, sizeof(buffer), 0);
+    if (n <= 0) return;
+    request.append(buffer, static_cast<size_t>(n));
+  }
+  const std::string_view line = std::string_view(request).substr(0, request.find("\r\n"));
+  std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
+  const bool get = line.rfind("GET ", 0) == 0, head = line.rfind("HEAD ", 0) == 0;
+  const std::string_view target = line.substr(line.find(' ') + 1, line.rfind(' ') - line.find(' ') - 1);
+  const std::string_view path = target.substr(0, target.find('?'));
+  if (!get && !head) {
+    status = "405 Method Not Allowed";
+    type = "text/plain";
+    body = "only GET /metrics\n";
+  } else if (path != "/metrics") {
+    status = "404 Not Found";
+    type = "text/plain";
+    body = "only GET /metrics\n";
+  } else {
+    std::vector<prometheus::MetricFamily> families = BeforeScrape::Get()->Collect();
+    std::vector<prometheus::MetricFamily> registered = SharedRegistry()->Collect();
+    families.insert(families.end(), std::make_move_iterator(registered.begin()),
+                    std::make_move_iterator(registered.end()));
+    body = prometheus::TextSerializer().Serialize(families);
+  }
+  std::string response = absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
+                                      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n");
+  if (!head) response += body;
+  for (size_t sent = 0; sent < response.size();) {
+    const ssize_t n = send(connection, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return;
+    sent += static_cast<size_t>(n);
+  }
+}
 
 // ---------------------------------------------------------------- scheduler
 

@@ -1,5 +1,5 @@
 // Prometheus metrics of every dmoe process: the /metrics endpoint
-// (prometheus-cpp's pull exposer) and one class per process kind holding its
+// (MetricsServer, below) and one class per process kind holding its
 // families. Names follow Prometheus conventions and the vLLM/SGLang
 // dashboards' vocabulary (dmoe_ prefix, base units, _total counters); the
 // list with meanings is in docs/deploy.md.
@@ -22,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,14 +33,16 @@
 #include "router/expert_placement.h"
 #include "transport/transport.h"
 
-namespace prometheus {
-class Exposer;
-}
-
 namespace dmoe::metrics {
 
 // The HTTP endpoint (GET /metrics, text format 0.0.4) of this process's
 // registry.
+//
+// Its own small HTTP/1.1 responder on one thread, not prometheus-cpp's
+// civetweb exposer: civetweb starts its threads with a fixed 100 KiB stack,
+// and glibc carves each thread's static TLS out of that stack. OpenBLAS
+// (60 KiB of TLS) and the CUDA runtime leave too little of it, and civetweb's
+// worker overflowed its stack on the first scrape in every node process.
 class MetricsServer {
  public:
   // Listens on host:port; port 0 picks a free port. port -1 means off and
@@ -51,9 +54,13 @@ class MetricsServer {
   int port() const { return port_; }
 
  private:
-  MetricsServer(std::unique_ptr<prometheus::Exposer> exposer, int port);
-  std::unique_ptr<prometheus::Exposer> exposer_;
-  int port_;
+  MetricsServer(int listen_fd, int port);
+  void Serve();
+  void Answer(int connection) const;
+  const int listen_fd_;
+  const int port_;
+  int stop_pipe_[2] = {-1, -1};  // a byte written to [1] stops Serve()
+  std::thread thread_;
 };
 
 // dmoe-scheduler: requests, steps, the latent caches, expert load, bias.
