@@ -59,7 +59,8 @@ mkdir -p "${logs}"
 # UBSAN_OPTIONS too, so each run sets only its own.)
 if [ "${preset}" = tsan ]; then
   # gRPC, protobuf, abseil and UCX come uninstrumented from Debian.
-  export TSAN_OPTIONS="log_path=${logs}/tsan:ignore_noninstrumented_modules=1:second_deadlock_stack=1"
+  # tests/tsan/suppressions.txt says which reports inside gRPC's headers are dropped.
+  export TSAN_OPTIONS="log_path=${logs}/tsan:ignore_noninstrumented_modules=1:second_deadlock_stack=1:suppressions=${PWD}/tests/tsan/suppressions.txt"
 else
   export ASAN_OPTIONS="log_path=${logs}/asan:detect_leaks=1:strict_string_checks=1"
   export UBSAN_OPTIONS="log_path=${logs}/ubsan:print_stacktrace=1:halt_on_error=1"
