@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 #include "transport/ucx_transport.h"
@@ -176,42 +177,62 @@ absl::StatusOr<int> ConnectPeers(transport::Transport& transport, const v1::GetC
 }
 
 absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse& cluster, int64_t n_routed_experts) {
-  std::vector<transport::NodeId> ids;
+  std::map<transport::NodeId, const v1::ClusterNode*> experts;
   for (const v1::ClusterNode& n : cluster.nodes()) {
-    if (n.kind() == v1::NODE_KIND_EXPERT) ids.push_back(n.node_id());
+    if (n.kind() == v1::NODE_KIND_EXPERT) experts[n.node_id()] = &n;
   }
-  std::sort(ids.begin(), ids.end());
-  if (ids.empty()) return absl::FailedPreconditionError("the cluster has no expert nodes");
+  if (experts.empty()) return absl::FailedPreconditionError("the cluster has no expert nodes");
   if (cluster.expert_to_node_size() != n_routed_experts) {
     return absl::FailedPreconditionError(absl::StrCat("the cluster's expert_to_node has ",
                                                       cluster.expert_to_node_size(), " entries, the model ",
                                                       n_routed_experts, " routed experts"));
   }
+  std::vector<transport::NodeId> all;
+  for (const auto& [id, n] : experts) all.push_back(id);
+  std::vector<transport::NodeId> ids;  // the placement's nodes
+  for (int64_t e = 0; e < n_routed_experts; ++e) {
+    const transport::NodeId id = cluster.expert_to_node(e);
+    if (!experts.contains(id)) {
+      return absl::FailedPreconditionError(absl::StrCat("expert_to_node[", e, "] = ", id,
+                                                        " is not an expert node of the cluster (",
+                                                        absl::StrJoin(all, ", "), ")"));
+    }
+    ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   std::map<transport::NodeId, int32_t> index_of;
   for (size_t i = 0; i < ids.size(); ++i) index_of[ids[i]] = static_cast<int32_t>(i);
   std::vector<int32_t> expert_to_index(n_routed_experts);
-  for (int64_t e = 0; e < n_routed_experts; ++e) {
-    const auto it = index_of.find(cluster.expert_to_node(e));
-    if (it == index_of.end()) {
-      return absl::FailedPreconditionError(absl::StrCat("expert_to_node[", e, "] = ", cluster.expert_to_node(e),
-                                                        " is not an expert node of the cluster (",
-                                                        absl::StrJoin(ids, ", "), ")"));
-    }
-    expert_to_index[e] = it->second;
-  }
+  for (int64_t e = 0; e < n_routed_experts; ++e) expert_to_index[e] = index_of.at(cluster.expert_to_node(e));
   absl::StatusOr<router::ExpertPlacement> placement =
       router::ExpertPlacement::FromMap(n_routed_experts, static_cast<int64_t>(ids.size()), std::move(expert_to_index));
   if (!placement.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("the cluster's expert placement: ", placement.status().message()));
   }
-  std::vector<std::string> names;
-  for (transport::NodeId id : ids) {
-    for (const v1::ClusterNode& n : cluster.nodes()) {
-      if (n.node_id() == id) names.push_back(absl::StrCat("expert node ", id, " (", n.grpc_address(), ")"));
+  ExpertNodes out{std::move(*placement), ids, {}, {}};
+  for (transport::NodeId id : ids) out.replicas.push_back({id});
+  auto same_shard = [](const v1::ClusterNode& a, const v1::ClusterNode& b) {
+    return a.expert_shard_size() > 0 && std::equal(a.expert_shard().begin(), a.expert_shard().end(),
+                                                   b.expert_shard().begin(), b.expert_shard().end());
+  };
+  for (const auto& [id, n] : experts) {
+    out.names[id] = absl::StrCat("expert node ", id, " (", n->grpc_address(), ")");
+    if (index_of.contains(id)) continue;
+    bool placed = false;
+    for (size_t i = 0; i < ids.size() && !placed; ++i) {
+      if (same_shard(*n, *experts.at(ids[i]))) {
+        out.replicas[i].push_back(id);
+        placed = true;
+      }
+    }
+    if (!placed) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert node ", id, " hosts no expert of expert_to_node and is no node's replica"));
     }
   }
-  return ExpertNodes{std::move(*placement), std::move(ids), std::move(names)};
+  return out;
 }
 
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
@@ -242,11 +263,11 @@ void SetServing(grpc::Server& server, bool serving) {
   if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) health->SetServingStatus(serving);
 }
 
-absl::Status WritePortFile(const std::string& path, int port) {
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
-    out << "{\"port\": " << port << "}\n";
+    out << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port << "}\n";
     out.close();
     if (!out) return absl::UnavailableError(absl::StrCat("cannot write port file ", tmp));
   }
@@ -280,11 +301,14 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
   const char* log = options.log_component;
   DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services,
                                                                    options.max_receive_bytes));
-  const std::string grpc_address = absl::StrCat(options.host, ":", server.port);
+  const std::string grpc_address =
+      absl::StrCat(options.advertise_host.empty() ? options.host : options.advertise_host, ":", server.port);
   auto member = std::unique_ptr<ClusterMember>(new ClusterMember(options, grpc_address));
   member->server_ = std::move(server);
   DMOE_LOG(kInfo, log) << "listening on " << grpc_address << " (not serving until connected)";
-  if (!options.port_file.empty()) DMOE_RETURN_IF_ERROR(WritePortFile(options.port_file, member->server_.port));
+  if (!options.port_file.empty()) {
+    DMOE_RETURN_IF_ERROR(WritePortFile(options.port_file, member->server_.port, options.metrics_port));
+  }
 
   v1::RegisterNodeRequest request;
   request.set_kind(options.kind);
@@ -295,7 +319,7 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
     request.set_page_size(options.page_size);
   }
   DMOE_ASSIGN_OR_RETURN(member->registration_, member->coordinator_.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
+    return metrics::Metered(transport::CreateUcxTransport(transport::UcxOptions{.node_id = id}));
   }));
   const Registration& reg = member->registration_;
   DMOE_LOG(kInfo, log) << "registered with " << options.scheduler << " as node " << reg.node_id

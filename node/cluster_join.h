@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <thread>
 #include <functional>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -96,16 +97,22 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
                                            const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
-// Writes {"port": P} to `path` atomically (a temporary file, then rename).
-absl::Status WritePortFile(const std::string& path, int port);
+// Writes {"port": P, "metrics_port": M} to `path` atomically (a temporary
+// file, then rename); M is -1 when the metrics endpoint is off.
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port = -1);
 
 struct JoinOptions {
   v1::NodeKind kind = v1::NODE_KIND_UNSPECIFIED;
   std::string scheduler;  // the scheduler's control address, host:port
-  std::string host = "127.0.0.1";
+  std::string host = "127.0.0.1";  // where the server binds
+  // How the scheduler reaches this node (registered as advertise_host:port):
+  // a name that resolves to it, e.g. its pod's DNS name when host is
+  // 0.0.0.0. Empty: host.
+  std::string advertise_host;
   int port = 0;
   std::vector<grpc::Service*> services;  // served besides health; must outlive the member
-  std::string port_file;                 // {"port": P} once listening; empty: none
+  std::string port_file;                 // {"port": P, "metrics_port": M} once listening; empty: none
+  int metrics_port = -1;                 // for the port file: the /metrics port, -1 when off
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
   int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)
@@ -177,15 +184,17 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
 absl::StatusOr<int> ConnectPeers(transport::Transport& transport, const v1::GetClusterResponse& cluster,
                                  v1::NodeKind kind);
 
-// The cluster's expert placement over expert node indices (expert nodes in
-// node id order) and each index's transport node id, from expert_to_node
-// (which holds transport node ids). FAILED_PRECONDITION when the map names a
-// node that is not an expert node of the cluster or its size is not
-// n_routed_experts.
+// The cluster's expert placement over the expert nodes that expert_to_node
+// names (which holds transport node ids; in node id order), each one's
+// transport node id, and its replicas: it and the other expert nodes with
+// the same expert_shard (--expert-replicas). FAILED_PRECONDITION when the
+// map names a node that is not an expert node of the cluster, its size is
+// not n_routed_experts, or an expert node is neither named nor a replica.
 struct ExpertNodes {
   router::ExpertPlacement placement;
-  std::vector<transport::NodeId> node_ids;  // [expert node index]
-  std::vector<std::string> names;           // [expert node index]: "expert node 3 (host:port)", for errors
+  std::vector<transport::NodeId> node_ids;                // [placement node]
+  std::vector<std::vector<transport::NodeId>> replicas;   // [placement node]: node_ids[i] first
+  std::map<transport::NodeId, std::string> names;         // "expert node 3 (host:port)", for errors
 };
 absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse& cluster, int64_t n_routed_experts);
 

@@ -11,6 +11,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "proto/grpc_status.h"
 #include "proto/message_limits.h"
 
@@ -90,8 +91,12 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
     DMOE_ASSIGN_OR_RETURN(router::ExpertLoadTracker window, router::ExpertLoadTracker::Create(config));
     loop->window_ = std::make_unique<router::ExpertLoadTracker>(std::move(window));
   }
+  // A restarted scheduler's request ids start again: whatever the nodes
+  // cached for its predecessor must go before they are reused.
+  for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
+  metrics::Scheduler().SetClusterStatsSource([l = loop.get()] { return l->Stats(); });
   return loop;
 }
 
@@ -101,6 +106,7 @@ void ServingLoop::Bump() {
 }
 
 ServingLoop::~ServingLoop() {
+  metrics::Scheduler().SetClusterStatsSource(nullptr);
   coordinator_.SetListener(nullptr);
   {
     absl::MutexLock lock(&mu_);
@@ -274,7 +280,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
                                        st.message());
       DMOE_LOG(kError, "scheduler") << message;
       failed->push_back({static_cast<int>(n), lost ? absl::StatusCode::kUnavailable : st.code(), message});
-      if (lost && !node_answered) ProbeNode(static_cast<int>(n), message);
+      if (lost && !node_answered) {
+        ProbeNode(static_cast<int>(n), absl::StrCat("step ", plan.step_id, " failed: ", st.message()));
+      }
       node_bias_version_[n] = -1;  // resend the bias next time
       continue;
     }
@@ -322,6 +330,22 @@ void ServingLoop::ProbeNode(int n, const std::string& why) {
                                      st.ok() ? "NOT_SERVING" : FromGrpcStatus(st).ToString()));
 }
 
+void ServingLoop::FreeLeftovers(int n) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::CacheStatus cache;
+  if (!nodes_[n]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() || cache.sequence_ids_size() == 0) {
+    return;
+  }
+  DMOE_LOG(kInfo, "scheduler") << node_slots_[n].name << " holds " << cache.sequence_ids_size()
+                               << " sequences this scheduler did not place: freeing them";
+  grpc::ClientContext free_ctx;
+  free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::FreeRequest free;
+  *free.mutable_sequence_ids() = cache.sequence_ids();
+  (void)nodes_[n]->Free(&free_ctx, free, &cache);
+}
+
 void ServingLoop::SyncMembership() {
   const std::vector<NodeSlot> slots = coordinator_.Slots();
   const int N = coordinator_.num_attention_nodes();
@@ -353,17 +377,7 @@ void ServingLoop::SyncMembership() {
         nodes_[i] = NodeStub(slot, config_, options_.batching.max_batch_tokens);
       }
       node_slots_[i] = slot;
-      // A process that was only cut off may still hold sequences: free them.
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-      v1::CacheStatus cache;
-      if (nodes_[i]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() && cache.sequence_ids_size() > 0) {
-        grpc::ClientContext free_ctx;
-        free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-        v1::FreeRequest free;
-        *free.mutable_sequence_ids() = cache.sequence_ids();
-        (void)nodes_[i]->Free(&free_ctx, free, &cache);
-      }
+      FreeLeftovers(i);  // a process that was only cut off may still hold sequences
       node_bias_version_[i] = -1;
       absl::MutexLock lock(&mu_);
       batcher_->NodeUp(i, slot.cache_pages);
@@ -371,8 +385,14 @@ void ServingLoop::SyncMembership() {
       DMOE_LOG(kInfo, "scheduler") << slot.name << " serves again";
     }
   }
+  // Every expert shard needs one serving replica (one node without replicas).
+  const int groups = coordinator_.num_expert_groups();
+  std::vector<bool> group_serves(groups, false);
+  for (size_t i = N; i < slots.size(); ++i) {
+    if (slots[i].serving) group_serves[coordinator_.GroupOf(static_cast<int>(i))] = true;
+  }
   for (size_t i = N; i < slots.size() && cannot_serve.empty(); ++i) {
-    if (slots[i].serving) continue;
+    if (slots[i].serving || group_serves[coordinator_.GroupOf(static_cast<int>(i))]) continue;
     cannot_serve = absl::StrCat(slots[i].name, " unavailable: ",
                                 slots[i].state == v1::NODE_STATE_DOWN ? slots[i].down_reason
                                                                       : "it is joining (not connected yet)");
@@ -420,6 +440,7 @@ void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
     }
   }
   ++bias_version_;
+  metrics::Scheduler().ServingBiasChanged(serving_bias_flat_, E);
   absl::MutexLock lock(&mu_);
   max_abs_bias_ = max_abs;
 }
@@ -485,6 +506,8 @@ void ServingLoop::Run() {
     }
     Deliver(events);
     Balance(step_load_);
+    metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
+                                      coordinator_.placement());
     absl::MutexLock lock(&mu_);
     rpc_s_ += absl::ToDoubleSeconds(t2 - t1);
     scheduler_s_ += absl::ToDoubleSeconds((t1 - t0) + (absl::Now() - t2));

@@ -35,6 +35,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/core/model_test_util.h"
+#include "tests/expert_node/node_test_util.h"
 #include "tests/test_util.h"
 
 extern char** environ;
@@ -431,6 +432,9 @@ TEST(ClusterCli, FlagErrorsAreOneLineAndNameTheProblem) {
   ExpectError({"up", "--model", kModel, "--cache-pages", "0"}, "--cache-pages = 0");
   ExpectError({"up", "--model", kModel, "--config", "/nonexistent.json"}, "--config /nonexistent.json");
   ExpectError({"up", "--model", kModel, "--bogus"}, "unknown flag --bogus");
+  ExpectError({"up", "--model", kModel, "--expert-nodes", "-1"}, "--expert-nodes = -1 must be in 0..256");
+  ExpectError({"up", "--model", kModel, "--device", "tpu"}, "--device 'tpu' must be cpu or cuda");
+  ExpectError({"up", "--model", kModel, "--gpu-memory-fraction", "0.5"}, "--gpu-memory-fraction needs --device cuda");
 
   ExpectError({"generate", "--server", "localhost", "--ids", "1"}, "--server = 'localhost' is not HOST:PORT");
   ExpectError({"generate", "--server", "127.0.0.1:1"}, "exactly one of");
@@ -746,11 +750,14 @@ TEST_F(RealCluster, ACorruptCheckpointFailsCleanly) {
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
 }
 
-TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
-  const std::string marker_value = "real-" + std::to_string(::getpid());
-  DmoeProcess up(
-      {"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", "2", "--timeout", "60"},
-      {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
+// `dmoe up` with `expert_nodes` expert nodes (0: one process, the
+// attention node running the routed experts on its own backend) serves the
+// golden greedy ids.
+void ExpectGoldenOverUp(const std::string& expert_nodes) {
+  const std::string marker_value = "real-" + expert_nodes + "-" + std::to_string(::getpid());
+  DmoeProcess up({"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", expert_nodes,
+                  "--timeout", "60"},
+                 {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
   const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
   ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
   std::smatch m;
@@ -774,6 +781,47 @@ TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
+}
+
+TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) { ExpectGoldenOverUp("2"); }
+
+TEST_F(RealCluster, OneProcessWithoutExpertNodesEqualsGoldenGreedy) { ExpectGoldenOverUp("0"); }
+
+TEST_F(RealCluster, UpRestartsAKilledExpertNodeAndServesGoldenAgain) {
+  const std::string marker = "DMOE_CLUSTER_TEST_MARKER=real-restart-" + std::to_string(::getpid());
+  DmoeProcess up(
+      {"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", "2", "--timeout", "60"},
+      {{"DMOE_CLUSTER_TEST_MARKER", marker.substr(marker.find('=') + 1)}});
+  const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
+  ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*line, m, std::regex("on 127\\.0\\.0\\.1:([0-9]+) "))) << *line;
+  const std::string server = "127.0.0.1:" + m[1].str();
+  pid_t expert = -1;
+  for (pid_t pid : ProcessesWithEnv(marker)) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+    const std::string cmdline(std::istreambuf_iterator<char>(in), {});
+    if (cmdline.find("dmoe-expert-node") != std::string::npos) expert = pid;
+  }
+  ASSERT_GT(expert, 0);
+  ASSERT_EQ(::kill(expert, SIGKILL), 0);
+  // The scheduler turns NOT_SERVING, then SERVING once the restarted node is back.
+  EXPECT_TRUE(testing::AwaitHealthStatus(server, false, absl::Seconds(20)).ok());
+  const absl::Status back = testing::AwaitHealthStatus(server, true, absl::Seconds(30));
+  ASSERT_TRUE(back.ok()) << back << "\n" << up.err();
+  EXPECT_NE(up.err().find("was killed by signal 9 (Killed); restarting it"), std::string::npos) << up.err();
+  for (const auto& gc : testing::LoadGoldenCases(testing::GoldenModelDir())) {
+    const Result r =
+        RunDmoe({"generate", "--server", server, "--ids", Ids(gc.prompt_ids), "--max-tokens", "16", "--json"}, {},
+                std::chrono::seconds(30));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(json::parse(r.out)["ids"].get<std::vector<int32_t>>(), gc.greedy_ids);
+  }
+  up.Signal(SIGTERM);
+  const std::optional<int> status = up.Wait(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
+  EXPECT_TRUE(LeftoverProcesses(marker, std::chrono::seconds(2)).empty());
 }
 
 // TLS flags reach the scheduler; `dmoe up` itself gets ready without a
