@@ -7,6 +7,12 @@
 #include "core/status_macros.h"
 #include "transport/in_process_transport.h"
 #include "transport/ucx_transport.h"
+#if DMOE_HAVE_NCCL
+#include <thread>
+
+#include "core/cuda/cuda_backend.h"
+#include "transport/nccl_transport.h"
+#endif
 
 namespace dmoe::transport::testing {
 namespace {
@@ -82,5 +88,40 @@ TransportKind UcxKind(bool detect_peer_failure) {
             return cluster;
           }};
 }
+
+void SetNcclTestEnv() { setenv("NCCL_SOCKET_IFNAME", "lo", /*overwrite=*/0); }
+
+#if DMOE_HAVE_NCCL
+TransportKind NcclKind() {
+  return {"Nccl", [](int n) -> absl::StatusOr<std::vector<std::unique_ptr<Transport>>> {
+            absl::StatusOr<std::vector<cuda::CudaDeviceInfo>> devices = cuda::ListDevices();
+            if (!devices.ok() || static_cast<int>(devices->size()) < n) {
+              return absl::FailedPreconditionError(
+                  absl::StrCat("the NCCL transport test needs ", n, " GPUs (one per node), found ",
+                               devices.ok() ? absl::StrCat(devices->size())
+                                            : absl::StrCat("none: ", devices.status().message())));
+            }
+            SetNcclTestEnv();
+            DMOE_ASSIGN_OR_RETURN(const std::string unique_id, NewNcclUniqueId());
+            // Every rank blocks in CreateNcclTransport until all have joined: one thread each.
+            std::vector<absl::StatusOr<std::unique_ptr<NcclTransport>>> made(n);  // UNKNOWN until set
+            std::vector<std::thread> threads;
+            for (NodeId rank = 0; rank < n; ++rank) {
+              threads.emplace_back([&, rank] {
+                made[rank] = CreateNcclTransport(
+                    NcclOptions{.node_id = rank, .num_nodes = n, .unique_id = unique_id, .cuda_device = rank});
+              });
+            }
+            for (std::thread& t : threads) t.join();
+            std::vector<std::unique_ptr<Transport>> cluster;
+            for (auto& m : made) {
+              if (!m.ok()) return m.status();
+              cluster.push_back(std::move(*m));
+            }
+            DMOE_RETURN_IF_ERROR(ConnectAll(cluster));
+            return cluster;
+          }};
+}
+#endif
 
 }  // namespace dmoe::transport::testing
