@@ -25,6 +25,8 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
   if (request.grpc_address().empty())
     return absl::InvalidArgumentError("RegisterNode: grpc_address is empty");
   absl::MutexLock lock(&mu_);
+  v1::RegisterNodeResponse response;
+  if (absl::Status s = AcceptTransportLocked(request, response); !s.ok()) return s;
   int id = -1;
   for (int i = 0; i < static_cast<int>(nodes_.size()); ++i) {
     if (nodes_[i].kind == request.kind() && nodes_[i].grpc_address == request.grpc_address()) id = i;
@@ -55,7 +57,6 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
     nodes_[id].cache_pages = request.cache_pages();
     nodes_[id].page_size = request.page_size();
   }
-  v1::RegisterNodeResponse response;
   response.set_node_id(id);
   if (request.kind() == v1::NODE_KIND_EXPERT) {
     const int index = id - num_attention_;
@@ -107,6 +108,42 @@ absl::Status Coordinator::ReportExpertLoad(const v1::ExpertLoadReport& report) {
                      " counts, expected layers x experts = ", total_load_.size()));
   }
   for (int i = 0; i < report.tokens_size(); ++i) total_load_[i] += report.tokens(i);
+  return absl::OkStatus();
+}
+
+void Coordinator::SetNcclUniqueIdSource(NcclUniqueIdSource source) {
+  absl::MutexLock lock(&mu_);
+  nccl_unique_id_source_ = std::move(source);
+}
+
+absl::Status Coordinator::AcceptTransportLocked(const v1::RegisterNodeRequest& request,
+                                                v1::RegisterNodeResponse& response) {
+  const v1::TransportKind kind =
+      request.transport_kind() == v1::TRANSPORT_KIND_UNSPECIFIED ? v1::TRANSPORT_KIND_UCX : request.transport_kind();
+  if (transport_kind_.has_value() && *transport_kind_ != kind) {
+    return absl::FailedPreconditionError(absl::StrCat("RegisterNode from ", request.grpc_address(), ": transport ",
+                                                      v1::TransportKind_Name(kind), ", but the cluster's nodes use ",
+                                                      v1::TransportKind_Name(*transport_kind_)));
+  }
+  if (kind == v1::TRANSPORT_KIND_NCCL) {
+    if (nccl_unique_id_.empty()) {
+      if (!nccl_unique_id_source_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "RegisterNode from ", request.grpc_address(),
+            ": NCCL transport asked for, but this scheduler cannot make an NCCL unique id (built without NCCL)"));
+      }
+      absl::StatusOr<std::string> id = nccl_unique_id_source_();
+      if (!id.ok()) {
+        return absl::UnavailableError(absl::StrCat("RegisterNode: making the NCCL unique id: ", id.status().message()));
+      }
+      nccl_unique_id_ = *std::move(id);
+      DMOE_LOG(kInfo, "scheduler") << "made the NCCL unique id (" << nccl_unique_id_.size() << " bytes) for "
+                                   << nodes_.size() << " ranks";
+    }
+    response.set_nccl_unique_id(nccl_unique_id_);
+    response.set_num_nodes(static_cast<int32_t>(nodes_.size()));
+  }
+  transport_kind_ = kind;
   return absl::OkStatus();
 }
 

@@ -8,6 +8,8 @@
 #define DMOE_SCHEDULER_COORDINATOR_H_
 
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,7 +31,14 @@ class Coordinator {
 
   // Same grpc_address again: the same id (updates the transport address).
   // FAILED_PRECONDITION when all nodes of that kind are registered already.
+  // Every node must register with the same transport_kind (FAILED_PRECONDITION otherwise);
+  // NCCL nodes get the cluster's ncclUniqueId and size in the response.
   absl::StatusOr<v1::RegisterNodeResponse> RegisterNode(const v1::RegisterNodeRequest& request);
+  // Makes the ncclUniqueId, once, when the first NCCL node registers (NewNcclUniqueId of
+  // transport/nccl_transport.h where the scheduler is built with NCCL). Unset: NCCL nodes are
+  // refused with FAILED_PRECONDITION. Call before serving.
+  using NcclUniqueIdSource = std::function<absl::StatusOr<std::string>()>;
+  void SetNcclUniqueIdSource(NcclUniqueIdSource source);
   absl::Status NodeReady(const v1::NodeReadyRequest& request);
   v1::GetClusterResponse GetCluster() const;
   absl::Status ReportExpertLoad(const v1::ExpertLoadReport& report);
@@ -60,6 +69,9 @@ class Coordinator {
     bool ready = false;
   };
   bool AllReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The cluster's one transport kind, and for NCCL the unique id into `response`.
+  absl::Status AcceptTransportLocked(const v1::RegisterNodeRequest& request, v1::RegisterNodeResponse& response)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ModelConfig config_;
   const int num_attention_, num_expert_;
@@ -67,6 +79,9 @@ class Coordinator {
   mutable absl::Mutex mu_;
   std::vector<Node> nodes_ ABSL_GUARDED_BY(mu_);            // by node id: attention 0..N-1, expert N..N+M-1
   std::vector<int64_t> total_load_ ABSL_GUARDED_BY(mu_);    // [layer * E + e] since start
+  std::optional<v1::TransportKind> transport_kind_ ABSL_GUARDED_BY(mu_);  // of the first node
+  NcclUniqueIdSource nccl_unique_id_source_ ABSL_GUARDED_BY(mu_);
+  std::string nccl_unique_id_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dmoe::scheduler

@@ -17,6 +17,9 @@
 #include "nlohmann/json.hpp"
 #include "router/load_balancer.h"
 #include "scheduler/generation_service.h"
+#if DMOE_HAVE_NCCL
+#include "transport/nccl_transport.h"
+#endif
 
 namespace dmoe::scheduler {
 namespace {
@@ -108,6 +111,9 @@ absl::Status Serve(const std::vector<std::string>& args) {
   const std::string model_name = std::filesystem::path(model_dir).filename().string();
   GenerationService generation(config, *tokenizer, model_name, static_cast<int>(num_attention),
                                static_cast<int>(num_expert));
+#if DMOE_HAVE_NCCL
+  coordinator.SetNcclUniqueIdSource(transport::NewNcclUniqueId);  // made only if a node asks for NCCL
+#endif
   CoordinatorService coordinator_service(coordinator);
 
   grpc::EnableDefaultHealthCheckService(true);
