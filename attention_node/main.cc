@@ -1,7 +1,7 @@
 // dmoe-attention-node: one data-parallel attention node. Joins the cluster
 // through the scheduler's Coordinator (dmoe::node in scheduler/cluster_join.h),
 // loads every weight but the routed experts, connects to the expert nodes
-// over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
+// over UCX (or NCCL with --transport nccl, on GPU --gpu) and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
 #include <string>
 #include <vector>
@@ -15,7 +15,7 @@
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
-#include "transport/ucx_transport.h"
+#include "transport/node_transport.h"
 
 namespace dmoe::attention {
 namespace {
@@ -23,13 +23,14 @@ namespace {
 constexpr char kUsage[] =
     "usage: dmoe-attention-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
     "                           [--cache-pages 512] [--page-size 64] [--ping-pong-min-tokens 32]\n"
-    "                           [--port-file FILE]\n";
+    "                           [--port-file FILE] [--transport ucx|nccl] [--gpu 0]\n";
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(cli::Flags flags, cli::Flags::Parse(args,
                                                             {"model", "scheduler", "host", "port", "cache-pages",
-                                                             "page-size", "ping-pong-min-tokens", "port-file"},
+                                                             "page-size", "ping-pong-min-tokens", "port-file",
+                                                             "transport", "gpu"},
                                                             {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -41,6 +42,10 @@ absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(options.ping_pong_min_tokens,
                         flags.GetInt("ping-pong-min-tokens", options.ping_pong_min_tokens));
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
+  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
+                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
+  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
+  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
   if (options.cache_pages <= 0 || options.page_size <= 0) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
   }
@@ -55,10 +60,16 @@ absl::Status Run(const std::vector<std::string>& args) {
   v1::RegisterNodeRequest request;
   request.set_kind(v1::NODE_KIND_ATTENTION);
   request.set_grpc_address(grpc_address);
+  request.set_transport_kind(transport_choice == transport::TransportChoice::kNccl ? v1::TRANSPORT_KIND_NCCL
+                                                                                    : v1::TRANSPORT_KIND_UCX);
   request.set_cache_pages(options.cache_pages);
   request.set_page_size(options.page_size);
-  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
+  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [&](const v1::RegisterNodeResponse& r) {
+    return transport::CreateNodeTransport({.choice = transport_choice,
+                                           .node_id = r.node_id(),
+                                           .num_nodes = r.num_nodes(),
+                                           .nccl_unique_id = r.nccl_unique_id(),
+                                           .gpu = static_cast<int>(gpu)});
   }));
   DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id;
 

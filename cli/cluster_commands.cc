@@ -26,6 +26,9 @@
 #include "core/status_macros.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#if DMOE_HAVE_CUDA
+#include "core/cuda/cuda_backend.h"
+#endif
 
 namespace dmoe::cli {
 namespace {
@@ -49,14 +52,69 @@ struct UpOptions {
   std::string balance;      // empty: the scheduler's default (or --config)
   std::string config;       // empty: none
   int64_t cache_pages = 0;  // 0: the attention node's default
+  std::string device = "cpu";
+  int64_t gpus = 0;             // --device cuda: one node per GPU, node i on GPU i
+  std::string transport = "ucx";  // the data plane: ucx, or nccl (the default with --gpus)
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
 };
 
+// --device, --gpus and --transport together (before anything starts).
+absl::Status CheckDeviceFlags(const UpOptions& o) {
+  if (o.device != "cpu" && o.device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--device = '", o.device, "' must be cpu or cuda"));
+  }
+  if (o.transport != "ucx" && o.transport != "nccl") {
+    return absl::InvalidArgumentError(absl::StrCat("--transport = '", o.transport, "' must be ucx or nccl"));
+  }
+  if (o.gpus != 0 && o.device != "cuda") return absl::InvalidArgumentError("--gpus needs --device cuda");
+  if (o.device == "cuda" && o.gpus < 2) {
+    // The one-GPU deployment (attention and experts in one process) is the CUDA compute path's.
+    return absl::UnimplementedError(
+        "--device cuda runs one node per GPU here: give --gpus N (N >= 2, one per node); one GPU for the whole "
+        "cluster is not served yet");
+  }
+  if (o.transport == "nccl" && o.gpus < 2) {
+    return absl::InvalidArgumentError("--transport nccl needs --device cuda --gpus N (one GPU per node)");
+  }
+  if (o.gpus >= 2 && o.gpus != o.attention_nodes + o.expert_nodes) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpus ", o.gpus, " puts one node on each GPU: --attention-nodes + ",
+                                                   "--expert-nodes is ", o.attention_nodes + o.expert_nodes));
+  }
+  return absl::OkStatus();
+}
+
+// Enough GPUs for --gpus, and the transport built: FAILED_PRECONDITION or UNAVAILABLE naming what
+// is missing.
+absl::Status CheckGpusVisible(const UpOptions& o) {
+  if (o.gpus == 0) return absl::OkStatus();
+#if DMOE_HAVE_CUDA
+  absl::StatusOr<std::vector<cuda::CudaDeviceInfo>> devices = cuda::ListDevices();
+  if (!devices.ok()) {
+    return absl::UnavailableError(absl::StrCat("--gpus ", o.gpus, ": needs ", o.gpus,
+                                               " CUDA GPUs (one per node), none is visible: ",
+                                               devices.status().message()));
+  }
+  if (static_cast<int64_t>(devices->size()) < o.gpus) {
+    return absl::FailedPreconditionError(absl::StrCat("--gpus ", o.gpus, ": needs ", o.gpus,
+                                                      " CUDA GPUs (one per node), ", devices->size(), " visible"));
+  }
+#if !DMOE_HAVE_NCCL
+  if (o.transport == "nccl") {
+    return absl::FailedPreconditionError("--transport nccl: this dmoe was built without NCCL (nccl.h / libnccl)");
+  }
+#endif
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError(absl::StrCat("--gpus ", o.gpus, ": this dmoe was built without CUDA (-DDMOE_CUDA=OFF)"));
+#endif
+}
+
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
-                                                   "config", "cache-pages", "host", "timeout", "grace"},
+                                                   "config", "cache-pages", "host", "timeout", "grace", "device",
+                                                   "gpus", "transport"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -69,6 +127,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   o.balance = flags.Get("balance").value_or("");
   o.config = flags.Get("config").value_or("");
   o.host = flags.Get("host").value_or(o.host);
+  o.device = flags.Get("device").value_or(o.device);
+  DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
+  o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
@@ -90,6 +151,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   }
   o.timeout = absl::Seconds(timeout_s);
   o.grace = absl::Seconds(grace_s);
+  DMOE_RETURN_IF_ERROR(CheckDeviceFlags(o));
   if (o.host.empty()) return absl::InvalidArgumentError("--host is empty");
   // Fail here, not in a child a few seconds later.
   std::error_code ec;
@@ -171,9 +233,11 @@ class Launcher {
     DMOE_ASSIGN_OR_RETURN(bool ready, WaitServing(*ports));
     if (!ready) return absl::OkStatus();
     const int an = static_cast<int>(opts_.attention_nodes), en = static_cast<int>(opts_.expert_nodes);
-    std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s)\n",
+    const std::string gpus =
+        opts_.gpus > 0 ? absl::StrCat(", ", opts_.gpus, " GPUs, transport ", opts_.transport) : std::string();
+    std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s%s)\n",
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
-                en == 1 ? "" : "s", BalanceMode(*ports).c_str());
+                en == 1 ? "" : "s", BalanceMode(*ports).c_str(), gpus.c_str());
     std::fflush(stdout);
     while (!children_.stop_requested() && !children_.unexpected_exit().has_value()) {
       children_.Wait(absl::InfiniteDuration());
@@ -264,6 +328,8 @@ class Launcher {
       if (attention && opts_.cache_pages > 0) {
         args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
       }
+      if (opts_.transport != "ucx") args.insert(args.end(), {"--transport", opts_.transport});
+      if (opts_.gpus > 0) args.insert(args.end(), {"--gpu", std::to_string(i)});  // node i on GPU i
       DMOE_RETURN_IF_ERROR(children_.Start(
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }
@@ -342,6 +408,7 @@ class Launcher {
 //   -> stop: scheduler (drains), then the nodes; SIGKILL after --grace.
 absl::Status RunUp(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(UpOptions opts, ParseUpOptions(args));
+  DMOE_RETURN_IF_ERROR(CheckGpusVisible(opts));
   DMOE_ASSIGN_OR_RETURN(fs::path bin_dir, ServerBinDir());
   for (const char* binary : {"dmoe-scheduler", "dmoe-attention-node", "dmoe-expert-node"}) {
     if (::access((bin_dir / binary).c_str(), X_OK) != 0) {

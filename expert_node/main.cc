@@ -1,7 +1,8 @@
 // dmoe-expert-node: one expert-parallel expert node. Joins the cluster
 // through the scheduler's Coordinator (dmoe::node in
 // scheduler/cluster_join.h), loads its expert_shard of every MoE
-// layer, connects to the attention nodes over UCX, serves their dispatches
+// layer, connects to the attention nodes over UCX (or NCCL: --transport nccl, on
+// GPU --gpu), serves their dispatches
 // (ExpertWorker) and reports expert load every --report-interval-ms. Its
 // gRPC port serves grpc.health.v1 and reflection. Stops on SIGTERM or SIGINT
 // (exit 0).
@@ -20,26 +21,30 @@
 #include "core/status_macros.h"
 #include "expert_node/expert_service.h"
 #include "expert_node/expert_worker.h"
-#include "transport/ucx_transport.h"
+#include "transport/node_transport.h"
 
 namespace dmoe::expert {
 namespace {
 
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
-    "                        [--report-interval-ms 200] [--port-file FILE]\n";
+    "                        [--report-interval-ms 200] [--port-file FILE] [--transport ucx|nccl] [--gpu 0]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       cli::Flags flags,
-      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file"}, {}));
+      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "transport", "gpu"}, {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
   DMOE_ASSIGN_OR_RETURN(const int64_t port, flags.GetInt("port", 0));
   DMOE_ASSIGN_OR_RETURN(const int64_t report_ms, flags.GetInt("report-interval-ms", 200));
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
+  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
+                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
+  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
+  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
   if (report_ms <= 0)
     return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
@@ -54,8 +59,14 @@ absl::Status Run(const std::vector<std::string>& args) {
   v1::RegisterNodeRequest request;
   request.set_kind(v1::NODE_KIND_EXPERT);
   request.set_grpc_address(grpc_address);
-  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [](transport::NodeId id) {
-    return transport::CreateUcxTransport(transport::UcxOptions{.node_id = id});
+  request.set_transport_kind(transport_choice == transport::TransportChoice::kNccl ? v1::TRANSPORT_KIND_NCCL
+                                                                                    : v1::TRANSPORT_KIND_UCX);
+  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [&](const v1::RegisterNodeResponse& r) {
+    return transport::CreateNodeTransport({.choice = transport_choice,
+                                           .node_id = r.node_id(),
+                                           .num_nodes = r.num_nodes(),
+                                           .nccl_unique_id = r.nccl_unique_id(),
+                                           .gpu = static_cast<int>(gpu)});
   }));
   DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id << " (expert node "
                         << reg.expert_node_index << ", experts " << absl::StrJoin(reg.expert_shard, ",") << ")";

@@ -70,7 +70,7 @@ absl::StatusOr<Registration> CoordinatorClient::Register(const v1::RegisterNodeR
     return absl::FailedPreconditionError(
         absl::StrCat("RegisterNode assigned node id ", reg.node_id, ", outside [0, ", transport::kMaxNodeId, "]"));
   }
-  DMOE_ASSIGN_OR_RETURN(reg.transport, make_transport(reg.node_id));
+  DMOE_ASSIGN_OR_RETURN(reg.transport, make_transport(reply));
   v1::RegisterNodeRequest second = request;
   second.set_transport_address(reg.transport->address());
   v1::RegisterNodeResponse again;

@@ -46,7 +46,9 @@ struct Registration {
   std::unique_ptr<transport::Transport> transport;
 };
 
-using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(transport::NodeId)>;
+// Gets the first registration's answer (node id; for NCCL also the unique id and size).
+using TransportFactory =
+    std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(const v1::RegisterNodeResponse&)>;
 
 // Calls the scheduler's Coordinator service. Thread-safe.
 class CoordinatorClient {
