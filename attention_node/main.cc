@@ -99,6 +99,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   while (!node::WaitForStopSignal(absl::Seconds(1))) {
   }
   DMOE_LOG(kInfo, kLog) << "stopping";
+  transport::LogSendTimesPerLayer(*reg.transport, kLog);
   node::SetServing(*server.server, false);
   server.server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   grpc_service.SetService(nullptr);

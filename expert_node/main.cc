@@ -105,6 +105,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   node::SetServing(*server.server, false);
   worker.Stop();
   worker_thread.join();
+  transport::LogSendTimesPerLayer(*reg.transport, kLog);
   server.server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   return absl::OkStatus();
 }

@@ -5,6 +5,14 @@
 #include "absl/strings/str_cat.h"
 #include "transport/ucx_transport.h"
 #if DMOE_HAVE_NCCL
+#include <algorithm>
+#include <map>
+#include <vector>
+
+#include "core/log.h"
+#include "router/data_plane_tags.h"
+#endif
+#if DMOE_HAVE_NCCL
 #include "transport/nccl_transport.h"
 #endif
 
@@ -31,6 +39,29 @@ absl::StatusOr<std::unique_ptr<Transport>> CreateNodeTransport(const NodeTranspo
 #else
   return absl::FailedPreconditionError(
       "--transport nccl: this build has no NCCL transport (configure with -DDMOE_CUDA=ON where NCCL is installed)");
+#endif
+}
+
+void LogSendTimesPerLayer(Transport& transport, const char* component) {
+#if DMOE_HAVE_NCCL
+  auto* nccl = dynamic_cast<NcclTransport*>(&transport);
+  if (nccl == nullptr) return;
+  std::map<int64_t, std::vector<double>> per_layer;  // layer -> GPU seconds of each send
+  uint64_t bytes = 0;
+  size_t sends = 0;
+  for (const NcclSendRecord& r : nccl->TakeSendRecords()) {
+    per_layer[router::TagLayer(r.tag)].push_back(r.gpu_seconds);
+    bytes += r.bytes;
+    ++sends;
+  }
+  if (sends == 0) return;
+  std::string line;
+  for (auto& [layer, t] : per_layer) {
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    absl::StrAppend(&line, line.empty() ? "" : ", ", "L", layer, " ", static_cast<int64_t>(t[t.size() / 2] * 1e6));
+  }
+  DMOE_LOG(kInfo, component) << "NCCL send GPU time per MoE layer (median us over " << sends << " sends, " << bytes
+                             << " bytes): " << line;
 #endif
 }
 
