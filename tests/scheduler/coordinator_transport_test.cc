@@ -3,9 +3,12 @@
 // Coordinator directly, then the real dmoe-scheduler binary over gRPC.
 #include <grpcpp/grpcpp.h>
 
+#include <sys/wait.h>
+
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,34 +105,50 @@ TEST_F(CoordinatorTransportTest, NcclWithoutASourceOrWithAFailingOneIsRefused) {
   EXPECT_THAT(failing.status().message(), HasSubstr("no socket"));
 }
 
-// The real binary: what a node registering with TRANSPORT_KIND_NCCL gets over gRPC. Built with
-// NCCL the scheduler makes a real ncclUniqueId (no GPU needed); without, it refuses clearly.
-TEST(SchedulerBinaryTest, HandsOutTheNcclUniqueIdThroughRegistration) {
-  const std::filesystem::path dir = testing::ScratchDir("coordinator_transport_test");
-  const std::filesystem::path port_file = dir / "scheduler.json";
-  std::filesystem::remove(port_file);
-  setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // the scheduler hosts NCCL's bootstrap root
-  testing::NodeProcess scheduler;
-  ASSERT_TRUE(scheduler
-                  .Spawn((testing::BinDir() / "dmoe-scheduler").string(),
-                         {"--model", testing::GoldenModelDir().string(), "--host", "127.0.0.1", "--port", "0",
-                          "--control-port", "0", "--attention-nodes", "1", "--expert-nodes", "1", "--port-file",
-                          port_file.string()},
-                         dir / "scheduler.log")
-                  .ok());
-  int control_port = -1;
-  for (const absl::Time end = absl::Now() + absl::Seconds(30); control_port < 0 && absl::Now() < end;) {
-    std::ifstream in(port_file);
-    nlohmann::json j = in ? nlohmann::json::parse(in, nullptr, false) : nlohmann::json();
-    if (j.is_object() && j.contains("control_port")) {
-      control_port = j["control_port"].get<int>();
-    } else {
-      ASSERT_FALSE(scheduler.WaitExit(absl::Milliseconds(20)).has_value()) << scheduler.Log();
+// The real dmoe-scheduler for a 1 + 1 cluster of tiny-v3, on free ports; stopped on destruction.
+class SchedulerBinaryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::ScratchDir(::testing::UnitTest::GetInstance()->current_test_info()->name());
+    const std::filesystem::path port_file = dir_ / "scheduler.json";
+    std::filesystem::remove(port_file);
+    setenv("NCCL_SOCKET_IFNAME", "lo", 0);  // the scheduler hosts NCCL's bootstrap root
+    ASSERT_TRUE(scheduler_
+                    .Spawn((testing::BinDir() / "dmoe-scheduler").string(),
+                           {"--model", testing::GoldenModelDir().string(), "--host", "127.0.0.1", "--port", "0",
+                            "--control-port", "0", "--attention-nodes", "1", "--expert-nodes", "1", "--port-file",
+                            port_file.string()},
+                           dir_ / "scheduler.log")
+                    .ok());
+    for (const absl::Time end = absl::Now() + absl::Seconds(30); control_port_ < 0 && absl::Now() < end;) {
+      std::ifstream in(port_file);
+      nlohmann::json j = in ? nlohmann::json::parse(in, nullptr, false) : nlohmann::json();
+      if (j.is_object() && j.contains("control_port")) {
+        control_port_ = j["control_port"].get<int>();
+      } else {
+        ASSERT_FALSE(scheduler_.WaitExit(absl::Milliseconds(20)).has_value()) << scheduler_.Log();
+      }
     }
+    ASSERT_GT(control_port_, 0) << scheduler_.Log();
   }
-  ASSERT_GT(control_port, 0) << scheduler.Log();
-  auto stub = v1::Coordinator::NewStub(
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", control_port), grpc::InsecureChannelCredentials()));
+
+  void TearDown() override {
+    if (!scheduler_.running()) return;
+    scheduler_.Signal(SIGTERM);
+    EXPECT_TRUE(scheduler_.WaitExit(absl::Seconds(20)).has_value()) << scheduler_.Log();
+  }
+
+  std::string control_address() const { return absl::StrCat("127.0.0.1:", control_port_); }
+
+  std::filesystem::path dir_;
+  testing::NodeProcess scheduler_;
+  int control_port_ = -1;
+};
+
+// What a node registering with TRANSPORT_KIND_NCCL gets over gRPC. Built with NCCL the scheduler
+// makes a real ncclUniqueId (no GPU needed); without, it refuses clearly.
+TEST_F(SchedulerBinaryTest, HandsOutTheNcclUniqueIdThroughRegistration) {
+  auto stub = v1::Coordinator::NewStub(grpc::CreateChannel(control_address(), grpc::InsecureChannelCredentials()));
   auto register_node = [&](v1::NodeKind kind, const std::string& address, v1::RegisterNodeResponse* reply) {
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
@@ -138,7 +157,7 @@ TEST(SchedulerBinaryTest, HandsOutTheNcclUniqueIdThroughRegistration) {
   v1::RegisterNodeResponse a, e;
   const grpc::Status sa = register_node(v1::NODE_KIND_ATTENTION, "127.0.0.1:1", &a);
 #if DMOE_HAVE_NCCL
-  ASSERT_TRUE(sa.ok()) << sa.error_message() << "\n" << scheduler.Log();
+  ASSERT_TRUE(sa.ok()) << sa.error_message() << "\n" << scheduler_.Log();
   const grpc::Status se = register_node(v1::NODE_KIND_EXPERT, "127.0.0.1:2", &e);
   ASSERT_TRUE(se.ok()) << se.error_message();
   EXPECT_EQ(a.nccl_unique_id().size(), transport::kNcclUniqueIdBytes);
@@ -149,8 +168,27 @@ TEST(SchedulerBinaryTest, HandsOutTheNcclUniqueIdThroughRegistration) {
   EXPECT_EQ(sa.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << sa.error_message();
   EXPECT_THAT(sa.error_message(), HasSubstr("built without NCCL"));
 #endif
-  scheduler.Signal(SIGTERM);
-  EXPECT_TRUE(scheduler.WaitExit(absl::Seconds(20)).has_value()) << scheduler.Log();
+}
+
+// A node asked for NCCL where it has no GPU (CUDA_VISIBLE_DEVICES empty hides them on any
+// machine) registers, then exits 1 naming the CUDA error instead of waiting for its peers.
+TEST_F(SchedulerBinaryTest, AnNcclNodeWithoutAGpuExitsNamingWhatIsMissing) {
+  setenv("CUDA_VISIBLE_DEVICES", "", 1);  // inherited by the node only: the scheduler runs already
+  testing::NodeProcess node;
+  const absl::Status spawned = node.Spawn((testing::BinDir() / "dmoe-expert-node").string(),
+                                          {"--model", testing::GoldenModelDir().string(), "--scheduler",
+                                           control_address(), "--transport", "nccl", "--gpu", "0"},
+                                          dir_ / "expert.log");
+  unsetenv("CUDA_VISIBLE_DEVICES");
+  ASSERT_TRUE(spawned.ok()) << spawned;
+  const std::optional<int> status = node.WaitExit(absl::Seconds(60));
+  ASSERT_TRUE(status.has_value()) << node.Log();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << *status << "\n" << node.Log();
+#if DMOE_HAVE_NCCL
+  EXPECT_THAT(node.Log(), HasSubstr("NCCL transport of node 1 on GPU 0: cudaSetDevice: cuda")) << node.Log();
+#else
+  EXPECT_THAT(node.Log(), HasSubstr("built without NCCL")) << node.Log();
+#endif
 }
 
 }  // namespace
