@@ -13,8 +13,9 @@ int NumThreads();
 
 // Splits [0, n) into contiguous ranges of at least `grain` items and calls
 // fn(begin, end) on them from the pool; the calling thread takes part.
-// Returns when every range is done. Safe to call from one thread at a time
-// per pool (the engine's step loop); nested calls run inline.
+// Returns when every range is done. Thread-safe: calls from several threads
+// take the pool one at a time (each call's ranges are its own, whatever the
+// interleaving); nested calls from inside fn run inline.
 void ParallelFor(int64_t n, int64_t grain,
                  const std::function<void(int64_t, int64_t)>& fn);
 
