@@ -171,7 +171,7 @@ absl::Status Run(const Args& a) {
   }
   setenv("NCCL_SOCKET_IFNAME", "lo", 0);
   DMOE_ASSIGN_OR_RETURN(const std::string id, transport::NewNcclUniqueId());
-  std::vector<absl::StatusOr<std::unique_ptr<transport::NcclTransport>>> made(2);
+  std::vector<absl::StatusOr<std::unique_ptr<transport::FramedTransport>>> made(2);
   std::vector<std::thread> threads;
   for (int rank : {0, 1}) {
     threads.emplace_back([&, rank] {
@@ -180,16 +180,16 @@ absl::Status Run(const Args& a) {
   }
   for (auto& t : threads) t.join();
   for (auto& m : made) DMOE_RETURN_IF_ERROR(m.status());
-  transport::NcclTransport& n0 = **made[0];
-  transport::NcclTransport& n1 = **made[1];
+  transport::FramedTransport& n0 = **made[0];
+  transport::FramedTransport& n1 = **made[1];
   DMOE_RETURN_IF_ERROR(n0.Connect(1, n1.address()));
   DMOE_RETURN_IF_ERROR(n1.Connect(0, n0.address()));
   n0.TakeSendRecords();
   n1.TakeSendRecords();
   auto send_times = [&] {
     std::vector<double> dispatch_gpu, reply_gpu;
-    for (const auto& r : n0.TakeSendRecords()) dispatch_gpu.push_back(r.gpu_seconds);
-    for (const auto& r : n1.TakeSendRecords()) reply_gpu.push_back(r.gpu_seconds);
+    for (const auto& r : n0.TakeSendRecords()) dispatch_gpu.push_back(r.device_seconds);
+    for (const auto& r : n1.TakeSendRecords()) reply_gpu.push_back(r.device_seconds);
     return nlohmann::json{{"gpus", absl::StrCat((*gpus)[0].name, " x2")},
                           {"dispatch_send_gpu_us_p50", Percentile(dispatch_gpu, 0.5) * 1e6},
                           {"reply_send_gpu_us_p50", Percentile(reply_gpu, 0.5) * 1e6}};

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <thread>
 #include <utility>
 
@@ -17,7 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "core/log.h"
-#include "transport/mailbox.h"
+#include "core/status_macros.h"
 
 namespace dmoe::transport {
 namespace {
@@ -25,7 +24,6 @@ namespace {
 static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "kNcclUniqueIdBytes must be sizeof(ncclUniqueId)");
 
 constexpr char kLog[] = "transport";
-constexpr size_t kMaxRecords = size_t{1} << 20;
 
 absl::Status CudaError(cudaError_t err, const std::string& what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
@@ -67,21 +65,14 @@ std::string NcclAddress(NodeId rank, int num_nodes, uint64_t fingerprint) {
   return absl::StrCat("nccl:", rank, ":", num_nodes, ":", absl::Hex(fingerprint, absl::kZeroPad16));
 }
 
-class NcclTransportImpl final : public NcclTransport {
+// NCCL as a PieceChannel: comms_[s] is the communicator node s sends on (comms_[0] the world,
+// the others split from it); this node receives from peer p on comms_[p], on p's thread.
+class NcclChannel final : public PieceChannel {
  public:
-  explicit NcclTransportImpl(const NcclOptions& o)
-      : options_(o), rank_(o.node_id), n_(o.num_nodes), fingerprint_(Fingerprint(o.unique_id)), mailbox_(o.node_id) {}
+  explicit NcclChannel(const NcclOptions& o) : options_(o), rank_(o.node_id), n_(o.num_nodes) {}
 
-  ~NcclTransportImpl() override {
-    stopping_.store(true);
-    // Stop the resident receives (and any stuck send) on every communicator before freeing
-    // anything: a free that synchronizes the device would wait for them forever.
-    for (ncclComm_t c : comms_) {
-      if (c != nullptr) ncclCommRevoke(c, NCCL_REVOKE_DEFAULT);
-    }
-    for (auto& p : peers_) {
-      if (p->thread.joinable()) p->thread.join();
-    }
+  ~NcclChannel() override {
+    // FramedTransport called Shutdown (every communicator revoked) and joined its threads.
     const absl::Time deadline = absl::Now() + absl::Seconds(10);
     for (ncclComm_t c : comms_) {
       if (c == nullptr) continue;
@@ -91,44 +82,43 @@ class NcclTransportImpl final : public NcclTransport {
       }
       ncclCommAbort(c);
     }
-    for (auto& p : peers_) {
-      if (p->recv_done != nullptr) cudaEventDestroy(p->recv_done);
-      if (p->recv_stream != nullptr) cudaStreamDestroy(p->recv_stream);
-      if (p->recv_dev != nullptr) cudaFree(p->recv_dev);
-      if (p->send_dev != nullptr) cudaFree(p->send_dev);
-      if (p->recv_host != nullptr) cudaFreeHost(p->recv_host);
-      if (p->send_host != nullptr) cudaFreeHost(p->send_host);
+    // Only now, with no kernel left, may memory be freed (cudaFree waits for the device).
+    for (Staging& p : peers_) {
+      if (p.recv_done != nullptr) cudaEventDestroy(p.recv_done);
+      if (p.recv_stream != nullptr) cudaStreamDestroy(p.recv_stream);
+      if (p.recv_dev != nullptr) cudaFree(p.recv_dev);
+      if (p.send_dev != nullptr) cudaFree(p.send_dev);
+      if (p.recv_host != nullptr) cudaFreeHost(p.recv_host);
+      if (p.send_host != nullptr) cudaFreeHost(p.send_host);
     }
     if (start_event_ != nullptr) cudaEventDestroy(start_event_);
-    if (round_event_ != nullptr) cudaEventDestroy(round_event_);
+    if (done_event_ != nullptr) cudaEventDestroy(done_event_);
     if (own_stream_ && stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init() {
-    const std::string who = absl::StrCat("NCCL transport of node ", rank_, " on GPU ", options_.cuda_device);
-    DMOE_CUDA_OK(cudaSetDevice(options_.cuda_device), absl::StrCat(who, ": cudaSetDevice"));
+    DMOE_CUDA_OK(cudaSetDevice(options_.cuda_device), absl::StrCat(who(), ": cudaSetDevice"));
     if (options_.cuda_stream != nullptr) {
       stream_ = static_cast<cudaStream_t>(options_.cuda_stream);
     } else {
-      DMOE_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), who);
+      DMOE_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), who());
       own_stream_ = true;
     }
-    DMOE_CUDA_OK(cudaEventCreate(&start_event_), who);
-    DMOE_CUDA_OK(cudaEventCreate(&round_event_), who);
+    DMOE_CUDA_OK(cudaEventCreate(&start_event_), who());
+    DMOE_CUDA_OK(cudaEventCreate(&done_event_), who());
     const size_t send_bytes = std::max<size_t>(kFrameHeaderBytes, options_.frame_limits.chunk_bytes);
     const size_t recv_bytes = std::max<size_t>(kFrameHeaderBytes, options_.frame_limits.max_chunk_bytes);
+    peers_.resize(n_);
     for (NodeId p = 0; p < n_; ++p) {
-      auto peer = std::make_unique<Peer>(options_.frame_limits);
-      if (p != rank_) {
-        DMOE_CUDA_OK(cudaMalloc(&peer->send_dev, send_bytes), who);
-        DMOE_CUDA_OK(cudaMalloc(&peer->recv_dev, recv_bytes), who);
-        DMOE_CUDA_OK(cudaMallocHost(&peer->send_host, send_bytes), who);
-        DMOE_CUDA_OK(cudaMallocHost(&peer->recv_host, recv_bytes), who);
-        DMOE_CUDA_OK(cudaStreamCreateWithFlags(&peer->recv_stream, cudaStreamNonBlocking), who);
-        // The receive threads sleep in cudaEventSynchronize instead of spinning a core each.
-        DMOE_CUDA_OK(cudaEventCreateWithFlags(&peer->recv_done, cudaEventBlockingSync | cudaEventDisableTiming), who);
-      }
-      peers_.push_back(std::move(peer));
+      if (p == rank_) continue;
+      Staging& s = peers_[p];
+      DMOE_CUDA_OK(cudaMalloc(&s.send_dev, send_bytes), who());
+      DMOE_CUDA_OK(cudaMalloc(&s.recv_dev, recv_bytes), who());
+      DMOE_CUDA_OK(cudaMallocHost(&s.send_host, send_bytes), who());
+      DMOE_CUDA_OK(cudaMallocHost(&s.recv_host, recv_bytes), who());
+      DMOE_CUDA_OK(cudaStreamCreateWithFlags(&s.recv_stream, cudaStreamNonBlocking), who());
+      // The receiving threads sleep in cudaEventSynchronize instead of spinning a core each.
+      DMOE_CUDA_OK(cudaEventCreateWithFlags(&s.recv_done, cudaEventBlockingSync | cudaEventDisableTiming), who());
     }
 
     ncclUniqueId id;
@@ -140,179 +130,107 @@ class NcclTransportImpl final : public NcclTransport {
     const absl::Time deadline = absl::Now() + options_.init_timeout;
     comms_.assign(n_, nullptr);
     absl::Status s = Settle(comms_[0], ncclCommInitRankConfig(&comms_[0], n_, id, rank_, &config), deadline,
-                            absl::StrCat(who, ": joining the ", n_, "-rank communicator"));
-    // comms_[0] is the world; node s > 0 sends on a copy of it (split with one color).
+                            absl::StrCat(who(), ": joining the ", n_, "-rank communicator"));
     for (NodeId sender = 1; sender < n_ && s.ok(); ++sender) {
       s = Settle(comms_[sender], ncclCommSplit(comms_[0], 0, rank_, &comms_[sender], &config), deadline,
-                 absl::StrCat(who, ": splitting the communicator of sender ", sender));
+                 absl::StrCat(who(), ": splitting the communicator of sender ", sender));
     }
+    if (s.code() == absl::StatusCode::kDeadlineExceeded) {
+      return absl::DeadlineExceededError(absl::StrCat(s.message(), ": not every one of the ", n_,
+                                                      " ranks joined within ",
+                                                      absl::FormatDuration(options_.init_timeout)));
+    }
+    if (s.ok()) {
+      DMOE_LOG(kInfo, kLog) << who() << ": joined " << n_ << " ranks (" << n_ << " communicators, chunk "
+                            << options_.frame_limits.chunk_bytes << " bytes)";
+    }
+    return s;
+  }
+
+  absl::StatusOr<double> SendGroup(absl::Span<const Piece> pieces, absl::Time deadline) override {
+    if (!send_error_.ok()) return send_error_;
+    DMOE_CUDA_OK(cudaSetDevice(options_.cuda_device), "cudaSetDevice");
+    DMOE_CUDA_OK(cudaEventRecord(start_event_, stream_), "cudaEventRecord");
+    // The previous group is complete (waited below), so the staging buffers are free.
+    for (const Piece& piece : pieces) {
+      Staging& s = peers_[piece.peer];
+      std::memcpy(s.send_host, piece.bytes.data(), piece.bytes.size());
+      DMOE_CUDA_OK(cudaMemcpyAsync(s.send_dev, s.send_host, piece.bytes.size(), cudaMemcpyHostToDevice, stream_),
+                   "staging a send");
+    }
+    ncclComm_t comm = comms_[rank_];
+    ncclResult_t r = ncclGroupStart();
+    for (const Piece& piece : pieces) {
+      if (r != ncclSuccess && r != ncclInProgress) break;
+      r = ncclSend(peers_[piece.peer].send_dev, piece.bytes.size(), ncclUint8, piece.peer, comm, stream_);
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress) r = end;
+    absl::Status s = Settle(comm, r, deadline, "ncclSend");
+    if (s.ok()) s = WaitDone(comm, deadline);
     if (!s.ok()) {
-      if (s.code() == absl::StatusCode::kDeadlineExceeded) {
-        s = absl::DeadlineExceededError(absl::StrCat(s.message(), ": not every one of the ", n_, " ranks joined within ",
-                                                     absl::FormatDuration(options_.init_timeout)));
-      }
+      // NCCL cannot cancel one peer's operation: stop this node's sends altogether.
+      send_error_ = s;
+      ncclCommRevoke(comm, NCCL_REVOKE_DEFAULT);
       return s;
     }
-    for (NodeId p = 0; p < n_; ++p) {
-      if (p != rank_) peers_[p]->thread = std::thread([this, p] { ReceiveLoop(p); });
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start_event_, done_event_);
+    return ms / 1e3;
+  }
+
+  absl::Status Receive(NodeId peer, absl::Span<uint8_t> into) override {
+    Staging& s = peers_[peer];
+    if (!s.device_set) {
+      DMOE_CUDA_OK(cudaSetDevice(options_.cuda_device), "cudaSetDevice");  // per thread
+      s.device_set = true;
     }
-    DMOE_LOG(kInfo, kLog) << who << ": joined " << n_ << " ranks (" << n_ << " communicators, chunk "
-                          << options_.frame_limits.chunk_bytes << " bytes)";
+    const std::string what = absl::StrCat("receive from node ", peer);
+    if (stopping_.load()) return absl::CancelledError(what);
+    const ncclResult_t r = ncclRecv(s.recv_dev, into.size(), ncclUint8, peer, comms_[peer], s.recv_stream);
+    DMOE_RETURN_IF_ERROR(Settle(comms_[peer], r, absl::InfiniteFuture(), what));
+    DMOE_CUDA_OK(cudaMemcpyAsync(s.recv_host, s.recv_dev, into.size(), cudaMemcpyDeviceToHost, s.recv_stream), what);
+    DMOE_CUDA_OK(cudaEventRecord(s.recv_done, s.recv_stream), what);
+    const cudaError_t e = cudaEventSynchronize(s.recv_done);  // sleeps until the peer sent
+    if (stopping_.load()) return absl::CancelledError(what);
+    DMOE_CUDA_OK(e, what);
+    std::memcpy(into.data(), s.recv_host, into.size());
     return absl::OkStatus();
   }
 
-  NodeId node_id() const override { return rank_; }
-  std::string address() const override { return NcclAddress(rank_, n_, fingerprint_); }
-
-  absl::Status Connect(NodeId peer, const std::string& address) override {
-    const std::vector<std::string> parts = absl::StrSplit(address, ':');
-    int rank = -1, num = -1;
-    if (parts.size() != 4 || parts[0] != "nccl" || !absl::SimpleAtoi(parts[1], &rank) ||
-        !absl::SimpleAtoi(parts[2], &num)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("connect to peer ", peer, ": '", address, "' is not an NCCL address (nccl:RANK:N:ID)"));
+  void Shutdown() override {
+    stopping_.store(true);
+    // Ends the resident receives (and a stuck send) on every communicator.
+    for (ncclComm_t c : comms_) {
+      if (c != nullptr) ncclCommRevoke(c, NCCL_REVOKE_DEFAULT);
     }
-    if (rank != peer || peer < 0 || peer >= n_ || peer == rank_) {
-      return absl::InvalidArgumentError(absl::StrCat("connect to peer ", peer, ": address '", address, "' names rank ",
-                                                     rank, " (this node is rank ", rank_, " of ", n_, ")"));
-    }
-    if (num != n_ || address != NcclAddress(peer, n_, fingerprint_)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "connect to peer ", peer, ": it joined another NCCL communicator ('", address, "', this one is '",
-          NcclAddress(peer, n_, fingerprint_), "'); NCCL ranks cannot rejoin: restart the cluster"));
-    }
-    absl::MutexLock lock(&state_mu_);
-    peers_[peer]->connected = true;
-    return absl::OkStatus();
-  }
-
-  absl::Status Send(NodeId peer, uint64_t tag, absl::Span<const uint8_t> payload) override {
-    const OutgoingMessage m{peer, tag, payload};
-    return SendMany({&m, 1});
-  }
-
-  absl::StatusOr<Message> Receive(uint64_t tag, uint64_t tag_mask, absl::Duration timeout) override {
-    return mailbox_.Receive(tag, tag_mask, timeout);
-  }
-
-  absl::Status SendMany(absl::Span<const OutgoingMessage> messages) override {
-    const absl::Time start = absl::Now();
-    // Check everything before numbering any frame: a frame numbered but not sent would show up
-    // at the peer as a lost one.
-    for (const OutgoingMessage& m : messages) {
-      if (absl::Status s = ValidateSendTag(m.peer, m.tag); !s.ok()) return s;
-      if (m.peer < 0 || m.peer >= n_ || m.peer == rank_) {
-        return absl::UnavailableError(absl::StrCat("send to peer ", m.peer, ": not another rank of this ", n_,
-                                                   "-rank NCCL cluster (this node is rank ", rank_, ")"));
-      }
-      if (absl::Status s = PeerStatus(m.peer); !s.ok()) return s;
-      if (m.payload.size() > options_.frame_limits.max_payload_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat("send to peer ", m.peer, ": payload of ", m.payload.size(),
-                                                         " bytes exceeds the limit of ",
-                                                         options_.frame_limits.max_payload_bytes));
-      }
-    }
-    absl::MutexLock lock(&send_mu_);
-    if (!send_error_.ok()) return send_error_;
-    const absl::Time deadline = start + options_.send_timeout;
-    DMOE_CUDA_OK(cudaSetDevice(options_.cuda_device), "cudaSetDevice");
-    // Per peer, its pieces in order: header, chunks, next header, ...
-    std::vector<EncodedFrame> frames;
-    frames.reserve(messages.size());  // pieces point into frames[i].header_bytes
-    std::vector<std::deque<absl::Span<const uint8_t>>> pieces(n_);
-    uint64_t bytes = 0;
-    for (const OutgoingMessage& m : messages) {
-      absl::StatusOr<EncodedFrame> f = peers_[m.peer]->encoder.Encode(m.peer, m.tag, m.payload);
-      if (!f.ok()) return f.status();  // checked above; cannot happen
-      frames.push_back(std::move(*f));
-      pieces[m.peer].push_back(absl::MakeConstSpan(frames.back().header_bytes));
-      pieces[m.peer].insert(pieces[m.peer].end(), frames.back().chunks.begin(), frames.back().chunks.end());
-      bytes += m.payload.size();
-    }
-    DMOE_CUDA_OK(cudaEventRecord(start_event_, stream_), "cudaEventRecord");
-    ncclComm_t comm = comms_[rank_];
-    while (true) {
-      std::vector<std::pair<NodeId, size_t>> round;  // (peer, bytes) sent this round
-      for (NodeId p = 0; p < n_; ++p) {
-        if (pieces[p].empty()) continue;
-        const absl::Span<const uint8_t> piece = pieces[p].front();
-        pieces[p].pop_front();
-        // The previous round is complete (waited below), so the staging buffers are free.
-        std::memcpy(peers_[p]->send_host, piece.data(), piece.size());
-        DMOE_CUDA_OK(cudaMemcpyAsync(peers_[p]->send_dev, peers_[p]->send_host, piece.size(), cudaMemcpyHostToDevice,
-                                     stream_),
-                     "staging a send");
-        round.emplace_back(p, piece.size());
-      }
-      if (round.empty()) break;
-      ncclGroupStart();
-      ncclResult_t r = ncclSuccess;
-      for (const auto& [p, size] : round) {
-        r = ncclSend(peers_[p]->send_dev, size, ncclUint8, p, comm, stream_);
-        if (r != ncclSuccess && r != ncclInProgress) break;
-      }
-      const ncclResult_t end = ncclGroupEnd();
-      if (r == ncclSuccess || r == ncclInProgress) r = end;
-      absl::Status s = Settle(comm, r, deadline, absl::StrCat("send to peer ", round.front().first));
-      if (s.ok()) s = WaitRound(comm, deadline);
-      if (!s.ok()) return FailSends(round.front().first, s);
-    }
-    float gpu_ms = 0;
-    cudaEventElapsedTime(&gpu_ms, start_event_, round_event_);
-    absl::MutexLock records(&records_mu_);
-    if (records_.size() < kMaxRecords && !messages.empty()) {
-      records_.push_back({messages.front().tag, static_cast<int>(messages.size()), bytes, gpu_ms / 1e3,
-                          absl::ToDoubleSeconds(absl::Now() - start)});
-    }
-    return absl::OkStatus();
-  }
-
-  std::vector<NcclSendRecord> TakeSendRecords() override {
-    absl::MutexLock lock(&records_mu_);
-    return std::exchange(records_, {});
   }
 
  private:
-  struct Peer {
-    explicit Peer(const FrameLimits& limits) : encoder(limits) {}
-    // Send side (under send_mu_).
-    FrameEncoder encoder;
+  struct Staging {
     void* send_dev = nullptr;
     void* send_host = nullptr;  // pinned
-    // Receive side (its thread's).
-    std::thread thread;
-    cudaStream_t recv_stream = nullptr;
-    cudaEvent_t recv_done = nullptr;
     void* recv_dev = nullptr;
     void* recv_host = nullptr;  // pinned
-    // Under state_mu_.
-    bool connected = false;
-    absl::Status error;
+    cudaStream_t recv_stream = nullptr;
+    cudaEvent_t recv_done = nullptr;
+    bool device_set = false;  // by its receiving thread
   };
 
-  absl::Status PeerStatus(NodeId peer) {
-    absl::MutexLock lock(&state_mu_);
-    if (!peers_[peer]->connected) {
-      return absl::UnavailableError(absl::StrCat("send to peer ", peer, ": not connected"));
-    }
-    return peers_[peer]->error;
-  }
+  std::string who() const { return absl::StrCat("NCCL transport of node ", rank_, " on GPU ", options_.cuda_device); }
 
-  // Waits for the round just enqueued, polling (a blocking wait could not time out).
-  absl::Status WaitRound(ncclComm_t comm, absl::Time deadline) {
-    DMOE_CUDA_OK(cudaEventRecord(round_event_, stream_), "cudaEventRecord");
+  // Waits for the group just enqueued, polling (a blocking wait could not time out).
+  absl::Status WaitDone(ncclComm_t comm, absl::Time deadline) {
+    DMOE_CUDA_OK(cudaEventRecord(done_event_, stream_), "cudaEventRecord");
     for (int polls = 0;; ++polls) {
-      const cudaError_t e = cudaEventQuery(round_event_);
+      const cudaError_t e = cudaEventQuery(done_event_);
       if (e == cudaSuccess) return absl::OkStatus();
       if (e != cudaErrorNotReady) return CudaError(e, "waiting for NCCL sends");
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(comm, &async);
       if (async != ncclSuccess && async != ncclInProgress) return NcclError(async, "NCCL sends");
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("not complete within ", absl::FormatDuration(options_.send_timeout)));
-      }
-      // Small messages finish in microseconds; back off for large ones.
+      if (absl::Now() >= deadline) return absl::DeadlineExceededError("NCCL sends not complete in time");
+      // Small pieces finish in microseconds; back off for large ones.
       if (polls < 2000) {
         std::this_thread::yield();
       } else {
@@ -321,69 +239,17 @@ class NcclTransportImpl final : public NcclTransport {
     }
   }
 
-  // A send that failed or hung: NCCL cannot cancel one peer's operation, so this node's send
-  // communicator is revoked and stays failed.
-  absl::Status FailSends(NodeId peer, const absl::Status& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(send_mu_) {
-    send_error_ = absl::UnavailableError(
-        absl::StrCat("send to peer ", peer, " failed (", why.message(), "); node ", rank_,
-                     "'s NCCL sends are revoked: restart the cluster"));
-    ncclCommRevoke(comms_[rank_], NCCL_REVOKE_DEFAULT);
-    DMOE_LOG(kError, kLog) << send_error_.message();
-    return send_error_;
-  }
-
-  void FailPeer(NodeId peer, const absl::Status& why) {
-    DMOE_LOG(kError, kLog) << "node " << rank_ << ": receiving from node " << peer << " stopped: " << why;
-    absl::MutexLock lock(&state_mu_);
-    peers_[peer]->error = absl::UnavailableError(absl::StrCat("peer ", peer, ": its stream failed: ", why.message()));
-  }
-
-  // One thread per peer: keeps a receive posted on the peer's communicator, of exactly the size
-  // the frame decoder expects next, and hands finished messages to the mailbox.
-  void ReceiveLoop(NodeId peer) {
-    Peer& p = *peers_[peer];
-    FrameDecoder decoder(peer, options_.frame_limits);
-    if (cudaError_t e = cudaSetDevice(options_.cuda_device); e != cudaSuccess) {
-      return FailPeer(peer, CudaError(e, "cudaSetDevice"));
-    }
-    const std::string what = absl::StrCat("receive from node ", peer);
-    while (!stopping_.load()) {
-      const absl::Span<uint8_t> into = decoder.receive_buffer();
-      const ncclResult_t r = ncclRecv(p.recv_dev, into.size(), ncclUint8, peer, comms_[peer], p.recv_stream);
-      if (absl::Status s = Settle(comms_[peer], r, absl::InfiniteFuture(), what); !s.ok()) {
-        if (!stopping_.load()) FailPeer(peer, s);
-        return;
-      }
-      cudaError_t e = cudaMemcpyAsync(p.recv_host, p.recv_dev, into.size(), cudaMemcpyDeviceToHost, p.recv_stream);
-      if (e == cudaSuccess) e = cudaEventRecord(p.recv_done, p.recv_stream);
-      if (e == cudaSuccess) e = cudaEventSynchronize(p.recv_done);  // sleeps until the peer sent
-      if (stopping_.load()) return;
-      if (e != cudaSuccess) return FailPeer(peer, CudaError(e, what));
-      std::memcpy(into.data(), p.recv_host, into.size());
-      absl::StatusOr<std::optional<Message>> m = decoder.Commit(into.size());
-      if (!m.ok()) return FailPeer(peer, m.status());
-      if (m->has_value()) mailbox_.Push(std::move(**m));
-    }
-  }
-
   const NcclOptions options_;
   const NodeId rank_;
   const int n_;
-  const uint64_t fingerprint_;
-  Mailbox mailbox_;
-  std::atomic<bool> stopping_{false};
-  // comms_[s]: the communicator node s sends on; the others only receive on it (one thread each).
   std::vector<ncclComm_t> comms_;
-  std::vector<std::unique_ptr<Peer>> peers_;  // [rank]; peers_[rank_] unused but for its encoder
+  std::vector<Staging> peers_;  // [rank]; peers_[rank_] unused
   cudaStream_t stream_ = nullptr;
   bool own_stream_ = false;
   cudaEvent_t start_event_ = nullptr;
-  cudaEvent_t round_event_ = nullptr;
-  absl::Mutex send_mu_;
-  absl::Status send_error_ ABSL_GUARDED_BY(send_mu_);
-  absl::Mutex state_mu_;
-  absl::Mutex records_mu_;
-  std::vector<NcclSendRecord> records_ ABSL_GUARDED_BY(records_mu_);
+  cudaEvent_t done_event_ = nullptr;
+  absl::Status send_error_;  // SendGroup is called by one thread at a time
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace
@@ -397,7 +263,7 @@ absl::StatusOr<std::string> NewNcclUniqueId() {
   return std::string(id.internal, kNcclUniqueIdBytes);
 }
 
-absl::StatusOr<std::unique_ptr<NcclTransport>> CreateNcclTransport(const NcclOptions& options) {
+absl::StatusOr<std::unique_ptr<FramedTransport>> CreateNcclTransport(const NcclOptions& options) {
   SetNcclDefaultEnv();
   if (options.num_nodes < 2 || options.num_nodes > kMaxNodeId + 1) {
     return absl::InvalidArgumentError(
@@ -418,9 +284,37 @@ absl::StatusOr<std::unique_ptr<NcclTransport>> CreateNcclTransport(const NcclOpt
                                                    options.cuda_device, ") >= 0 and max_ctas (", options.max_ctas,
                                                    ") >= 1"));
   }
-  auto t = std::make_unique<NcclTransportImpl>(options);
-  if (absl::Status s = t->Init(); !s.ok()) return s;
-  return std::unique_ptr<NcclTransport>(std::move(t));
+  auto channel = std::make_unique<NcclChannel>(options);
+  if (absl::Status s = channel->Init(); !s.ok()) return s;
+  const uint64_t fingerprint = Fingerprint(options.unique_id);
+  const NodeId rank = options.node_id;
+  const int n = options.num_nodes;
+  FramedTransportOptions framed{.node_id = rank,
+                                .num_nodes = n,
+                                .frame_limits = options.frame_limits,
+                                .send_timeout = options.send_timeout,
+                                .address = NcclAddress(rank, n, fingerprint)};
+  framed.check_address = [rank, n, fingerprint](NodeId peer, const std::string& address) -> absl::Status {
+    const std::vector<std::string> parts = absl::StrSplit(address, ':');
+    int their_rank = -1, their_n = -1;
+    if (parts.size() != 4 || parts[0] != "nccl" || !absl::SimpleAtoi(parts[1], &their_rank) ||
+        !absl::SimpleAtoi(parts[2], &their_n)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("connect to peer ", peer, ": '", address, "' is not an NCCL address (nccl:RANK:N:ID)"));
+    }
+    if (their_rank != peer) {
+      return absl::InvalidArgumentError(absl::StrCat("connect to peer ", peer, ": address '", address,
+                                                     "' names rank ", their_rank, " (this node is rank ", rank,
+                                                     " of ", n, ")"));
+    }
+    if (their_n != n || address != NcclAddress(peer, n, fingerprint)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "connect to peer ", peer, ": it joined another NCCL communicator ('", address, "', this one is '",
+          NcclAddress(peer, n, fingerprint), "'); NCCL ranks cannot rejoin: restart the cluster"));
+    }
+    return absl::OkStatus();
+  };
+  return std::make_unique<FramedTransport>(std::move(framed), std::move(channel));
 }
 
 }  // namespace dmoe::transport

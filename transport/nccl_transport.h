@@ -13,7 +13,9 @@
 // receive waiting on one communicator never holds up a send on another, and a Send never waits
 // for the peer's Receive call (the peer's thread drains arrivals into its mailbox).
 //
-// Framing (transport/message_frame.h): a 64-byte header (tag, sequence, payload and chunk
+// The transport is a FramedTransport (transport/framed_transport.h: framing, receiving threads,
+// grouped rounds, mailbox; tested without a GPU over a fake channel) over an NCCL channel:
+// framing (transport/message_frame.h) is a 64-byte header (tag, sequence, payload and chunk
 // sizes, checksum), then the payload in chunks of FrameLimits::chunk_bytes through device
 // staging buffers. A corrupt or out-of-sequence header fails that peer's stream (DATA_LOSS in the
 // log, UNAVAILABLE for Sends to that peer).
@@ -35,8 +37,8 @@
 //     revokes the communicator: NCCL cannot cancel one peer's operation, so every later Send of
 //     this node fails with UNAVAILABLE and the cluster must be restarted.
 //
-// Environment: NCCL_NVLS_ENABLE=0 is set unless already set (NVLink SHARP multicast is not
-// used by point-to-point and its setup fails on lent machines). For a cluster on one host set
+// Environment: NCCL_NVLS_ENABLE=0 is set unless already set (NVLink SHARP multicast: point-to-
+// point does not use it, and the lent multi-GPU machines are to run with it off). For a cluster on one host set
 // NCCL_SOCKET_IFNAME=lo before the scheduler starts (`dmoe up` does): NCCL's bootstrap otherwise
 // binds the first external interface.
 #ifndef DMOE_TRANSPORT_NCCL_TRANSPORT_H_
@@ -51,6 +53,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "transport/framed_transport.h"
 #include "transport/message_frame.h"
 #include "transport/transport.h"
 
@@ -85,36 +88,11 @@ struct NcclOptions {
   absl::Duration send_timeout = absl::Seconds(10);
 };
 
-// One Send or SendMany call, timed: for the per-layer transfer times of the benchmarks.
-struct NcclSendRecord {
-  uint64_t tag = 0;          // the first message's tag
-  int messages = 0;
-  uint64_t bytes = 0;        // payload bytes of all messages
-  double gpu_seconds = 0;    // CUDA events around the staging copies and NCCL sends
-  double wall_seconds = 0;   // the call, as its caller waited
-};
-
-struct OutgoingMessage {
-  NodeId peer = -1;
-  uint64_t tag = 0;
-  absl::Span<const uint8_t> payload;
-};
-
-class NcclTransport : public Transport {
- public:
-  // Sends every message, grouping the pieces to different peers into one ncclGroupStart/End
-  // per round (messages to one peer go in order). Same errors as Send; on an error the
-  // messages before it may have been sent.
-  virtual absl::Status SendMany(absl::Span<const OutgoingMessage> messages) = 0;
-  // The records of the calls since the last TakeSendRecords (at most the last 1 << 20).
-  virtual std::vector<NcclSendRecord> TakeSendRecords() = 0;
-};
-
 // Joins the communicators (all ranks must call it with the same unique_id and num_nodes) and
 // starts the receive threads. INVALID_ARGUMENT for bad options; UNAVAILABLE when CUDA or NCCL
 // cannot start (no driver, no such device: the CUDA error is named); DEADLINE_EXCEEDED when not
 // every rank joined within init_timeout.
-absl::StatusOr<std::unique_ptr<NcclTransport>> CreateNcclTransport(const NcclOptions& options);
+absl::StatusOr<std::unique_ptr<FramedTransport>> CreateNcclTransport(const NcclOptions& options);
 
 }  // namespace dmoe::transport
 

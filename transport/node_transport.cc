@@ -3,15 +3,14 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "transport/ucx_transport.h"
-#if DMOE_HAVE_NCCL
 #include <algorithm>
 #include <map>
 #include <vector>
 
 #include "core/log.h"
 #include "router/data_plane_tags.h"
-#endif
+#include "transport/framed_transport.h"
+#include "transport/ucx_transport.h"
 #if DMOE_HAVE_NCCL
 #include "transport/nccl_transport.h"
 #endif
@@ -33,7 +32,7 @@ absl::StatusOr<std::unique_ptr<Transport>> CreateNodeTransport(const NodeTranspo
                    .num_nodes = options.num_nodes,
                    .unique_id = options.nccl_unique_id,
                    .cuda_device = options.gpu};
-  absl::StatusOr<std::unique_ptr<NcclTransport>> t = CreateNcclTransport(nccl);
+  absl::StatusOr<std::unique_ptr<FramedTransport>> t = CreateNcclTransport(nccl);
   if (!t.ok()) return t.status();
   return std::unique_ptr<Transport>(std::move(*t));
 #else
@@ -43,14 +42,13 @@ absl::StatusOr<std::unique_ptr<Transport>> CreateNodeTransport(const NodeTranspo
 }
 
 void LogSendTimesPerLayer(Transport& transport, const char* component) {
-#if DMOE_HAVE_NCCL
-  auto* nccl = dynamic_cast<NcclTransport*>(&transport);
-  if (nccl == nullptr) return;
+  auto* framed = dynamic_cast<FramedTransport*>(&transport);
+  if (framed == nullptr) return;
   std::map<int64_t, std::vector<double>> per_layer;  // layer -> GPU seconds of each send
   uint64_t bytes = 0;
   size_t sends = 0;
-  for (const NcclSendRecord& r : nccl->TakeSendRecords()) {
-    per_layer[router::TagLayer(r.tag)].push_back(r.gpu_seconds);
+  for (const SendRecord& r : framed->TakeSendRecords()) {
+    per_layer[router::TagLayer(r.tag)].push_back(r.device_seconds);
     bytes += r.bytes;
     ++sends;
   }
@@ -62,7 +60,6 @@ void LogSendTimesPerLayer(Transport& transport, const char* component) {
   }
   DMOE_LOG(kInfo, component) << "NCCL send GPU time per MoE layer (median us over " << sends << " sends, " << bytes
                              << " bytes): " << line;
-#endif
 }
 
 }  // namespace dmoe::transport

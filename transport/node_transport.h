@@ -33,7 +33,7 @@ struct NodeTransportOptions {
 // CreateNcclTransport answer.
 absl::StatusOr<std::unique_ptr<Transport>> CreateNodeTransport(const NodeTransportOptions& options);
 
-// For an NCCL transport: logs (one line, under `component`) the GPU time of its sends per MoE
+// For a framed (NCCL) transport: logs (one line, under `component`) the GPU time of its sends per MoE
 // layer (tags as router/data_plane_tags.h lays them out), median over the steps since the last
 // call. Nothing for other transports.
 void LogSendTimesPerLayer(Transport& transport, const char* component);

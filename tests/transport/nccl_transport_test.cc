@@ -77,7 +77,7 @@ TEST(NcclTransportSetupTest, AMissingGpuIsUnavailableAndNamesTheCudaError) {
   absl::StatusOr<std::string> id = NewNcclUniqueId();
   ASSERT_TRUE(id.ok()) << id.status();
   const int device = VisibleGpus() == 0 ? 0 : 4096;
-  absl::StatusOr<std::unique_ptr<NcclTransport>> t =
+  absl::StatusOr<std::unique_ptr<FramedTransport>> t =
       CreateNcclTransport({.node_id = 0, .num_nodes = 2, .unique_id = *id, .cuda_device = device});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << t.status();
   EXPECT_THAT(t.status().message(), HasSubstr(absl::StrCat("GPU ", device, ": cudaSetDevice: cuda")));
@@ -93,7 +93,7 @@ class TwoGpuTest : public ::testing::Test {
     testing::SetNcclTestEnv();
     absl::StatusOr<std::string> id = NewNcclUniqueId();
     ASSERT_TRUE(id.ok()) << id.status();
-    std::vector<absl::StatusOr<std::unique_ptr<NcclTransport>>> made(2);  // UNKNOWN until set
+    std::vector<absl::StatusOr<std::unique_ptr<FramedTransport>>> made(2);  // UNKNOWN until set
     std::vector<std::thread> threads;
     for (NodeId rank : {0, 1}) {
       threads.emplace_back([&, rank] {
@@ -114,8 +114,8 @@ class TwoGpuTest : public ::testing::Test {
     }
   }
 
-  NcclTransport& node(int i) { return *nodes_[i]; }
-  std::vector<std::unique_ptr<NcclTransport>> nodes_;
+  FramedTransport& node(int i) { return *nodes_[i]; }
+  std::vector<std::unique_ptr<FramedTransport>> nodes_;
 };
 
 TEST_F(TwoGpuTest, PingPongOfTaggedMessagesIsByteIdentical) {
@@ -135,10 +135,10 @@ TEST_F(TwoGpuTest, PingPongOfTaggedMessagesIsByteIdentical) {
       ++round;
     }
   }
-  const std::vector<NcclSendRecord> records = node(0).TakeSendRecords();
+  const std::vector<SendRecord> records = node(0).TakeSendRecords();
   ASSERT_EQ(records.size(), 3 * sizes.size());
   EXPECT_EQ(records.back().bytes, sizes.back());
-  EXPECT_GT(records.back().gpu_seconds, 0);
+  EXPECT_GT(records.back().device_seconds, 0);
   EXPECT_TRUE(node(0).TakeSendRecords().empty());
 }
 

@@ -1,5 +1,6 @@
-// What every Transport must do, run against each implementation (in-process, UCX, and NCCL where
-// it is built and 3 GPUs are visible; the nodes live in this one process). Multi-process UCX:
+// What every Transport must do, run against each implementation (in-process, UCX, the NCCL
+// transport's FramedTransport over a fake NCCL channel, and NCCL itself where it is built and 3
+// GPUs are visible; the nodes live in this one process). Multi-process UCX:
 // ucx_multiprocess_test.cc.
 #include <time.h>
 
@@ -239,7 +240,7 @@ TEST_P(TransportConformanceTest, IdleTransportsDoNotBurnCpu) {
 
 INSTANTIATE_TEST_SUITE_P(AllTransports, TransportConformanceTest,
                          ::testing::Values(testing::InProcessKind(), testing::UcxKind(true),
-                                           testing::UcxKind(false)
+                                           testing::UcxKind(false), testing::FramedFakeKind()
 #if DMOE_HAVE_NCCL
                                                ,
                                            testing::NcclKind()

@@ -5,6 +5,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "tests/transport/fake_piece_channel.h"
+#include "transport/framed_transport.h"
 #include "transport/in_process_transport.h"
 #include "transport/ucx_transport.h"
 #if DMOE_HAVE_NCCL
@@ -89,6 +91,25 @@ TransportKind UcxKind(bool detect_peer_failure) {
           }};
 }
 
+TransportKind FramedFakeKind(uint32_t chunk_bytes) {
+  return {"FramedFake", [chunk_bytes](int n) -> absl::StatusOr<std::vector<std::unique_ptr<Transport>>> {
+            FakePieceFabric fabric(n);  // channels keep its state alive
+            std::vector<std::unique_ptr<Transport>> cluster;
+            for (NodeId id = 0; id < n; ++id) {
+              FramedTransportOptions o{.node_id = id, .num_nodes = n, .address = absl::StrCat("fake:", id)};
+              o.frame_limits.chunk_bytes = o.frame_limits.max_chunk_bytes = chunk_bytes;
+              o.check_address = [](NodeId peer, const std::string& address) {
+                return address == absl::StrCat("fake:", peer)
+                           ? absl::OkStatus()
+                           : absl::InvalidArgumentError(absl::StrCat("bad address ", address));
+              };
+              cluster.push_back(std::make_unique<FramedTransport>(std::move(o), fabric.Channel(id)));
+            }
+            DMOE_RETURN_IF_ERROR(ConnectAll(cluster));
+            return cluster;
+          }};
+}
+
 void SetNcclTestEnv() { setenv("NCCL_SOCKET_IFNAME", "lo", /*overwrite=*/0); }
 
 #if DMOE_HAVE_NCCL
@@ -104,7 +125,7 @@ TransportKind NcclKind() {
             SetNcclTestEnv();
             DMOE_ASSIGN_OR_RETURN(const std::string unique_id, NewNcclUniqueId());
             // Every rank blocks in CreateNcclTransport until all have joined: one thread each.
-            std::vector<absl::StatusOr<std::unique_ptr<NcclTransport>>> made(n);  // UNKNOWN until set
+            std::vector<absl::StatusOr<std::unique_ptr<FramedTransport>>> made(n);  // UNKNOWN until set
             std::vector<std::thread> threads;
             for (NodeId rank = 0; rank < n; ++rank) {
               threads.emplace_back([&, rank] {

@@ -35,6 +35,10 @@ TransportKind InProcessKind();
 // ("UcxErrModeNone": shared memory).
 TransportKind UcxKind(bool detect_peer_failure);
 
+// FramedTransports (the NCCL transport without NCCL) over a FakePieceFabric
+// (tests/transport/fake_piece_channel.h); `chunk_bytes` small so that payloads span many chunks.
+TransportKind FramedFakeKind(uint32_t chunk_bytes = 1000);
+
 // NCCL_SOCKET_IFNAME=lo unless already set (NCCL's bootstrap stays on loopback).
 void SetNcclTestEnv();
 #if DMOE_HAVE_NCCL
