@@ -9,11 +9,9 @@
 #include <thread>
 #include <utility>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "core/log.h"
 #include "core/status_macros.h"
@@ -129,11 +127,12 @@ class NcclChannel final : public PieceChannel {
     config.commName = "dmoe";
     const absl::Time deadline = absl::Now() + options_.init_timeout;
     comms_.assign(n_, nullptr);
-    absl::Status s = Settle(comms_[0], ncclCommInitRankConfig(&comms_[0], n_, id, rank_, &config), deadline,
-                            absl::StrCat(who(), ": joining the ", n_, "-rank communicator"));
+    // The call sets the handle that Settle polls: call first, then settle.
+    ncclResult_t r = ncclCommInitRankConfig(&comms_[0], n_, id, rank_, &config);
+    absl::Status s = Settle(comms_[0], r, deadline, absl::StrCat(who(), ": joining the ", n_, "-rank communicator"));
     for (NodeId sender = 1; sender < n_ && s.ok(); ++sender) {
-      s = Settle(comms_[sender], ncclCommSplit(comms_[0], 0, rank_, &comms_[sender], &config), deadline,
-                 absl::StrCat(who(), ": splitting the communicator of sender ", sender));
+      r = ncclCommSplit(comms_[0], 0, rank_, &comms_[sender], &config);
+      s = Settle(comms_[sender], r, deadline, absl::StrCat(who(), ": splitting the communicator of sender ", sender));
     }
     if (s.code() == absl::StatusCode::kDeadlineExceeded) {
       return absl::DeadlineExceededError(absl::StrCat(s.message(), ": not every one of the ", n_,
