@@ -288,11 +288,12 @@ absl::StatusOr<std::unique_ptr<FramedTransport>> CreateNcclTransport(const NcclO
   const uint64_t fingerprint = Fingerprint(options.unique_id);
   const NodeId rank = options.node_id;
   const int n = options.num_nodes;
-  FramedTransportOptions framed{.node_id = rank,
-                                .num_nodes = n,
-                                .frame_limits = options.frame_limits,
-                                .send_timeout = options.send_timeout,
-                                .address = NcclAddress(rank, n, fingerprint)};
+  FramedTransportOptions framed;
+  framed.node_id = rank;
+  framed.num_nodes = n;
+  framed.frame_limits = options.frame_limits;
+  framed.send_timeout = options.send_timeout;
+  framed.address = NcclAddress(rank, n, fingerprint);
   framed.check_address = [rank, n, fingerprint](NodeId peer, const std::string& address) -> absl::Status {
     const std::vector<std::string> parts = absl::StrSplit(address, ':');
     int their_rank = -1, their_n = -1;
