@@ -82,17 +82,18 @@ model=tests/golden/tiny-v3
 prompts=$(python3 -c "import json; print(' '.join(','.join(map(str, c['prompt_ids'])) for c in json.load(open('$model/golden.json'))['cases']))")
 if nccl_port=$(start_cluster nccl_tiny --model "$model" --device cuda --gpus 2) &&
    ucx_port=$(start_cluster ucx_tiny --model "$model"); then
-  same=0; total=0
+  ids_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)["ids"])'; }
+  same=0; ucx_same=0; total=0
   for ids in $prompts; do
     ref=$("$bin/dmoe" generate --model "$model" --ids "$ids" --max-tokens 16 --ignore-eos --json)
     got=$("$bin/dmoe" generate --server "127.0.0.1:$nccl_port" --ids "$ids" --max-tokens 16 --ignore-eos --json)
     ucx=$("$bin/dmoe" generate --server "127.0.0.1:$ucx_port" --ids "$ids" --max-tokens 16 --ignore-eos --json)
     echo "prompt $ids: ref $ref nccl $got ucx $ucx" >> "$out/greedy.txt"
     total=$((total + 1))
-    [ "$(echo "$ref" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ids"])')" = \
-      "$(echo "$got" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ids"])')" ] && same=$((same + 1))
+    [ "$(echo "$ref" | ids_of)" = "$(echo "$got" | ids_of)" ] && same=$((same + 1))
+    [ "$(echo "$ref" | ids_of)" = "$(echo "$ucx" | ids_of)" ] && ucx_same=$((ucx_same + 1))
   done
-  note "greedy, NCCL 1+1 cluster (GPU 0 + GPU 1) vs one process: $same of $total prompts equal (16 tokens each)"
+  note "greedy vs one process (16 tokens each): NCCL 1+1 (GPU 0 + GPU 1) $same of $total prompts equal, UCX 1+1 $ucx_same of $total"
 else
   note "greedy: a cluster did not start; see nccl_tiny.up.err / ucx_tiny.up.err"
   tail -5 "$out/nccl_tiny.up.err" | tee -a "$summary"
