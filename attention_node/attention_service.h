@@ -3,7 +3,7 @@
 // engine, the latent cache and the remote experts; AttentionNodeGrpcService
 // is its thin gRPC adapter.
 //
-// Joining the cluster (both node kinds) is in scheduler/cluster_join.h.
+// Joining the cluster (both node kinds) is in node/cluster_join.h.
 #ifndef DMOE_ATTENTION_NODE_ATTENTION_SERVICE_H_
 #define DMOE_ATTENTION_NODE_ATTENTION_SERVICE_H_
 

@@ -35,8 +35,8 @@ absl::Status RemoteExperts::BeginRoutedExperts(int64_t layer, int micro_batch, c
                                                  plan.topk_weights(node)));
     absl::Status st = transport_.Send(expert_node_ids_[node], f.tag, payload);
     if (!st.ok()) {
-      return absl::UnavailableError(absl::StrCat("expert node ", node, " (transport node ", expert_node_ids_[node],
-                                                 "): dispatch of layer ", layer, " failed: ", st.message()));
+      return absl::UnavailableError(
+          absl::StrCat(NodeName(node), " unavailable: dispatch of layer ", layer, " failed: ", st.message()));
     }
     f.nodes_sent.push_back(node);
   }
@@ -51,26 +51,43 @@ absl::Status RemoteExperts::FinishRoutedExperts(int64_t layer, int micro_batch, 
   f.plan.reset();
   std::vector<std::vector<float>> sums(plan.num_nodes());
   const absl::Time start = absl::Now();
-  for (size_t remaining = f.nodes_sent.size(); remaining > 0; --remaining) {
+  std::vector<transport::NodeId> awaited;
+  for (int32_t node : f.nodes_sent) awaited.push_back(expert_node_ids_[node]);
+  while (!awaited.empty()) {
     const absl::Duration left = std::max(absl::ZeroDuration(), start + reply_timeout_ - absl::Now());
-    absl::StatusOr<transport::Message> m = transport_.Receive(router::ReplyTag(f.tag), router::kAllTagBits, left);
+    absl::StatusOr<transport::Message> m =
+        transport_.ReceiveFrom(awaited, router::ReplyTag(f.tag), router::kAllTagBits, left);
     if (!m.ok()) {
       std::string missing;
-      for (int32_t node : f.nodes_sent) {
-        if (sums[node].empty()) absl::StrAppend(&missing, missing.empty() ? "" : ", ", node);
+      for (transport::NodeId id : awaited) {
+        const int32_t node = static_cast<int32_t>(
+            std::find(expert_node_ids_.begin(), expert_node_ids_.end(), id) - expert_node_ids_.begin());
+        absl::StrAppend(&missing, missing.empty() ? "" : ", ", NodeName(node));
       }
-      return absl::UnavailableError(absl::StrCat("expert node(s) ", missing, " did not answer layer ", layer,
-                                                 " within ", absl::FormatDuration(reply_timeout_), ": ",
-                                                 m.status().message()));
+      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) {
+        return absl::UnavailableError(absl::StrCat(missing, " did not answer layer ", layer, " within ",
+                                                   absl::FormatDuration(reply_timeout_)));
+      }
+      return absl::UnavailableError(
+          absl::StrCat("waiting for ", missing, " in layer ", layer, ": ", m.status().message()));
     }
     const auto it = std::find(expert_node_ids_.begin(), expert_node_ids_.end(), m->from);
     if (it == expert_node_ids_.end()) return absl::InternalError(absl::StrCat("reply from unknown node ", m->from));
     DMOE_ASSIGN_OR_RETURN(router::PartialSumsMessage reply, router::DecodePartialSums(m->payload));
     sums[it - expert_node_ids_.begin()] = std::move(reply.partial_sums);
+    awaited.erase(std::remove(awaited.begin(), awaited.end(), m->from), awaited.end());
   }
   wait_seconds_ += absl::ToDoubleSeconds(absl::Now() - start);
   std::vector<absl::Span<const float>> spans(sums.begin(), sums.end());
   return plan.Combine(spans, hidden_size_, absl::MakeSpan(out, plan.num_tokens() * hidden_size_));
+}
+
+std::string RemoteExperts::NodeName(int32_t node) const {
+  if (node >= 0 && node < static_cast<int32_t>(names_.size())) return names_[node];
+  const transport::NodeId id = node >= 0 && node < static_cast<int32_t>(expert_node_ids_.size())
+                                   ? expert_node_ids_[node]
+                                   : -1;
+  return absl::StrCat("expert node ", node, " (transport node ", id, ")");
 }
 
 double RemoteExperts::TakeWaitSeconds() {

@@ -162,7 +162,7 @@ absl::Status ChildProcesses::Start(const std::string& name, const std::string& p
     }
     return absl::FailedPreconditionError(absl::StrCat("cannot run ", path, ": ", std::strerror(child_errno)));
   }
-  children_.push_back({name, pid, stop_stage, true});
+  children_.push_back({name, pid, stop_stage, true, path, args, absl::Now()});
   DMOE_LOG(kInfo, "up") << "started " << name << " (pid " << pid << ")";
   return absl::OkStatus();
 }
@@ -200,10 +200,17 @@ void ChildProcesses::Reap() {
     const std::string what = absl::StrCat(c.name, " (pid ", c.pid, ") ", DescribeWaitStatus(status));
     if (stopping_) {
       DMOE_LOG(kInfo, "up") << what;
-    } else if (!unexpected_exit_.has_value()) {
-      unexpected_exit_ = what;
+    } else {
+      if (!unexpected_exit_.has_value()) unexpected_exit_ = what;
+      exits_.push_back({c.name, c.path, c.args, c.stop_stage, what, absl::Now() - c.started});
     }
   }
+}
+
+std::vector<ChildProcesses::Exit> ChildProcesses::TakeExits() {
+  std::vector<Exit> out;
+  out.swap(exits_);
+  return out;
 }
 
 void ChildProcesses::KillAll(int signal) {

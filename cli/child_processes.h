@@ -46,6 +46,17 @@ class ChildProcesses {
   // that exited before Stop(); nullopt while all run.
   const std::optional<std::string>& unexpected_exit() const { return unexpected_exit_; }
 
+  // A child that exited before Stop(), with what started it.
+  struct Exit {
+    std::string name, path;
+    std::vector<std::string> args;
+    int stop_stage = 0;
+    std::string description;  // as unexpected_exit()
+    absl::Duration lived;     // from Start to its exit
+  };
+  // The exits since the last call, oldest first.
+  std::vector<Exit> TakeExits();
+
   // For each stop stage in turn: SIGTERM to its children, up to `grace` for
   // them to exit, SIGKILL to those left. Another stop signal meanwhile
   // SIGKILLs everything at once. Returns when all children are reaped.
@@ -57,6 +68,9 @@ class ChildProcesses {
     pid_t pid = -1;
     int stop_stage = 0;
     bool running = true;
+    std::string path;
+    std::vector<std::string> args;
+    absl::Time started;
   };
 
   ChildProcesses(int signal_read_fd, int devnull_fd);
@@ -71,6 +85,7 @@ class ChildProcesses {
   int stop_signals_ = 0;
   bool stopping_ = false;
   std::optional<std::string> unexpected_exit_;
+  std::vector<Exit> exits_;
 };
 
 // "exited with status 3" / "was killed by signal 9 (Killed)" for a waitpid status.

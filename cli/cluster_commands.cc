@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,7 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/child_processes.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "flags/flags.h"
 #include "cli/grpc_client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
@@ -57,7 +58,13 @@ struct UpOptions {
   std::string transport = "ucx";  // the data plane: ucx, or nccl (the default with --gpus)
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
+  bool restart_on_exit = true;  // --on-node-exit restart|stop
 };
+
+// A child that exits this many times in a row, each within kCrashWindow of
+// its start, is not restarted again: the cluster stops.
+constexpr int kMaxQuickExits = 3;
+constexpr absl::Duration kCrashWindow = absl::Seconds(10);
 
 // --device, --gpus and --transport together (before anything starts).
 absl::Status CheckDeviceFlags(const UpOptions& o) {
@@ -113,8 +120,8 @@ absl::Status CheckGpusVisible(const UpOptions& o) {
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
-                                                   "config", "cache-pages", "host", "timeout", "grace", "device",
-                                                   "gpus", "transport"},
+                                                   "config", "cache-pages", "host", "timeout", "grace",
+                                                   "on-node-exit", "device", "gpus", "transport"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -130,6 +137,11 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   o.device = flags.Get("device").value_or(o.device);
   DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
   o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
+  const std::string on_exit = flags.Get("on-node-exit").value_or("restart");
+  if (on_exit != "restart" && on_exit != "stop") {
+    return absl::InvalidArgumentError(absl::StrCat("--on-node-exit = '", on_exit, "' must be restart or stop"));
+  }
+  o.restart_on_exit = on_exit == "restart";
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
@@ -152,6 +164,13 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   o.timeout = absl::Seconds(timeout_s);
   o.grace = absl::Seconds(grace_s);
   DMOE_RETURN_IF_ERROR(CheckDeviceFlags(o));
+  if (o.transport == "nccl") {
+    // A restarted node cannot rejoin the NCCL communicator of the others.
+    if (flags.Has("on-node-exit") && o.restart_on_exit) {
+      return absl::InvalidArgumentError("--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
+    }
+    o.restart_on_exit = false;
+  }
   if (o.host.empty()) return absl::InvalidArgumentError("--host is empty");
   // Fail here, not in a child a few seconds later.
   std::error_code ec;
@@ -239,14 +258,54 @@ class Launcher {
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
                 en == 1 ? "" : "s", BalanceMode(*ports).c_str(), gpus.c_str());
     std::fflush(stdout);
-    while (!children_.stop_requested() && !children_.unexpected_exit().has_value()) {
+    (void)children_.TakeExits();  // none: startup stops on any exit
+    std::map<std::string, int> quick_exits;
+    while (!children_.stop_requested()) {
       children_.Wait(absl::InfiniteDuration());
+      for (ChildProcesses::Exit& exit : children_.TakeExits()) {
+        if (children_.stop_requested()) break;
+        if (!opts_.restart_on_exit) return absl::UnavailableError(absl::StrCat(exit.description, "; stopped the cluster"));
+        int& quick = quick_exits[exit.name];
+        quick = exit.lived < kCrashWindow ? quick + 1 : 0;
+        if (quick >= kMaxQuickExits) {
+          return absl::UnavailableError(absl::StrCat(exit.description, " (", quick, " times in a row within ",
+                                                     absl::FormatDuration(kCrashWindow),
+                                                     " of its start); stopped the cluster"));
+        }
+        DMOE_LOG(kWarning, "up") << exit.description << "; restarting it";
+        DMOE_RETURN_IF_ERROR(children_.Start(exit.name, exit.path, RestartArgs(exit, *ports), exit.stop_stage));
+      }
     }
-    return ChildrenStatus();
+    return absl::OkStatus();
   }
 
  private:
   fs::path PortFile(const std::string& name) const { return tmp_.path() / (name + ".json"); }
+
+  // A restarted process listens where its predecessor did: the scheduler on
+  // its ports (the nodes find it again), a node on its port (it takes its
+  // slot back; a free port if it never wrote one).
+  static std::vector<std::string> RestartArgs(const ChildProcesses::Exit& exit, const SchedulerPorts& ports) {
+    std::vector<std::string> args = exit.args;
+    auto set = [&args](const std::string& flag, const std::string& value) {
+      for (size_t i = 0; i + 1 < args.size(); ++i) {
+        if (args[i] == flag) args[i + 1] = value;
+      }
+    };
+    auto get = [&args](const std::string& flag) -> std::string {
+      for (size_t i = 0; i + 1 < args.size(); ++i) {
+        if (args[i] == flag) return args[i + 1];
+      }
+      return "";
+    };
+    if (exit.stop_stage == kSchedulerStage) {
+      set("--port", std::to_string(ports.port));
+      set("--control-port", std::to_string(ports.control_port));
+    } else if (std::optional<json> j = ReadJsonFile(get("--port-file")); j.has_value() && (*j)["port"].is_number_integer()) {
+      set("--port", std::to_string((*j)["port"].get<int>()));
+    }
+    return args;
+  }
 
   // An error when a child has exited on its own.
   absl::Status ChildrenStatus() const {

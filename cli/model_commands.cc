@@ -5,13 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "flags/flags.h"
 #include "cli/generate_flags.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
-#include "expert_node/in_process_experts.h"
+#include "in_process/in_process_experts.h"
 #include "router/expert_placement.h"
 #include "nlohmann/json.hpp"
 
@@ -25,7 +25,7 @@ using json = nlohmann::ordered_json;
 // without routed experts).
 struct LoadedModel {
   std::unique_ptr<Engine> engine;
-  std::unique_ptr<expert::InProcessExperts> in_process;
+  std::unique_ptr<in_process::InProcessExperts> in_process;
   std::unique_ptr<LocalExperts> local;
   ExpertBackend& experts() { return in_process ? static_cast<ExpertBackend&>(in_process->backend()) : *local; }
 };
@@ -37,7 +37,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
   if (weights->config.has_moe()) {
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement placement,
                           router::ExpertPlacement::Contiguous(weights->config.n_routed_experts, 1));
-    DMOE_ASSIGN_OR_RETURN(m.in_process, expert::InProcessExperts::Create(m.engine->weights(), placement));
+    DMOE_ASSIGN_OR_RETURN(m.in_process, in_process::InProcessExperts::Create(m.engine->weights(), placement));
   } else {
     m.local = std::make_unique<LocalExperts>(m.engine->weights());
   }

@@ -1,7 +1,7 @@
 // The expert node's control-plane duties around its ExpertWorker: which
 // weights it loads (its expert_shard of every MoE layer) and its expert load
 // reports to the scheduler. Joining the cluster is shared with the attention
-// node (dmoe::node in scheduler/cluster_join.h).
+// node (dmoe::node in node/cluster_join.h).
 #ifndef DMOE_EXPERT_NODE_EXPERT_SERVICE_H_
 #define DMOE_EXPERT_NODE_EXPERT_SERVICE_H_
 
@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "scheduler/cluster_join.h"
+#include "node/cluster_join.h"
 #include "core/config.h"
 #include "core/model_weights.h"
 #include "expert_node/expert_worker.h"

@@ -8,13 +8,6 @@
 #include "router/dispatch_wire.h"
 
 namespace dmoe::expert {
-namespace {
-
-// How long Run() waits for a message before checking Stop().
-constexpr absl::Duration kPollInterval = absl::Milliseconds(50);
-
-}  // namespace
-
 ExpertWorker::ExpertWorker(const ModelWeights& weights, transport::Transport& transport)
     : weights_(weights), transport_(transport), experts_(weights) {
   load_.assign(weights.config.num_hidden_layers * weights.config.n_routed_experts, 0);
@@ -30,9 +23,14 @@ std::vector<int64_t> ExpertWorker::TakeLoad(int64_t* dispatches) {
 }
 
 void ExpertWorker::Run() {
-  while (!stop_.load()) {
-    absl::StatusOr<transport::Message> first = transport_.Receive(0, router::kReplyBit, kPollInterval);
-    if (!first.ok()) continue;  // timeout: check stop_
+  for (;;) {
+    // Stop() makes this return CANCELLED.
+    absl::StatusOr<transport::Message> first =
+        transport_.Receive(0, router::kReplyBit, absl::InfiniteDuration());
+    if (!first.ok()) {
+      if (first.status().code() == absl::StatusCode::kCancelled) return;
+      continue;
+    }
     std::vector<transport::Message> batch;
     batch.push_back(std::move(*first));
     // Whatever else already arrived joins this group.

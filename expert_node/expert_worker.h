@@ -27,7 +27,9 @@ class ExpertWorker {
   // local expert runs once over all their tokens. A malformed message is
   // logged and dropped (its sender times out with an error naming this node).
   void Run();
-  void Stop() { stop_.store(true); }
+  // Ends Run() (through Transport::StopReceiving: the transport receives
+  // nothing more).
+  void Stop() { transport_.StopReceiving(); }
 
   // Tokens routed to each local expert since the previous call:
   // [num_hidden_layers * n_routed_experts]; `steps` gets the number of
@@ -41,7 +43,6 @@ class ExpertWorker {
   const ModelWeights& weights_;
   transport::Transport& transport_;
   LocalExperts experts_;
-  std::atomic<bool> stop_{false};
   std::atomic<int64_t> messages_served_{0};
   absl::Mutex mu_;
   std::vector<int64_t> load_ ABSL_GUARDED_BY(mu_);

@@ -1,8 +1,7 @@
 // dmoe-expert-node: one expert-parallel expert node. Joins the cluster
-// through the scheduler's Coordinator (dmoe::node in
-// scheduler/cluster_join.h), loads its expert_shard of every MoE
-// layer, connects to the attention nodes over UCX (or NCCL: --transport nccl, on
-// GPU --gpu), serves their dispatches
+// through the scheduler's Coordinator (node::JoinCluster), loads its expert_shard of every MoE
+// layer, connects to the attention nodes over UCX (or NCCL: --transport nccl, on GPU --gpu),
+// serves their dispatches
 // (ExpertWorker) and reports expert load every --report-interval-ms. Its
 // gRPC port serves grpc.health.v1 and reflection. Stops on SIGTERM or SIGINT
 // (exit 0).
@@ -10,18 +9,19 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "scheduler/cluster_join.h"
-#include "cli/flags.h"
+#include "node/cluster_join.h"
+#include "transport/node_transport.h"
+#include "flags/flags.h"
 #include "core/config.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
 #include "expert_node/expert_service.h"
 #include "expert_node/expert_worker.h"
-#include "transport/node_transport.h"
 
 namespace dmoe::expert {
 namespace {
@@ -33,67 +33,57 @@ constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
-      cli::Flags flags,
-      cli::Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "transport", "gpu"}, {}));
+      Flags flags,
+      Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "transport", "gpu"}, {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
   DMOE_ASSIGN_OR_RETURN(const int64_t port, flags.GetInt("port", 0));
   DMOE_ASSIGN_OR_RETURN(const int64_t report_ms, flags.GetInt("report-interval-ms", 200));
-  if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
   DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
                         transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
   DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
   if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
+  if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
   if (report_ms <= 0)
     return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
-  DMOE_ASSIGN_OR_RETURN(node::NodeServer server, node::StartNodeServer(host, static_cast<int>(port), {}));
-  const std::string grpc_address = absl::StrCat(host, ":", server.port);
-  DMOE_LOG(kInfo, kLog) << "listening on " << grpc_address << " (not serving until connected)";
-  if (auto file = flags.Get("port-file")) DMOE_RETURN_IF_ERROR(node::WritePortFile(*file, server.port));
+  node::JoinOptions join;
+  join.kind = v1::NODE_KIND_EXPERT;
+  join.scheduler = scheduler;
+  join.host = host;
+  join.port = static_cast<int>(port);
+  join.port_file = flags.Get("port-file").value_or("");
+  join.log_component = kLog;
+  join.transport = transport_choice;
+  join.gpu = static_cast<int>(gpu);
+  std::shared_ptr<const ModelWeights> weights;
+  join.load = [&](const node::Registration& reg) -> absl::StatusOr<int64_t> {
+    const absl::Time load_start = absl::Now();
+    DMOE_ASSIGN_OR_RETURN(WeightSelection selection, ShardSelection(config, reg.expert_shard));
+    DMOE_ASSIGN_OR_RETURN(weights, ModelWeights::Load(model, selection));
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers += config.is_moe_layer(l) ? 1 : 0;
+    DMOE_LOG(kInfo, kLog) << "loaded " << reg.expert_shard.size() << " experts x " << moe_layers << " layers, "
+                          << weights->total_bytes << " bytes in " << absl::ToDoubleSeconds(absl::Now() - load_start)
+                          << " s";
+    return weights->total_bytes;
+  };
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
 
-  node::CoordinatorClient coordinator(scheduler);
-  v1::RegisterNodeRequest request;
-  request.set_kind(v1::NODE_KIND_EXPERT);
-  request.set_grpc_address(grpc_address);
-  request.set_transport_kind(transport_choice == transport::TransportChoice::kNccl ? v1::TRANSPORT_KIND_NCCL
-                                                                                    : v1::TRANSPORT_KIND_UCX);
-  DMOE_ASSIGN_OR_RETURN(node::Registration reg, coordinator.Register(request, [&](const v1::RegisterNodeResponse& r) {
-    return transport::CreateNodeTransport({.choice = transport_choice,
-                                           .node_id = r.node_id(),
-                                           .num_nodes = r.num_nodes(),
-                                           .nccl_unique_id = r.nccl_unique_id(),
-                                           .gpu = static_cast<int>(gpu)});
-  }));
-  DMOE_LOG(kInfo, kLog) << "registered with " << scheduler << " as node " << reg.node_id << " (expert node "
-                        << reg.expert_node_index << ", experts " << absl::StrJoin(reg.expert_shard, ",") << ")";
-
-  const absl::Time load_start = absl::Now();
-  DMOE_ASSIGN_OR_RETURN(WeightSelection selection, ShardSelection(config, reg.expert_shard));
-  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights, ModelWeights::Load(model, selection));
-  int64_t moe_layers = 0;
-  for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers += config.is_moe_layer(l) ? 1 : 0;
-  DMOE_LOG(kInfo, kLog) << "loaded " << reg.expert_shard.size() << " experts x " << moe_layers << " layers, "
-                        << weights->total_bytes << " bytes in " << absl::ToDoubleSeconds(absl::Now() - load_start)
-                        << " s";
-
-  DMOE_ASSIGN_OR_RETURN(v1::GetClusterResponse cluster,
-                        coordinator.WaitForCluster(absl::Minutes(2), node::WaitForStopSignal));
-  DMOE_ASSIGN_OR_RETURN(const int connected, node::ConnectPeers(*reg.transport, cluster, v1::NODE_KIND_ATTENTION));
-  DMOE_LOG(kInfo, kLog) << "connected to " << connected << " attention nodes";
-
-  ExpertWorker worker(*weights, *reg.transport);
+  ExpertWorker worker(*weights, member->transport());
   std::thread worker_thread([&worker] { worker.Run(); });
-  node::SetServing(*server.server, true);
-  // Ready only once every peer is connected and the service is up: the
-  // scheduler sends steps from then on.
-  DMOE_RETURN_IF_ERROR(coordinator.NodeReady(reg.node_id, weights->total_bytes));
-  DMOE_LOG(kInfo, kLog) << "serving on port " << server.port;
+  absl::Cleanup stop_worker = [&] {
+    member->Leave();
+    worker.Stop();
+    worker_thread.join();
+    transport::LogSendTimesPerLayer(member->transport(), kLog);
+  };
+  DMOE_RETURN_IF_ERROR(member->Serve());
 
-  LoadReporter reporter(worker, coordinator, reg.node_id);
+  LoadReporter reporter(worker, member->coordinator(), member->node_id());
   bool reporting = true;  // logs only the first failure of a streak
   while (!node::WaitForStopSignal(absl::Milliseconds(report_ms))) {
     const absl::Status st = reporter.ReportOnce();
@@ -102,12 +92,8 @@ absl::Status Run(const std::vector<std::string>& args) {
     reporting = st.ok();
   }
   DMOE_LOG(kInfo, kLog) << "stopping after " << worker.messages_served() << " dispatches";
-  node::SetServing(*server.server, false);
-  worker.Stop();
-  worker_thread.join();
-  transport::LogSendTimesPerLayer(*reg.transport, kLog);
-  server.server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-  return absl::OkStatus();
+  std::move(stop_worker).Invoke();
+  return member->status();
 }
 
 }  // namespace

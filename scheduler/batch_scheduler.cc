@@ -68,6 +68,7 @@ struct BatchScheduler::Impl {
     running.resize(n);
     to_free.resize(n);
     pages_used.assign(n, 0);
+    down.assign(n, false);
   }
 
   int num_nodes() const { return static_cast<int>(options.pages_per_node.size()); }
@@ -85,7 +86,8 @@ struct BatchScheduler::Impl {
   absl::Status Submit(Request request);
   StepPlan PlanStep(absl::Time now);
   std::vector<RequestEvent> Apply(const Outstanding& step, const std::vector<SampledToken>& sampled,
-                                  const std::string& missing_error);
+                                  const std::string& missing_error,
+                                  const std::vector<NodeFailure>& failed = {});
 
   void Reap(absl::Time now, StepPlan& plan);
   void ScheduleDecodes(StepPlan& plan, StepState& step);
@@ -103,6 +105,7 @@ struct BatchScheduler::Impl {
   std::vector<std::vector<RequestId>> running;  // per node, by admission (oldest first)
   std::vector<std::vector<RequestId>> to_free;  // per node: finished, pages still held
   std::vector<int64_t> pages_used;              // per node
+  std::vector<bool> down;                       // per node: NodeDown
   int64_t next_step_id = 0;
   int64_t next_admission = 0;
   std::optional<Outstanding> outstanding;
@@ -260,7 +263,7 @@ void BatchScheduler::Impl::Admit(StepPlan& plan, StepState& step) {
     if (step.preempted.contains(e.request.id)) break;
     int best = -1;
     for (int n = 0; n < num_nodes(); ++n) {
-      if (step.budget[n] < 1 || static_cast<int64_t>(running[n].size()) >= options.max_batch_tokens) {
+      if (down[n] || step.budget[n] < 1 || static_cast<int64_t>(running[n].size()) >= options.max_batch_tokens) {
         continue;
       }
       if (best < 0 || FreePages(n) > FreePages(best)) best = n;
@@ -315,7 +318,8 @@ void BatchScheduler::Impl::Preempt(Entry& e, StepPlan& plan, StepState& step) {
 
 std::vector<RequestEvent> BatchScheduler::Impl::Apply(const Outstanding& step,
                                                       const std::vector<SampledToken>& sampled,
-                                                      const std::string& missing_error) {
+                                                      const std::string& missing_error,
+                                                      const std::vector<NodeFailure>& failed) {
   absl::flat_hash_map<RequestId, const SampledToken*> by_id;
   for (const SampledToken& s : sampled) by_id.try_emplace(s.id, &s);
   std::vector<RequestEvent> events;
@@ -328,7 +332,12 @@ std::vector<RequestEvent> BatchScheduler::Impl::Apply(const Outstanding& step,
     RequestEvent event;
     event.id = id;
     auto sample = by_id.find(id);
-    if (sample == by_id.end()) {
+    const auto failure = std::find_if(failed.begin(), failed.end(),
+                                      [&](const NodeFailure& f) { return f.node == e.node; });
+    if (failure != failed.end() && sample == by_id.end()) {
+      event.error_code = failure->code;
+      Finish(e, FinishReason::kError, failure->message, event);
+    } else if (sample == by_id.end()) {
       Finish(e, FinishReason::kError,
              missing_error.empty()
                  ? absl::StrCat("attention node ", e.node, " returned no token for request ", id, " in step ",
@@ -427,11 +436,69 @@ void BatchScheduler::Cancel(RequestId id) {
 StepPlan BatchScheduler::PlanStep(absl::Time now) { return impl_->PlanStep(now); }
 
 std::vector<RequestEvent> BatchScheduler::ApplyResults(const StepPlan& plan,
-                                                       const std::vector<SampledToken>& sampled) {
+                                                       const std::vector<SampledToken>& sampled,
+                                                       const std::vector<NodeFailure>& failed) {
   if (!impl_->outstanding.has_value() || impl_->outstanding->step_id != plan.step_id) return {};
   const Impl::Outstanding step = *std::move(impl_->outstanding);
   impl_->outstanding.reset();
-  return impl_->Apply(step, sampled, "");
+  return impl_->Apply(step, sampled, "", failed);
+}
+
+std::vector<RequestEvent> BatchScheduler::NodeDown(int node, absl::StatusCode code, const std::string& message) {
+  Impl& m = *impl_;
+  if (m.down.at(node)) return {};
+  m.down[node] = true;
+  std::vector<RequestEvent> events;
+  const std::vector<RequestId> placed = m.running[node];
+  for (RequestId id : placed) {
+    RequestEvent event;
+    event.id = id;
+    event.error_code = code;
+    m.Finish(m.Get(id), FinishReason::kError, message, event);
+    events.push_back(std::move(event));
+  }
+  // Nothing to free on a process that is gone.
+  for (RequestId id : m.to_free[node]) m.requests.erase(id);
+  m.to_free[node].clear();
+  m.pages_used[node] = 0;
+  return events;
+}
+
+void BatchScheduler::NodeUp(int node, int64_t pages) {
+  Impl& m = *impl_;
+  m.down.at(node) = false;
+  if (pages > 0) m.options.pages_per_node[node] = pages;
+  m.pages_used[node] = 0;
+}
+
+bool BatchScheduler::node_up(int node) const { return !impl_->down.at(node); }
+
+std::vector<RequestEvent> BatchScheduler::FailAll(absl::StatusCode code, const std::string& message) {
+  Impl& m = *impl_;
+  std::vector<RequestEvent> events;
+  auto fail = [&](RequestId id) {
+    RequestEvent event;
+    event.id = id;
+    event.error_code = code;
+    m.Finish(m.Get(id), FinishReason::kError, message, event);
+    events.push_back(std::move(event));
+  };
+  for (RequestId id : m.waiting) {
+    fail(id);
+    m.requests.erase(id);  // never placed: no pages to free
+  }
+  m.waiting.clear();
+  for (int n = 0; n < m.num_nodes(); ++n) {
+    const std::vector<RequestId> placed = m.running[n];
+    for (RequestId id : placed) fail(id);  // moves it to to_free[n]
+  }
+  return events;
+}
+
+absl::Time BatchScheduler::NextDeadline() const {
+  absl::Time next = absl::InfiniteFuture();
+  for (RequestId id : impl_->waiting) next = std::min(next, impl_->requests.at(id)->request.deadline);
+  return next;
 }
 
 int BatchScheduler::num_nodes() const { return impl_->num_nodes(); }
@@ -443,6 +510,12 @@ int64_t BatchScheduler::num_waiting() const { return static_cast<int64_t>(impl_-
 int64_t BatchScheduler::num_running() const {
   int64_t n = 0;
   for (const auto& placed : impl_->running) n += static_cast<int64_t>(placed.size());
+  return n;
+}
+
+int64_t BatchScheduler::num_to_free() const {
+  int64_t n = 0;
+  for (const auto& ids : impl_->to_free) n += static_cast<int64_t>(ids.size());
   return n;
 }
 

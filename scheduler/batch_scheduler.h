@@ -45,8 +45,8 @@
 //      scheduled requests on the node, or waits. Only a request's last
 //      chunk samples.
 // Placement: an admitted request goes to the node with the most free pages
-// (ties: lowest index) among the nodes with token budget and a sequence
-// slot left this step, and stays there until it finishes or is preempted.
+// (ties: lowest index) among the nodes that are up (NodeDown) with token
+// budget and a sequence slot left this step, and stays there until it finishes or is preempted.
 // It is admitted only when that node's free pages cover its prompt plus one
 // token (capped at the most it will ever hold: prompt + max_tokens - 1).
 // Pages are reserved for every scheduled token, per node, by the same
@@ -125,6 +125,28 @@ class BatchScheduler {
   // Plans the next step (see the header comment).
   StepPlan PlanStep(absl::Time now);
 
+  // Attention node `node` is gone (its process died): every request placed
+  // on it finishes with kError (`code`, `message`), its pages count as free
+  // again without frees (a new process starts empty), and nothing is placed
+  // on it until NodeUp. Returns the events. No-op for a node already down.
+  std::vector<RequestEvent> NodeDown(int node, absl::StatusCode code, const std::string& message);
+  // The node serves again with an empty cache of `pages` pages.
+  void NodeUp(int node, int64_t pages);
+  bool node_up(int node) const;
+  // Ends every waiting and running request with kError (`code`, `message`):
+  // the cluster cannot serve any (an expert node is lost). Running requests'
+  // pages are freed by the next plan.
+  std::vector<RequestEvent> FailAll(absl::StatusCode code, const std::string& message);
+  // The earliest deadline among waiting requests (InfiniteFuture: none).
+  absl::Time NextDeadline() const;
+
+  // A node whose RunStep failed: its requests in the step end with this.
+  struct NodeFailure {
+    int node = -1;
+    absl::StatusCode code = absl::StatusCode::kUnavailable;
+    std::string message;
+  };
+
   // Takes the tokens sampled for `plan` (any order; those of requests that
   // were not sampling in it are ignored) and returns one event per request
   // that was to sample in it (in plan order), except requests cancelled
@@ -136,7 +158,10 @@ class BatchScheduler {
   // A sampling request with no token in `sampled` (its node failed)
   // finishes with kError. A plan other than the last one planned, or one
   // applied twice, is ignored (no events).
-  std::vector<RequestEvent> ApplyResults(const StepPlan& plan, const std::vector<SampledToken>& sampled);
+  // A sampling request of a node in `failed` gets that node's code and
+  // message instead.
+  std::vector<RequestEvent> ApplyResults(const StepPlan& plan, const std::vector<SampledToken>& sampled,
+                                         const std::vector<NodeFailure>& failed = {});
 
   // Introspection for tests and metrics.
   int num_nodes() const;
@@ -148,6 +173,8 @@ class BatchScheduler {
   int64_t num_waiting() const;
   // In kPrefill or kDecode.
   int64_t num_running() const;
+  // Finished requests whose pages the next plan frees.
+  int64_t num_to_free() const;
   // nullopt once the request is forgotten (or was never submitted).
   std::optional<RequestView> GetRequest(RequestId id) const;
 

@@ -1,6 +1,7 @@
 #include "scheduler/generation_service.h"
 
 #include <cmath>
+#include <deque>
 
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
@@ -10,8 +11,9 @@
 namespace dmoe::scheduler {
 namespace {
 
-// How often a waiting Generate call checks for client cancellation.
-constexpr absl::Duration kPollInterval = absl::Milliseconds(20);
+// A long-polling GetCluster answers this long before its call's deadline.
+constexpr absl::Duration kLongPollMargin = absl::Seconds(1);
+constexpr absl::Duration kLongPollMax = absl::Seconds(30);
 
 v1::FinishReason ToProto(FinishReason r) {
   switch (r) {
@@ -97,37 +99,45 @@ absl::StatusOr<Request> ValidateGenerateRequest(const v1::GenerateRequest& r, co
   return q;
 }
 
-grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  ServingLoop* loop = loop_.load();
-  if (draining_.load()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is draining; not accepting requests");
-  if (loop == nullptr) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "cluster is not ready yet");
-  absl::StatusOr<Request> q = ValidateGenerateRequest(*request, config_, tokenizer_, model_name_);
-  if (!q.ok()) return ToGrpcStatus(q.status());
-  q->id = next_id_.fetch_add(1);
-  q->arrival = absl::Now();
-  const auto deadline = context->deadline();
-  if (deadline != std::chrono::system_clock::time_point::max()) q->deadline = absl::FromChrono(deadline);
-  const std::string request_id = request->request_id().empty() ? absl::StrCat("req-", q->id) : request->request_id();
-  const int prompt_tokens = static_cast<int>(q->prompt.size());
-  // top_logprobs: -1 none, 0 the chosen token's logprob only, n > 0 also the top n.
-  const bool want_logprobs = request->top_logprobs() >= 0;
-  const RequestId id = q->id;
-  absl::StatusOr<std::shared_ptr<RequestStream>> stream = loop->Submit(std::move(*q));
-  if (!stream.ok()) return ToGrpcStatus(stream.status());
+namespace {
 
-  int completion_tokens = 0;
-  for (;;) {
-    RequestEvent e;
-    if (!(*stream)->Pop(&e, kPollInterval)) {
-      if (context->IsCancelled()) loop->Cancel(id);
-      continue;
+// One Generate call: RequestStream for the step loop, write reactor for
+// gRPC. Owned by itself (until OnDone) and by the loop (until the finished
+// event), so whichever lets go last frees it.
+class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>, public RequestStream {
+ public:
+  GenerateCall(absl::Time arrival, std::string request_id, int prompt_tokens, bool want_logprobs)
+      : RequestStream(arrival),
+        request_id_(std::move(request_id)),
+        prompt_tokens_(prompt_tokens),
+        want_logprobs_(want_logprobs) {}
+
+  // Starts serving `id` on `loop` (self-owned from here), or ends the call
+  // with the error.
+  static GenerateCall* Begin(std::shared_ptr<GenerateCall> call, ServingLoop* loop, Request request) {
+    GenerateCall* raw = call.get();
+    raw->self_ = call;
+    raw->loop_ = loop;
+    raw->id_ = request.id;
+    if (absl::Status st = loop->Submit(std::move(request), call); !st.ok()) {
+      raw->FinishWith(ToGrpcStatus(st));
     }
+    return raw;
+  }
+
+  static GenerateCall* Refuse(std::shared_ptr<GenerateCall> call, const grpc::Status& status) {
+    GenerateCall* raw = call.get();
+    raw->self_ = call;
+    raw->FinishWith(status);
+    return raw;
+  }
+
+  void Push(RequestEvent e) override {
     v1::GenerateResponse response;
-    response.set_request_id(request_id);
+    response.set_request_id(request_id_);
     for (size_t i = 0; i < e.new_tokens.size(); ++i) {
       response.add_token_ids(e.new_tokens[i]);
-      if (want_logprobs && i < e.samples.size()) {
+      if (want_logprobs_ && i < e.samples.size()) {
         v1::SampledToken* t = response.add_logprobs();
         t->set_token_id(e.samples[i].token);
         t->set_logprob(e.samples[i].logprob);
@@ -138,30 +148,129 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1:
         }
       }
     }
-    completion_tokens += static_cast<int>(e.new_tokens.size());
     response.set_text(e.text_delta);
+    absl::MutexLock lock(&mu_);
+    completion_tokens_ += static_cast<int>(e.new_tokens.size());
     if (e.finished) {
-      response.set_finish_reason(ToProto(e.reason));
-      response.set_error_message(e.error);
-      v1::Usage* usage = response.mutable_usage();
-      usage->set_prompt_tokens(prompt_tokens);
-      usage->set_completion_tokens(completion_tokens);
-      const absl::Time arrival = (*stream)->arrival();
-      if ((*stream)->first_scheduled() != absl::InfiniteFuture()) {
-        usage->set_queue_time_seconds(absl::ToDoubleSeconds((*stream)->first_scheduled() - arrival));
-      }
-      if ((*stream)->first_token() != absl::InfiniteFuture()) {
-        usage->set_time_to_first_token_seconds(absl::ToDoubleSeconds((*stream)->first_token() - arrival));
+      finished_ = true;
+      if (e.reason == FinishReason::kError) {
+        // An error is the call's status, not text in an OK stream; the
+        // tokens already streamed stay the client's.
+        final_status_ = ToGrpcStatus(absl::Status(
+            e.error_code == absl::StatusCode::kOk ? absl::StatusCode::kInternal : e.error_code, e.error));
+        if (response.token_ids_size() == 0 && response.text().empty()) {
+          NextLocked();
+          return;
+        }
+      } else {
+        response.set_finish_reason(ToProto(e.reason));
+        response.set_error_message(e.error);
+        v1::Usage* usage = response.mutable_usage();
+        usage->set_prompt_tokens(prompt_tokens_);
+        usage->set_completion_tokens(completion_tokens_);
+        if (first_scheduled() != absl::InfiniteFuture()) {
+          usage->set_queue_time_seconds(absl::ToDoubleSeconds(first_scheduled() - arrival()));
+        }
+        if (first_token() != absl::InfiniteFuture()) {
+          usage->set_time_to_first_token_seconds(absl::ToDoubleSeconds(first_token() - arrival()));
+        }
       }
     }
-    if (!writer->Write(response)) {
-      loop->Cancel(id);  // the client is gone; its pages are freed next step
-      if (e.finished) break;
-      continue;
-    }
-    if (e.finished) break;
+    pending_.push_back(std::move(response));
+    NextLocked();
   }
-  return grpc::Status::OK;
+
+  void OnWriteDone(bool ok) override {
+    bool cancel = false;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok && !done_writing_) {
+        // The client is gone: stop the request (its pages are freed next step).
+        pending_.clear();
+        cancel = !finished_;
+        finished_ = true;
+        final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      }
+      NextLocked();
+    }
+    if (cancel && loop_ != nullptr) loop_->Cancel(id_);
+  }
+
+  void OnCancel() override {
+    if (loop_ != nullptr) loop_->Cancel(id_);  // ends with a kCancelled event
+  }
+
+  void OnDone() override {
+    std::shared_ptr<GenerateCall> self;  // freed on return (or later by the loop), after the lock
+    absl::MutexLock lock(&mu_);
+    done_ = true;
+    self.swap(self_);
+  }
+
+ private:
+  // Starts the next write, or the finish once everything is written.
+  void NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || done_writing_ || done_) return;
+    if (!pending_.empty()) {
+      current_ = std::move(pending_.front());
+      pending_.pop_front();
+      writing_ = true;
+      StartWrite(&current_);
+    } else if (finished_) {
+      done_writing_ = true;
+      Finish(final_status_);
+    }
+  }
+
+  void FinishWith(const grpc::Status& status) {
+    absl::MutexLock lock(&mu_);
+    finished_ = true;
+    final_status_ = status;
+    NextLocked();
+  }
+
+  const std::string request_id_;
+  const int prompt_tokens_;
+  const bool want_logprobs_;
+  ServingLoop* loop_ = nullptr;
+  RequestId id_ = 0;
+  absl::Mutex mu_;
+  std::shared_ptr<GenerateCall> self_ ABSL_GUARDED_BY(mu_);
+  std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
+  v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;      // the last event arrived
+  bool done_writing_ ABSL_GUARDED_BY(mu_) = false;  // Finish called
+  bool done_ ABSL_GUARDED_BY(mu_) = false;          // OnDone
+  int completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(grpc::CallbackServerContext* context,
+                                                                             const v1::GenerateRequest* request) {
+  ServingLoop* loop = loop_.load();
+  const int64_t id = next_id_.fetch_add(1);
+  const std::string request_id = request->request_id().empty() ? absl::StrCat("req-", id) : request->request_id();
+  auto refuse = [&](const grpc::Status& status) {
+    return GenerateCall::Refuse(std::make_shared<GenerateCall>(absl::Now(), request_id, 0, false), status);
+  };
+  if (draining_.load()) {
+    return refuse(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is draining; not accepting requests"));
+  }
+  if (loop == nullptr) return refuse(grpc::Status(grpc::StatusCode::UNAVAILABLE, "cluster is not ready yet"));
+  absl::StatusOr<Request> q = ValidateGenerateRequest(*request, config_, tokenizer_, model_name_);
+  if (!q.ok()) return refuse(ToGrpcStatus(q.status()));
+  q->id = id;
+  q->arrival = absl::Now();
+  const auto deadline = context->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) q->deadline = absl::FromChrono(deadline);
+  // top_logprobs: -1 none, 0 the chosen token's logprob only, n > 0 also the top n.
+  auto call = std::make_shared<GenerateCall>(q->arrival, request_id, static_cast<int>(q->prompt.size()),
+                                             request->top_logprobs() >= 0);
+  return GenerateCall::Begin(std::move(call), loop, std::move(*q));
 }
 
 grpc::Status GenerationService::Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* request,
@@ -208,9 +317,11 @@ grpc::Status CoordinatorService::NodeReady(grpc::ServerContext*, const v1::NodeR
   return ToGrpcStatus(coordinator_.NodeReady(*request));
 }
 
-grpc::Status CoordinatorService::GetCluster(grpc::ServerContext*, const v1::GetClusterRequest*,
+grpc::Status CoordinatorService::GetCluster(grpc::ServerContext* context, const v1::GetClusterRequest* request,
                                             v1::GetClusterResponse* response) {
-  *response = coordinator_.GetCluster();
+  const absl::Time deadline = std::min(absl::FromChrono(context->deadline()) - kLongPollMargin,
+                                       absl::Now() + kLongPollMax);
+  *response = coordinator_.GetCluster(*request, deadline);
   return grpc::Status::OK;
 }
 

@@ -22,7 +22,12 @@ namespace dmoe::scheduler {
 absl::StatusOr<Request> ValidateGenerateRequest(const v1::GenerateRequest& request, const ModelConfig& config,
                                                 const Tokenizer& tokenizer, const std::string& model_name);
 
-class GenerationService final : public v1::Generation::Service {
+// Generate runs on gRPC's callback API: the step loop pushes each event to
+// the call's reactor, which writes it; a client cancel or deadline reaches
+// the loop through the reactor's OnCancel. No thread waits per call. A
+// request that fails ends its call with the failure's status (UNAVAILABLE
+// naming the lost node, ...), after the tokens it got.
+class GenerationService final : public v1::Generation::WithCallbackMethod_Generate<v1::Generation::Service> {
  public:
   GenerationService(const ModelConfig& config, const Tokenizer& tokenizer, std::string model_name,
                     int num_attention_nodes, int num_expert_nodes)
@@ -37,8 +42,8 @@ class GenerationService final : public v1::Generation::Service {
   void SetLoop(ServingLoop* loop) { loop_.store(loop); }
   void Drain() { draining_.store(true); }
 
-  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) override;
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* context,
+                                                           const v1::GenerateRequest* request) override;
   grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* request,
                         v1::TokenizeResponse* response) override;
   grpc::Status GetModelInfo(grpc::ServerContext* context, const v1::GetModelInfoRequest* request,
@@ -63,7 +68,8 @@ class CoordinatorService final : public v1::Coordinator::Service {
                             v1::RegisterNodeResponse* response) override;
   grpc::Status NodeReady(grpc::ServerContext*, const v1::NodeReadyRequest* request,
                          v1::NodeReadyResponse* response) override;
-  grpc::Status GetCluster(grpc::ServerContext*, const v1::GetClusterRequest* request,
+  // A long poll with wait_past_epoch: answers before the call's deadline.
+  grpc::Status GetCluster(grpc::ServerContext* context, const v1::GetClusterRequest* request,
                           v1::GetClusterResponse* response) override;
   grpc::Status ReportExpertLoad(grpc::ServerContext*, const v1::ExpertLoadReport* request,
                                 v1::ExpertLoadAck* response) override;

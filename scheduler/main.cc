@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "cli/flags.h"
+#include "flags/flags.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -69,8 +69,8 @@ absl::StatusOr<ClusterFile> ReadClusterFile(const std::string& path, const Model
 }
 
 absl::Status Serve(const std::vector<std::string>& args) {
-  DMOE_ASSIGN_OR_RETURN(cli::Flags flags,
-                        cli::Flags::Parse(args,
+  DMOE_ASSIGN_OR_RETURN(Flags flags,
+                        Flags::Parse(args,
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
                                            "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps"},
@@ -120,10 +120,12 @@ absl::Status Serve(const std::vector<std::string>& args) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   int bound_port = 0, bound_control = 0;
   grpc::ServerBuilder client_builder;
+  client_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a second scheduler must not share the port
   client_builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(), &bound_port);
   client_builder.RegisterService(&generation);
   std::unique_ptr<grpc::Server> client_server = client_builder.BuildAndStart();
   grpc::ServerBuilder control_builder;
+  control_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   control_builder.AddListeningPort(absl::StrCat(host, ":", control_port), grpc::InsecureServerCredentials(),
                                    &bound_control);
   control_builder.RegisterService(&coordinator_service);
@@ -156,16 +158,15 @@ absl::Status Serve(const std::vector<std::string>& args) {
     sigwait(&signals, &sig);
     DMOE_LOG(kInfo, "scheduler") << "signal " << sig << ": draining";
     terminate.store(true);
+    coordinator.StopWaitingForReady();
   });
 
   std::unique_ptr<ServingLoop> loop;
   const absl::Time ready_deadline = absl::Now() + absl::Seconds(ready_timeout_s);
-  while (!terminate.load() && !coordinator.WaitAllReady(absl::Milliseconds(100))) {
-    if (absl::Now() > ready_deadline) {
-      kill(getpid(), SIGTERM);  // unblocks the signal thread
-      signal_thread.join();
-      return absl::DeadlineExceededError(absl::StrCat("not every node was ready within ", ready_timeout_s, " s"));
-    }
+  if (!coordinator.WaitAllReady(ready_deadline) && !terminate.load()) {
+    kill(getpid(), SIGTERM);  // unblocks the signal thread
+    signal_thread.join();
+    return absl::DeadlineExceededError(absl::StrCat("not every node was ready within ", ready_timeout_s, " s"));
   }
   if (!terminate.load()) {
     ServingOptions options;
@@ -177,10 +178,13 @@ absl::Status Serve(const std::vector<std::string>& args) {
     options.batching.context_length = config.max_position_embeddings;
     options.batching.tokenizer = tokenizer.get();
     options.balancer = cluster.balancer;
+    grpc::HealthCheckServiceInterface* health = client_server->GetHealthCheckService();
+    options.on_serving_changed = [health, &terminate](bool serving) {
+      if (!terminate.load()) health->SetServingStatus(serving);
+    };
     DMOE_ASSIGN_OR_RETURN(loop, ServingLoop::Start(config, coordinator, options));
     generation.SetLoop(loop.get());
     coordinator_service.SetLoop(loop.get());
-    client_server->GetHealthCheckService()->SetServingStatus(true);
     DMOE_LOG(kInfo, "scheduler") << "serving " << model_name << " on " << host << ":" << bound_port << " (balance "
                                  << router::BalanceModeName(cluster.balancer.mode) << ")";
   }
@@ -189,14 +193,13 @@ absl::Status Serve(const std::vector<std::string>& args) {
   // Drain: refuse new requests, let in-flight ones finish within the grace period.
   client_server->GetHealthCheckService()->SetServingStatus(false);
   generation.Drain();
-  if (loop != nullptr) {
-    const absl::Time grace_end = absl::Now() + absl::Seconds(drain_grace_s);
-    while (!loop->Idle() && absl::Now() < grace_end) absl::SleepFor(absl::Milliseconds(20));
-    if (!loop->Idle()) DMOE_LOG(kWarning, "scheduler") << "grace period over; ending the remaining requests";
+  if (loop != nullptr && !loop->WaitIdle(absl::Now() + absl::Seconds(drain_grace_s))) {
+    DMOE_LOG(kWarning, "scheduler") << "grace period over; ending the remaining requests";
   }
   generation.SetLoop(nullptr);
   coordinator_service.SetLoop(nullptr);
   loop.reset();  // ends leftover requests with an error event
+  coordinator.Shutdown();  // ends the nodes' long polls and the health watches
   client_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   control_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   DMOE_LOG(kInfo, "scheduler") << "stopped";

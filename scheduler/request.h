@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "core/sampling.h"
 
@@ -77,6 +78,9 @@ struct RequestEvent {
   // Why, for kError ("deadline exceeded" for a kCancelled deadline; empty for
   // Cancel() and normal ends).
   std::string error;
+  // For kError: the status to end the request's call with (UNAVAILABLE when
+  // a node it needed was lost, INTERNAL for a result that never came).
+  absl::StatusCode error_code = absl::StatusCode::kInternal;
 };
 
 // See the lifecycle diagram in batch_scheduler.h.

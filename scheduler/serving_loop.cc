@@ -5,27 +5,27 @@
 #include <cmath>
 #include <future>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 
 namespace dmoe::scheduler {
+namespace {
 
-void RequestStream::Push(RequestEvent event) {
-  absl::MutexLock lock(&mu_);
-  events_.push_back(std::move(event));
+// Health checks and cache cleanups of a node after a failure or a restart.
+constexpr absl::Duration kProbeTimeout = absl::Seconds(2);
+
+std::unique_ptr<v1::AttentionNode::Stub> NodeStub(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  return v1::AttentionNode::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
 }
 
-bool RequestStream::Pop(RequestEvent* event, absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto has_event = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !events_.empty(); };
-  mu_.AwaitWithTimeout(absl::Condition(&has_event), timeout);
-  if (events_.empty()) return false;
-  *event = std::move(events_.front());
-  events_.pop_front();
-  return true;
-}
+}  // namespace
 
 void RequestStream::MarkScheduled(absl::Time t) {
   absl::MutexLock lock(&mu_);
@@ -57,18 +57,15 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
   auto loop = std::unique_ptr<ServingLoop>(new ServingLoop(config, coordinator, std::move(options)));
   BatchScheduler::Options& b = loop->options_.batching;
   b.pages_per_node.clear();
+  const std::vector<NodeSlot> slots = coordinator.Slots();
   for (int i = 0; i < coordinator.num_attention_nodes(); ++i) {
-    b.pages_per_node.push_back(coordinator.AttentionCachePages(i));
-    if (coordinator.AttentionPageSize(i) != b.page_size) {
-      return absl::FailedPreconditionError(absl::StrCat("attention node ", i, " uses pages of ",
-                                                        coordinator.AttentionPageSize(i),
+    b.pages_per_node.push_back(slots[i].cache_pages);
+    if (slots[i].page_size != b.page_size) {
+      return absl::FailedPreconditionError(absl::StrCat(slots[i].name, " uses pages of ", slots[i].page_size,
                                                         " tokens, the scheduler ", b.page_size));
     }
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
-    loop->nodes_.push_back(v1::AttentionNode::NewStub(grpc::CreateCustomChannel(
-        coordinator.AttentionAddress(i), grpc::InsecureChannelCredentials(), args)));
+    loop->nodes_.push_back(NodeStub(slots[i].grpc_address));
+    loop->node_slots_.push_back(slots[i]);
   }
   loop->node_bias_version_.assign(loop->nodes_.size(), 0);
   loop->pages_free_ = b.pages_per_node;
@@ -84,11 +81,18 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
     DMOE_ASSIGN_OR_RETURN(router::ExpertLoadTracker window, router::ExpertLoadTracker::Create(config));
     loop->window_ = std::make_unique<router::ExpertLoadTracker>(std::move(window));
   }
+  coordinator.SetListener([l = loop.get()] { l->Bump(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
   return loop;
 }
 
+void ServingLoop::Bump() {
+  absl::MutexLock lock(&mu_);
+  ++membership_version_;
+}
+
 ServingLoop::~ServingLoop() {
+  coordinator_.SetListener(nullptr);
   {
     absl::MutexLock lock(&mu_);
     stop_ = true;
@@ -106,29 +110,36 @@ ServingLoop::~ServingLoop() {
     }
   }
   // Whatever is left ends with an error, never silently.
-  absl::MutexLock lock(&mu_);
-  for (auto& [id, stream] : streams_) {
+  absl::flat_hash_map<RequestId, std::shared_ptr<RequestStream>> left;
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(streams_);
+  }
+  for (auto& [id, stream] : left) {
     RequestEvent e;
     e.id = id;
     e.finished = true;
     e.reason = FinishReason::kError;
-    e.error = "scheduler stopped";
+    e.error_code = absl::StatusCode::kUnavailable;
+    e.error = "the scheduler stopped";
     stream->Push(std::move(e));
   }
 }
 
-absl::StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(Request request) {
-  auto stream = std::make_shared<RequestStream>(request.arrival);
+absl::Status ServingLoop::Submit(Request request, std::shared_ptr<RequestStream> stream) {
   absl::MutexLock lock(&mu_);
+  if (!unavailable_.empty()) return absl::UnavailableError(absl::StrCat("cluster cannot serve: ", unavailable_));
   const RequestId id = request.id;
   DMOE_RETURN_IF_ERROR(batcher_->Submit(std::move(request)));
-  streams_[id] = stream;
-  return stream;
+  streams_[id] = std::move(stream);
+  ++work_version_;
+  return absl::OkStatus();
 }
 
 void ServingLoop::Cancel(RequestId id) {
   absl::MutexLock lock(&mu_);
   batcher_->Cancel(id);
+  ++work_version_;
 }
 
 bool ServingLoop::Idle() const {
@@ -136,11 +147,25 @@ bool ServingLoop::Idle() const {
   return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
 }
 
+bool ServingLoop::WaitIdle(absl::Time deadline) const {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
+  };
+  mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  return idle();
+}
+
 v1::GetClusterStatsResponse ServingLoop::Stats() const {
   v1::GetClusterStatsResponse r;
   for (int64_t v : coordinator_.ExpertNodeTokens()) r.add_expert_node_tokens(v);
   for (int64_t v : coordinator_.ExpertTokens()) r.add_expert_tokens(v);
   r.set_balance_mode(router::BalanceModeName(options_.balancer.mode));
+  v1::GetClusterResponse cluster = coordinator_.GetCluster();
+  for (v1::ClusterNode& n : *cluster.mutable_nodes()) {
+    n.clear_transport_address();
+    *r.add_nodes() = std::move(n);
+  }
   absl::MutexLock lock(&mu_);
   r.set_steps(steps_);
   r.set_routing_decisions(routing_decisions_);
@@ -162,23 +187,32 @@ v1::GetClusterStatsResponse ServingLoop::Stats() const {
 }
 
 void ServingLoop::Deliver(const std::vector<RequestEvent>& events) {
+  if (events.empty()) return;
   const absl::Time now = absl::Now();
-  absl::MutexLock lock(&mu_);
-  for (const RequestEvent& e : events) {
-    auto it = streams_.find(e.id);
-    if (it == streams_.end()) continue;
-    if (!e.new_tokens.empty()) it->second->MarkFirstToken(now);
-    it->second->Push(e);
-    if (e.finished) streams_.erase(it);
+  std::vector<std::pair<std::shared_ptr<RequestStream>, const RequestEvent*>> out;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const RequestEvent& e : events) {
+      auto it = streams_.find(e.id);
+      if (it == streams_.end()) continue;
+      out.emplace_back(it->second, &e);
+      if (e.finished) streams_.erase(it);
+    }
+  }
+  // Outside the lock: a stream may call back into Cancel.
+  for (auto& [stream, e] : out) {
+    if (!e->new_tokens.empty()) stream->MarkFirstToken(now);
+    stream->Push(*e);
   }
 }
 
-std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
+std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const std::vector<bool>& up,
+                                                  std::vector<BatchScheduler::NodeFailure>* failed) {
   std::vector<std::future<std::pair<grpc::Status, v1::StepResult>>> calls(nodes_.size());
   for (size_t n = 0; n < nodes_.size(); ++n) {
     const NodeStep& step = plan.nodes[n];
     const bool send_bias = node_bias_version_[n] != bias_version_;
-    if (step.empty() && !send_bias) continue;
+    if (!up[n] || (step.empty() && !send_bias)) continue;
     v1::StepRequest request;
     request.set_step_id(plan.step_id);
     request.set_participating_attention_nodes(static_cast<int32_t>(nodes_.size()));
@@ -218,10 +252,20 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
     if (!calls[n].valid()) continue;
     auto [status, result] = calls[n].get();
     if (!status.ok()) {
-      // Its sequences get no token: ApplyResults ends them with an error
-      // naming the cause; other nodes' requests go on.
-      DMOE_LOG(kError, "scheduler") << "attention node " << n << " step " << plan.step_id << ": "
-                                    << FromGrpcStatus(status);
+      // Its sequences get no token: ApplyResults ends them with this error
+      // naming the node and the cause; other nodes' requests go on.
+      const absl::Status st = FromGrpcStatus(status);
+      const bool lost = st.code() == absl::StatusCode::kUnavailable ||
+                        st.code() == absl::StatusCode::kDeadlineExceeded;
+      // The node's own errors start with "step N:"; a transport error does not.
+      const bool node_answered = absl::StartsWith(st.message(), "step ");
+      std::string message =
+          node_answered ? absl::StrCat(node_slots_[n].name, ": ", st.message())
+                        : absl::StrCat(node_slots_[n].name, " unavailable: step ", plan.step_id, " failed: ",
+                                       st.message());
+      DMOE_LOG(kError, "scheduler") << message;
+      failed->push_back({static_cast<int>(n), lost ? absl::StatusCode::kUnavailable : st.code(), message});
+      if (lost && !node_answered) ProbeNode(static_cast<int>(n), message);
       node_bias_version_[n] = -1;  // resend the bias next time
       continue;
     }
@@ -255,6 +299,93 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan) {
   return sampled;
 }
 
+void ServingLoop::ProbeNode(int n, const std::string& why) {
+  auto health = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(node_slots_[n].grpc_address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status st = health->Check(&ctx, request, &response);
+  if (st.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) return;
+  coordinator_.MarkDown(n, node_slots_[n].incarnation,
+                        absl::StrCat(why, "; its health check: ",
+                                     st.ok() ? "NOT_SERVING" : FromGrpcStatus(st).ToString()));
+}
+
+void ServingLoop::SyncMembership() {
+  const std::vector<NodeSlot> slots = coordinator_.Slots();
+  const int N = coordinator_.num_attention_nodes();
+  std::vector<RequestEvent> events;
+  std::string cannot_serve;
+  bool any_attention = false;
+  for (int i = 0; i < N; ++i) {
+    const NodeSlot& slot = slots[i];
+    any_attention = any_attention || slot.serving;
+    bool was_up;
+    {
+      absl::MutexLock lock(&mu_);
+      was_up = batcher_->node_up(i);
+      if (was_up && (!slot.serving || slot.incarnation != node_slots_[i].incarnation)) {
+        const std::string why = slot.state == v1::NODE_STATE_DOWN ? slot.down_reason
+                                : slot.incarnation != node_slots_[i].incarnation ? "it restarted"
+                                                                                  : "it is not serving";
+        std::vector<RequestEvent> lost = batcher_->NodeDown(
+            i, absl::StatusCode::kUnavailable, absl::StrCat(node_slots_[i].name, " unavailable: ", why));
+        events.insert(events.end(), lost.begin(), lost.end());
+        pages_free_[i] = 0;
+        was_up = false;
+        DMOE_LOG(kWarning, "scheduler") << node_slots_[i].name << " is out of service (" << why << "); "
+                                        << lost.size() << " requests on it ended";
+      }
+    }
+    if (!was_up && slot.serving) {
+      if (slot.grpc_address != node_slots_[i].grpc_address) nodes_[i] = NodeStub(slot.grpc_address);
+      node_slots_[i] = slot;
+      // A process that was only cut off may still hold sequences: free them.
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+      v1::CacheStatus cache;
+      if (nodes_[i]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() && cache.sequence_ids_size() > 0) {
+        grpc::ClientContext free_ctx;
+        free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+        v1::FreeRequest free;
+        *free.mutable_sequence_ids() = cache.sequence_ids();
+        (void)nodes_[i]->Free(&free_ctx, free, &cache);
+      }
+      node_bias_version_[i] = -1;
+      absl::MutexLock lock(&mu_);
+      batcher_->NodeUp(i, slot.cache_pages);
+      pages_free_[i] = slot.cache_pages;
+      DMOE_LOG(kInfo, "scheduler") << slot.name << " serves again";
+    }
+  }
+  for (size_t i = N; i < slots.size() && cannot_serve.empty(); ++i) {
+    if (slots[i].serving) continue;
+    cannot_serve = absl::StrCat(slots[i].name, " unavailable: ",
+                                slots[i].state == v1::NODE_STATE_DOWN ? slots[i].down_reason
+                                                                      : "it is joining (not connected yet)");
+  }
+  if (cannot_serve.empty() && !any_attention) cannot_serve = "no attention node is serving";
+  bool changed = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!cannot_serve.empty() && unavailable_.empty()) {
+      std::vector<RequestEvent> lost = batcher_->FailAll(absl::StatusCode::kUnavailable, cannot_serve);
+      events.insert(events.end(), lost.begin(), lost.end());
+      DMOE_LOG(kWarning, "scheduler") << "cannot serve: " << cannot_serve << "; " << lost.size()
+                                      << " requests ended";
+    }
+    changed = cannot_serve.empty() != unavailable_.empty();
+    unavailable_ = cannot_serve;
+  }
+  if (changed) {
+    DMOE_LOG(kInfo, "scheduler") << (cannot_serve.empty() ? "serving again" : "not serving");
+    if (options_.on_serving_changed) options_.on_serving_changed(cannot_serve.empty());
+  }
+  Deliver(events);
+}
+
 void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
   if (balancer_ == nullptr || options_.balancer.mode == router::BalanceMode::kOff) return;
   const int64_t E = config_.n_routed_experts;
@@ -283,20 +414,35 @@ void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
 }
 
 void ServingLoop::Run() {
+  int64_t idle_at = -1;  // work_version_ when the last plan had nothing to run
   for (;;) {
     StepPlan plan;
+    std::vector<bool> up;
     absl::Time t0;
     {
       absl::MutexLock lock(&mu_);
-      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stop_ || batcher_->num_waiting() > 0 || batcher_->num_running() > 0;
+      auto wake = [this, &idle_at]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        if (stop_ || membership_version_ != synced_version_) return true;
+        const bool work = batcher_->num_waiting() > 0 || batcher_->num_running() > 0 || batcher_->num_to_free() > 0;
+        return work && work_version_ != idle_at;
       };
-      // Wake periodically too, so cancelled requests are reaped promptly.
-      mu_.AwaitWithTimeout(absl::Condition(&has_work), absl::Milliseconds(100));
+      // A waiting request's deadline is the one thing that changes without
+      // an event.
+      mu_.AwaitWithDeadline(absl::Condition(&wake),
+                            work_version_ == idle_at ? batcher_->NextDeadline() : absl::InfiniteFuture());
       if (stop_) return;
+      if (membership_version_ != synced_version_) {
+        synced_version_ = membership_version_;
+        mu_.Unlock();
+        SyncMembership();
+        mu_.Lock();
+        idle_at = -1;
+        continue;
+      }
       t0 = absl::Now();
       plan = batcher_->PlanStep(t0);
       preemptions_ += static_cast<int64_t>(plan.preempted.size());
+      for (int n = 0; n < batcher_->num_nodes(); ++n) up.push_back(batcher_->node_up(n));
       const absl::Time now = absl::Now();
       for (const NodeStep& node : plan.nodes) {
         for (const ScheduledSequence& s : node.sequences) {
@@ -308,15 +454,22 @@ void ServingLoop::Run() {
     Deliver(plan.events);
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
-    if (!any) continue;
+    if (!any) {
+      absl::MutexLock lock(&mu_);
+      (void)batcher_->ApplyResults(plan, {});
+      idle_at = work_version_;
+      continue;
+    }
+    idle_at = -1;
     step_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
     const absl::Time t1 = absl::Now();
-    std::vector<SampledToken> sampled = RunOnNodes(plan);
+    std::vector<BatchScheduler::NodeFailure> failed;
+    std::vector<SampledToken> sampled = RunOnNodes(plan, up, &failed);
     const absl::Time t2 = absl::Now();
     std::vector<RequestEvent> events;
     {
       absl::MutexLock lock(&mu_);
-      events = batcher_->ApplyResults(plan, sampled);
+      events = batcher_->ApplyResults(plan, sampled, failed);
       ++steps_;
     }
     Deliver(events);

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -21,14 +22,14 @@
 
 namespace dmoe::scheduler {
 
-// The events of one request, from the step loop to its Generate call.
-// Thread-safe.
+// Where the events of one request go (its Generate call), with the times
+// its usage reports. Push is called from the step loop, in order, never
+// after the finished event. Thread-safe.
 class RequestStream {
  public:
   explicit RequestStream(absl::Time arrival) : arrival_(arrival) {}
-  void Push(RequestEvent event);
-  // Waits up to `timeout` for the next event.
-  bool Pop(RequestEvent* event, absl::Duration timeout);
+  virtual ~RequestStream() = default;
+  virtual void Push(RequestEvent event) = 0;
   absl::Time arrival() const { return arrival_; }
   void MarkScheduled(absl::Time t);
   void MarkFirstToken(absl::Time t);
@@ -38,7 +39,6 @@ class RequestStream {
  private:
   const absl::Time arrival_;
   mutable absl::Mutex mu_;
-  std::deque<RequestEvent> events_ ABSL_GUARDED_BY(mu_);
   absl::Time first_scheduled_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   absl::Time first_token_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
 };
@@ -47,38 +47,63 @@ struct ServingOptions {
   BatchScheduler::Options batching;  // pages_per_node is filled from the nodes' registrations
   router::BalancerOptions balancer;
   absl::Duration step_rpc_timeout = absl::Seconds(120);
+  // Called from the loop's thread when the cluster starts or stops being
+  // able to serve (every expert node and at least one attention node
+  // serving); the scheduler's grpc.health.v1 follows it.
+  std::function<void(bool serving)> on_serving_changed;
 };
 
+// Membership: the loop follows the Coordinator (its listener). An attention
+// node that stops serving (down, or restarted and not yet reached by every
+// expert node) has its requests ended UNAVAILABLE naming it and the cause,
+// and gets no new ones until it serves again (with an empty cache). While
+// an expert node does not serve, or no attention node does, the cluster
+// cannot serve: every request ends UNAVAILABLE naming the node, Submit
+// refuses new ones, and on_serving_changed(false) is called.
+//
 // Thread-safe: Submit/Cancel/Stats from gRPC handlers, the loop on its thread.
 class ServingLoop {
  public:
-  // REQUIRES: coordinator.AllReady().
+  // REQUIRES: coordinator.AllReady(). The coordinator must outlive the loop.
   static absl::StatusOr<std::unique_ptr<ServingLoop>> Start(const ModelConfig& config,
                                                             Coordinator& coordinator, ServingOptions options);
   ~ServingLoop();
 
-  // Queues a request (its id must be unique); RESOURCE_EXHAUSTED when the
-  // waiting queue is full or it can never fit.
-  absl::StatusOr<std::shared_ptr<RequestStream>> Submit(Request request);
+  // Queues a request (its id must be unique) whose events go to `stream`;
+  // RESOURCE_EXHAUSTED when the waiting queue is full or it can never fit;
+  // UNAVAILABLE naming the lost node while the cluster cannot serve.
+  absl::Status Submit(Request request, std::shared_ptr<RequestStream> stream);
   void Cancel(RequestId id);
   // No request waiting or running.
   bool Idle() const;
+  // Waits until Idle() or the deadline; returns Idle().
+  bool WaitIdle(absl::Time deadline) const;
   v1::GetClusterStatsResponse Stats() const;
   const router::BalancerOptions& balancer_options() const { return options_.balancer; }
 
  private:
   ServingLoop(const ModelConfig& config, Coordinator& coordinator, ServingOptions options);
   void Run();
-  // Runs one planned step on the nodes; returns the sampled tokens.
-  std::vector<SampledToken> RunOnNodes(const StepPlan& plan);
+  // Applies the coordinator's membership to the batcher (loop thread).
+  void SyncMembership();
+  // Runs one planned step on the nodes that are up; returns the sampled
+  // tokens and the nodes whose step failed.
+  std::vector<SampledToken> RunOnNodes(const StepPlan& plan, const std::vector<bool>& up,
+                                       std::vector<BatchScheduler::NodeFailure>* failed);
+  // After a failed step: whether node n still answers its health check;
+  // marks it down in the coordinator if not.
+  void ProbeNode(int n, const std::string& why);
   // Feeds one step's routing counts [layer * E + e] to the balancer.
   void Balance(const std::vector<int64_t>& step_load);
   void Deliver(const std::vector<RequestEvent>& events);
+  void Bump();  // the coordinator's listener
 
   const ModelConfig config_;
   Coordinator& coordinator_;
   ServingOptions options_;
+  // Loop thread only: attention node i's stub, and the slot it was made for.
   std::vector<std::unique_ptr<v1::AttentionNode::Stub>> nodes_;
+  std::vector<NodeSlot> node_slots_;
   std::unique_ptr<router::BiasBalancer> balancer_;
   std::unique_ptr<router::ExpertLoadTracker> window_;
   std::vector<float> serving_bias_flat_;  // [layer * E], the biases last computed
@@ -90,6 +115,14 @@ class ServingLoop {
   std::unique_ptr<BatchScheduler> batcher_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<RequestId, std::shared_ptr<RequestStream>> streams_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Bumped by the coordinator's listener; the loop syncs when it moved.
+  int64_t membership_version_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t synced_version_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bumped by Submit and Cancel: after a step with nothing to run, the loop
+  // waits for it (or the next deadline) instead of planning again.
+  int64_t work_version_ ABSL_GUARDED_BY(mu_) = 0;
+  // Why the cluster cannot serve; empty while it can.
+  std::string unavailable_ ABSL_GUARDED_BY(mu_) = "starting";
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t routing_decisions_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t routing_changed_ ABSL_GUARDED_BY(mu_) = 0;

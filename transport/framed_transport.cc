@@ -63,6 +63,13 @@ absl::StatusOr<Message> FramedTransport::Receive(uint64_t tag, uint64_t tag_mask
   return mailbox_.Receive(tag, tag_mask, timeout);
 }
 
+absl::StatusOr<Message> FramedTransport::ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag,
+                                                     uint64_t tag_mask, absl::Duration timeout) {
+  return mailbox_.ReceiveFrom(senders, tag, tag_mask, timeout);
+}
+
+void FramedTransport::StopReceiving() { mailbox_.Stop(); }
+
 absl::Status FramedTransport::PeerStatus(NodeId peer) {
   absl::MutexLock lock(&state_mu_);
   if (!peers_[peer]->connected) return absl::UnavailableError(absl::StrCat("send to peer ", peer, ": not connected"));
@@ -116,6 +123,7 @@ absl::Status FramedTransport::SendMany(absl::Span<const OutgoingMessage> message
                                                         sent.status().message(), "); node ", self,
                                                         "'s sends are stopped: restart the cluster"));
       DMOE_LOG(kError, kLog) << send_error_.message();
+      for (const PieceChannel::Piece& p : round) mailbox_.MarkPeerFailed(p.peer, std::string(sent.status().message()));
       return send_error_;
     }
     device_seconds += *sent;
@@ -135,6 +143,7 @@ std::vector<SendRecord> FramedTransport::TakeSendRecords() {
 
 void FramedTransport::FailPeer(NodeId peer, const absl::Status& why) {
   DMOE_LOG(kError, kLog) << "node " << options_.node_id << ": receiving from node " << peer << " stopped: " << why;
+  mailbox_.MarkPeerFailed(peer, absl::StrCat("its stream failed: ", why.message()));
   absl::MutexLock lock(&state_mu_);
   peers_[peer]->error = absl::UnavailableError(absl::StrCat("peer ", peer, ": its stream failed: ", why.message()));
 }

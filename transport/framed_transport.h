@@ -90,6 +90,11 @@ class FramedTransport final : public Transport {
   absl::Status Connect(NodeId peer, const std::string& address) override;
   absl::Status Send(NodeId peer, uint64_t tag, absl::Span<const uint8_t> payload) override;
   absl::StatusOr<Message> Receive(uint64_t tag, uint64_t tag_mask, absl::Duration timeout) override;
+  // A peer is unavailable here once its stream failed or a Send to it timed out (for good:
+  // NCCL ranks cannot rejoin).
+  absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag, uint64_t tag_mask,
+                                      absl::Duration timeout) override;
+  void StopReceiving() override;
 
   // Sends every message, the pieces to different peers grouped per round (one SendGroup each:
   // one ncclGroupStart/End); messages to one peer go in order. Nothing is sent unless every

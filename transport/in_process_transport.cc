@@ -66,6 +66,13 @@ class InProcessTransport : public Transport {
     return mailbox_->Receive(tag, tag_mask, timeout);
   }
 
+  absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag, uint64_t tag_mask,
+                                      absl::Duration timeout) override {
+    return mailbox_->ReceiveFrom(senders, tag, tag_mask, timeout);
+  }
+
+  void StopReceiving() override { mailbox_->Stop(); }
+
  private:
   const std::shared_ptr<InProcessFabricState> fabric_;
   const NodeId node_id_;

@@ -5,12 +5,15 @@
 
 #include <cstdint>
 #include <deque>
+#include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "transport/transport.h"
 
 namespace dmoe::transport {
@@ -29,12 +32,22 @@ class Mailbox {
   // The first message with (msg.tag & tag_mask) == (tag & tag_mask) (bits above kMaxTag
   // ignored), waiting up to `timeout`; DEADLINE_EXCEEDED otherwise.
   absl::StatusOr<Message> Receive(uint64_t tag, uint64_t tag_mask, absl::Duration timeout);
+  // Receive, but UNAVAILABLE once one of `senders` is marked failed (Transport::ReceiveFrom).
+  absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag, uint64_t tag_mask,
+                                      absl::Duration timeout);
+
+  // `peer` is unavailable (why), until ClearPeerFailure (it was connected again).
+  void MarkPeerFailed(NodeId peer, const std::string& why);
+  void ClearPeerFailure(NodeId peer);
+  // Every waiting and later Receive returns CANCELLED.
+  void Stop();
 
  private:
   const NodeId owner_;
   absl::Mutex mu_;
-  absl::CondVar arrived_;
   std::deque<Message> messages_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<NodeId, std::string> failed_ ABSL_GUARDED_BY(mu_);
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace dmoe::transport

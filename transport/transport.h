@@ -68,6 +68,16 @@ class Transport {
   // naming the tag, when none arrives within `timeout`; never blocks longer.
   virtual absl::StatusOr<Message> Receive(uint64_t tag, uint64_t tag_mask,
                                           absl::Duration timeout) = 0;
+
+  // Receive, for a reply expected from one of `senders`: also returns UNAVAILABLE, naming the
+  // peer and why, as soon as one of them is known to be unavailable (its process died) and no
+  // matching message is queued, instead of waiting out `timeout`.
+  virtual absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag,
+                                              uint64_t tag_mask, absl::Duration timeout) = 0;
+
+  // Receive and ReceiveFrom calls waiting now, and every later one, return CANCELLED (a
+  // receiving thread is being stopped). Queued messages stay queued.
+  virtual void StopReceiving() = 0;
 };
 
 }  // namespace dmoe::transport

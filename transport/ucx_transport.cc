@@ -147,6 +147,13 @@ class UcxTransport : public Transport {
     return mailbox_.Receive(tag, tag_mask, timeout);
   }
 
+  absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag, uint64_t tag_mask,
+                                      absl::Duration timeout) override {
+    return mailbox_.ReceiveFrom(senders, tag, tag_mask, timeout);
+  }
+
+  void StopReceiving() override { mailbox_.Stop(); }
+
  private:
   void Wake() {
     const uint64_t one = 1;
@@ -331,6 +338,7 @@ absl::Status UcxTransport::ConnectLocked(NodeId peer_id, const std::string& addr
     return UcxError(absl::StrCat("connect to peer ", peer_id, ": ucp_ep_create"), s);
   }
   peers_[peer_id] = std::move(peer);
+  mailbox_.ClearPeerFailure(peer_id);
   return absl::OkStatus();
 }
 
@@ -472,6 +480,7 @@ void UcxTransport::OnEndpointError(void* arg, ucp_ep_h /*ep*/, ucs_status_t stat
 void UcxTransport::FailPeer(Peer* peer, const std::string& why) {
   if (!peer->failure.empty()) return;
   peer->failure = why;
+  mailbox_.MarkPeerFailed(peer->id, why);
   DMOE_LOG(kWarning, "transport") << "node " << options_.node_id << ": peer " << peer->id
                                   << " is unavailable: " << why;
   to_close_.push_back(peer);

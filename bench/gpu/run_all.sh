@@ -1,19 +1,149 @@
 #!/usr/bin/env bash
-# On the GPU machine (the device tool): builds dmoe with CUDA and runs the
-# CUDA kernel test and the golden CPU test there. Results go to $OUT.
-#   here:   EXTRA_DEBS="libopenblas-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas0
-#             libgfortran5 libquadmath0" bash ../shared/device/fetch-debs.sh
-#   device: source .devdeps/setup-deps.sh .devdeps && bash bench/gpu/run_all.sh   (carry .devdeps)
+# The whole GPU job in one device call: configure + build with CUDA
+# (build-gpu), the CUDA kernel tests and the golden test, compute-sanitizer
+# (memcheck over the CUDA tests, racecheck on the shared-memory kernels), the
+# kernel benchmarks with the plain-PyTorch MLA baseline, and the end-to-end
+# benchmark hook (bench/gpu/e2e.sh, when present). Every stage runs even when
+# an earlier one fails (a failed build skips what needs its binaries); a
+# short table comes last. Files under $OUT (8 at most come back):
+#   summary.md  build.log  tests.log  sanitizer.log
+#   gpu_kernel_bench.json  gpu_kernel_bench.md  torch_mla.md   (+ e2e.md, by e2e.sh)
+#
+# here (once): OpenBLAS debs beside the project's .devdeps, e.g.
+#   mkdir .devdeps-extra && (cd .devdeps-extra && apt-get download libopenblas-dev \
+#     libopenblas0-pthread libopenblas-pthread-dev libopenblas0 libgfortran5 libquadmath0)
+# device: source .devdeps/setup-deps.sh .devdeps && bash bench/gpu/run_all.sh
+#   (carry .devdeps, and .devdeps-extra if it is separate)
+# RUN_ALL_BUDGET_S (default 560) bounds the whole script: stages that would
+# start past it are skipped and say so.
 set -uo pipefail
-# Debian's pkg-config files (OpenBLAS, PCRE2) unpacked by setup-deps.sh.
-export PKG_CONFIG_PATH="/opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig:/opt/deps/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DDMOE_BUILD_BENCH=OFF > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build build-gpu --target cuda_matmul_test golden_test -j"$(nproc)" > "$out/build.log" 2>&1 \
-  || { grep -E 'error' "$out/build.log" | head -20; exit 1; }
-cd tests
-../build-gpu/bin/cuda_matmul_test 2>&1 | tee "$out/cuda_matmul_test.txt" | tail -5
-../build-gpu/bin/golden_test 2>&1 | tee "$out/golden_test.txt" | tail -3
+budget="${RUN_ALL_BUDGET_S:-560}"
+summary="$out/summary.md"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+left() { echo $((budget - SECONDS)); }
+# stage NAME MIN_SECONDS_LEFT: false (and a note) when too little time is left.
+stage() {
+  if [ "$(left)" -lt "$2" ]; then note "- $1: SKIPPED (budget: $(left) s left)"; return 1; fi
+  echo "=== $1 ($(left) s left)"
+  return 0
+}
+
+# OpenBLAS (the CPU backend's BLAS) from .devdeps or .devdeps-extra.
+# (.devdeps-extra/openblas-min.tar.xz: those debs unpacked, static and LAPACK
+# libraries dropped, xz-compressed: 5 MB instead of 13 against the 64 MiB limit.)
+mkdir -p /opt/deps
+for d in .devdeps-extra ../.devdeps-extra .devdeps ../.devdeps; do
+  if [ -f "$d/openblas-min.tar.xz" ]; then tar -C /opt/deps -xJf "$d/openblas-min.tar.xz"; break; fi
+  ls "$d"/libopenblas*.deb > /dev/null 2>&1 || continue
+  for f in "$d"/libopenblas*.deb "$d"/libgfortran*.deb "$d"/libquadmath*.deb; do
+    [ -f "$f" ] && dpkg -x "$f" /opt/deps
+  done
+  break
+done
+ob=/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread
+if [ -d "$ob/pkgconfig" ]; then
+  sed -i -e 's#=/usr/#=/opt/deps/usr/#' "$ob"/pkgconfig/*.pc
+  export LD_LIBRARY_PATH="$ob:${LD_LIBRARY_PATH:-}"
+  export LIBRARY_PATH="$ob:${LIBRARY_PATH:-}"
+fi
+export PKG_CONFIG_PATH="$ob/pkgconfig:/opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig:/opt/deps/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+
+{
+  echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  nvcc --version 2>&1 | tail -1
+  echo "commit: $(cat .gpu_commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo '```'
+  echo
+} >> "$summary"
+
+built=0
+if stage build 200; then
+  {
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DDMOE_BUILD_BENCH=OFF &&
+      cmake --build build-gpu -j"$(nproc)" --target cuda_matmul_test cuda_kernels_test cuda_mla_test \
+        ${RUN_GOLDEN:+golden_test} gpu_kernel_bench
+  } > "$out/build.log" 2>&1 && built=1
+  if [ "$built" = 1 ]; then
+    note "- build: ok ($SECONDS s)"
+  else
+    note "- build: FAILED (see build.log)"
+    grep -E 'error|Error' "$out/build.log" | head -20 | tee -a "$summary"
+  fi
+  note "- kernels with register spills (ptxas -v): $(grep -cE ' [1-9][0-9]* bytes spill' "$out/build.log")"
+fi
+
+bin=build-gpu/bin
+tests="cuda_matmul_test cuda_kernels_test cuda_mla_test"
+if [ "$built" = 1 ] && stage tests 60; then
+  : > "$out/tests.log"
+  # golden_test (CPU path) only with RUN_GOLDEN=1: it ran past 240 s on the H200 machine (2026-12-03).
+  for t in $tests ${RUN_GOLDEN:+golden_test}; do
+    (cd tests && timeout 240 "../$bin/$t" --gtest_brief=1) >> "$out/tests.log" 2>&1
+    rc=$?
+    res=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/tests.log" | tail -3 | tr '\n' ' ')
+    if [ $rc = 0 ]; then note "- $t: ok"; else note "- $t: FAILED rc=$rc"; fi
+  done
+  grep -E '^\[  FAILED  \]|Failure|error' "$out/tests.log" | head -20 | tee -a "$summary"
+fi
+
+if [ "$built" = 1 ] && stage benchmarks 90; then
+  timeout 300 "$bin/gpu_kernel_bench" --json "$out/gpu_kernel_bench.json" --md "$out/gpu_kernel_bench.md" \
+    > "$out/gpu_kernel_bench.txt" 2>&1
+  rc=$?
+  [ $rc = 0 ] && note "- gpu_kernel_bench: ok" || { note "- gpu_kernel_bench: FAILED rc=$rc"; tail -5 "$out/gpu_kernel_bench.txt" | tee -a "$summary"; }
+fi
+copy_gbps=$(python3 -c "import json;print(json.load(open('$out/gpu_kernel_bench.json'))['copy']['gbps_read_plus_write'])" 2>/dev/null || echo 0)
+if stage torch_baseline 60; then
+  PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu/torch_mla.py --copy-gbps "$copy_gbps" --md "$out/torch_mla.md" \
+    --json "$out/torch_mla.json" > "$out/torch_mla.txt" 2>&1
+  rc=$?
+  [ $rc = 0 ] && note "- torch_mla baseline: ok" || { note "- torch_mla baseline: FAILED rc=$rc"; tail -5 "$out/torch_mla.txt" | tee -a "$summary"; }
+fi
+
+if [ "$built" = 1 ] && command -v compute-sanitizer > /dev/null && stage sanitizer 60; then
+  : > "$out/sanitizer.log"
+  for t in $tests; do
+    [ "$(left)" -lt 40 ] && { note "- memcheck $t: SKIPPED (budget)"; continue; }
+    (cd tests && timeout $(( $(left) - 30 < 200 ? $(left) - 30 : 200 )) compute-sanitizer --tool memcheck \
+      --error-exitcode 3 "../$bin/$t" --gtest_brief=1) >> "$out/sanitizer.log" 2>&1
+    rc=$?
+    [ $rc = 0 ] && note "- memcheck $t: clean" || note "- memcheck $t: rc=$rc (3 = errors found, 124 = timeout)"
+  done
+  for spec in "cuda_mla_test:*HeadCounts*" "cuda_kernels_test:*GroupedGemm*:*Gate*:*Moe*"; do
+    t=${spec%%:*} filter=${spec#*:}
+    [ "$(left)" -lt 40 ] && { note "- racecheck $t: SKIPPED (budget)"; continue; }
+    (cd tests && timeout $(( $(left) - 30 < 150 ? $(left) - 30 : 150 )) compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "../$bin/$t" --gtest_brief=1 --gtest_filter="$filter") >> "$out/sanitizer.log" 2>&1
+    rc=$?
+    [ $rc = 0 ] && note "- racecheck $t ($filter): clean" || note "- racecheck $t ($filter): rc=$rc (3 = hazards, 124 = timeout)"
+  done
+  grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer.log" | sort | uniq -c >> "$summary"
+fi
+
+# End-to-end benchmark of the serving path (the engine's script), if present.
+if [ -f bench/gpu/e2e.sh ] && stage e2e 60; then
+  E2E_BUDGET_S=$(( $(left) - 20 )) timeout $(( $(left) - 10 )) bash bench/gpu/e2e.sh "$out" > "$out/e2e.txt" 2>&1
+  rc=$?
+  [ $rc = 0 ] && note "- e2e.sh: ok" || { note "- e2e.sh: FAILED rc=$rc"; tail -5 "$out/e2e.txt" | tee -a "$summary"; }
+fi
+
+# Fold the small text outputs into the files that come back (8 at most).
+for f in gpu_kernel_bench.txt torch_mla.txt torch_mla.json e2e.txt; do
+  [ -f "$out/$f" ] && { echo; echo "## $f"; echo '```'; cat "$out/$f"; echo '```'; } >> "$out/tests.log"
+  rm -f "$out/$f"
+done
+[ -f "$out/torch_mla.md" ] && cat "$out/torch_mla.md" >> "$out/gpu_kernel_bench.md" && rm -f "$out/torch_mla.md"
+
+echo
+echo "================ summary ($SECONDS s)"
+cat "$summary"
+if [ -f "$out/gpu_kernel_bench.md" ]; then
+  grep -E '^\|' "$out/gpu_kernel_bench.md" | cut -c1-150
+fi

@@ -2,7 +2,7 @@
 // messages (and once through its gRPC adapter on 127.0.0.1:0), over
 // in-process expert workers holding shards of tests/golden/tiny-v3.
 #include "attention_node/attention_service.h"
-#include "scheduler/cluster_join.h"
+#include "node/cluster_join.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -295,7 +295,7 @@ TEST(AttentionServiceFailure, SilentExpertNodeIsUnavailableAndPagesComeBack) {
   ASSERT_TRUE(service.ok());
   auto r = (*service)->RunStep(Step(7, {Seq(1, {5, 6, 7}, true)}));
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
-  EXPECT_THAT(r.status().message(), HasSubstr("step 7: expert node(s) 0 did not answer layer 1"));
+  EXPECT_THAT(r.status().message(), HasSubstr("step 7: expert node 0 (transport node 1) did not answer layer 1"));
   EXPECT_EQ((*service)->GetCacheStatus().pages_free(), 4);
   EXPECT_TRUE((*service)->GetCacheStatus().sequence_ids().empty());
 }

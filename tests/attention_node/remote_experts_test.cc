@@ -71,7 +71,7 @@ TEST(RemoteExperts, DeadExpertNodeIsAnErrorNamingIt) {
   auto cache = LatentCache::Create((*engine)->CacheOptions(4, 16));
   auto out = (*engine)->Step({{1, {5, 6, 7}, false}}, **cache, silent.remote());
   EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(out.status().message().find("expert node(s) 0 did not answer layer 1"), std::string::npos)
+  EXPECT_NE(out.status().message().find("expert node 0 (transport node 1) did not answer layer 1"), std::string::npos)
       << out.status();
   EXPECT_EQ((*cache)->pages_free(), 4) << "a failed step gives its pages back";
 }

@@ -417,6 +417,8 @@ TEST(ClusterCli, FlagErrorsAreOneLineAndNameTheProblem) {
               "--transport = 'rdma' must be ucx or nccl");
   ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "3"},
               "--gpus 3 puts one node on each GPU: --attention-nodes + --expert-nodes is 2");
+  ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "2", "--on-node-exit", "restart"},
+              "--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
 
   ExpectError({"generate", "--server", "localhost", "--ids", "1"}, "--server = 'localhost' is not HOST:PORT");
   ExpectError({"generate", "--server", "127.0.0.1:1"}, "exactly one of");
@@ -643,10 +645,34 @@ TEST_F(FakeCluster, AChildThatDiesWhileStartingStopsTheRest) {
   }
 }
 
-TEST_F(FakeCluster, AChildThatDiesWhileServingStopsTheRest) {
+TEST_F(FakeCluster, AChildThatDiesWhileServingIsRestartedUntilItCrashLoops) {
   env_["DMOE_FAKE_FAIL"] = "attention";
   env_["DMOE_FAKE_FAIL_AFTER_MS"] = "2000";  // after the fake scheduler turns SERVING
   DmoeProcess up({"up", "--model", kModel, "--port", "0", "--expert-nodes", "2"}, env_);
+  ASSERT_GT(ReadEndpoint(up, "1 attention node, 2 expert nodes, balance off"), 0);
+  // Each restarted fake fails again 2 s after its start: restarted twice,
+  // then the third quick exit stops the cluster.
+  const std::optional<int> status = up.Wait(std::chrono::seconds(60));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << up.err();
+  const std::regex restarted("attention node 0 \\(pid [0-9]+\\) exited with status 3; restarting it");
+  const std::string err = up.err();
+  EXPECT_EQ(std::distance(std::sregex_iterator(err.begin(), err.end(), restarted), std::sregex_iterator()), 2) << err;
+  EXPECT_NE(err.find("exited with status 3 (3 times in a row within 10s of its start); stopped the cluster"),
+            std::string::npos)
+      << err;
+  int attention_starts = 0;
+  for (const std::string& e : Events()) {
+    attention_starts += e.rfind("start ", 0) == 0 && e.find("dmoe-attention-node") != std::string::npos ? 1 : 0;
+  }
+  EXPECT_EQ(attention_starts, 3);
+  EXPECT_TRUE(LeftoverProcesses(Marker(), std::chrono::seconds(1)).empty());
+}
+
+TEST_F(FakeCluster, AChildThatDiesWhileServingStopsTheRestWithOnNodeExitStop) {
+  env_["DMOE_FAKE_FAIL"] = "attention";
+  env_["DMOE_FAKE_FAIL_AFTER_MS"] = "2000";  // after the fake scheduler turns SERVING
+  DmoeProcess up({"up", "--model", kModel, "--port", "0", "--expert-nodes", "2", "--on-node-exit", "stop"}, env_);
   ASSERT_GT(ReadEndpoint(up, "1 attention node, 2 expert nodes, balance off"), 0);
   const std::optional<int> status = up.Wait(std::chrono::seconds(30));
   ASSERT_TRUE(status.has_value());

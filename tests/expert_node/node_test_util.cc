@@ -26,11 +26,16 @@ FakeCoordinator::FakeCoordinator(int num_attention_nodes, std::vector<std::vecto
     : num_attention_(num_attention_nodes), shards_(std::move(expert_shards)) {}
 
 FakeCoordinator::~FakeCoordinator() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now());
 }
 
 void FakeCoordinator::AddNode(int32_t node_id, v1::NodeKind kind, const std::string& transport_address) {
   absl::MutexLock lock(&mu_);
+  ++epoch_;
   v1::ClusterNode& n = nodes_[node_id];
   n.set_node_id(node_id);
   n.set_kind(kind);
@@ -75,6 +80,7 @@ grpc::Status FakeCoordinator::RegisterNode(grpc::ServerContext*, const v1::Regis
   n.set_kind(request->kind());
   n.set_grpc_address(request->grpc_address());
   if (!request->transport_address().empty()) n.set_transport_address(request->transport_address());
+  ++epoch_;
   reply->set_node_id(id);
   if (expert) {
     const auto& shard = shards_[id - num_attention_];
@@ -93,9 +99,16 @@ grpc::Status FakeCoordinator::NodeReady(grpc::ServerContext*, const v1::NodeRead
   return grpc::Status::OK;
 }
 
-grpc::Status FakeCoordinator::GetCluster(grpc::ServerContext*, const v1::GetClusterRequest*,
+grpc::Status FakeCoordinator::GetCluster(grpc::ServerContext* context, const v1::GetClusterRequest* request,
                                          v1::GetClusterResponse* reply) {
   absl::MutexLock lock(&mu_);
+  if (request->has_wait_past_epoch()) {  // a long poll, answered before the call's deadline
+    const int64_t past = request->wait_past_epoch();
+    auto moved = [this, past]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || epoch_ > past; };
+    mu_.AwaitWithDeadline(absl::Condition(&moved), absl::FromChrono(context->deadline()) - absl::Seconds(1));
+  }
+  reply->set_epoch(epoch_);
+  reply->set_caller_registered(request->has_node_id() && nodes_.contains(request->node_id()));
   reply->set_complete(static_cast<int>(nodes_.size()) == num_attention_ + static_cast<int>(shards_.size()));
   for (const auto& [id, n] : nodes_) *reply->add_nodes() = n;
   int64_t num_experts = 0;

@@ -24,11 +24,12 @@
 namespace dmoe::testing {
 
 // The scheduler's Coordinator service as the node binaries expect it
-// (scheduler/cluster_join.h, dmoe::node): ids by kind and order
+// (node/cluster_join.h, dmoe::node): ids by kind and order
 // (attention nodes 0..N-1, expert nodes N..N+M-1, the lowest free id of the
 // kind first), a second RegisterNode with the same grpc_address returns the
 // same id and records the transport address, GetCluster answers at once
-// (complete when every id is taken). Serves on 127.0.0.1:0. Thread-safe.
+// (complete when every id is taken) or, as a long poll, once a registration
+// moved the epoch. Serves on 127.0.0.1:0. Thread-safe.
 class FakeCoordinator final : public v1::Coordinator::Service {
  public:
   // expert_shards[i]: the experts of expert node i (node id N + i).
@@ -66,6 +67,8 @@ class FakeCoordinator final : public v1::Coordinator::Service {
   std::map<int32_t, int64_t> ready_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, std::vector<int64_t>> load_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, int64_t> steps_ ABSL_GUARDED_BY(mu_);
+  int64_t epoch_ ABSL_GUARDED_BY(mu_) = 1;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<grpc::Server> server_;
 };
 

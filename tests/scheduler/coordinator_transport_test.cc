@@ -8,6 +8,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@ v1::RegisterNodeRequest Request(v1::NodeKind kind, const std::string& address, v
   r.set_cache_pages(16);
   r.set_page_size(64);
   r.set_transport_kind(transport);
+  r.set_incarnation(std::hash<std::string>()(address) | 1);  // one process per address
   return r;
 }
 
@@ -48,7 +50,7 @@ class CoordinatorTransportTest : public ::testing::Test {
     ASSERT_TRUE(config.ok()) << config.status();
     absl::StatusOr<router::ExpertPlacement> placement = router::ExpertPlacement::Contiguous(config->n_routed_experts, 1);
     ASSERT_TRUE(placement.ok()) << placement.status();
-    coordinator_ = std::make_unique<Coordinator>(*config, 1, 1, *placement);
+    coordinator_ = std::make_unique<Coordinator>(*config, 1, 1, *placement, CoordinatorOptions{.watch_health = false});
   }
 
   std::unique_ptr<Coordinator> coordinator_;

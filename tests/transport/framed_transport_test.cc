@@ -69,6 +69,11 @@ TEST_F(FramedTransportTest, ACorruptedFrameFailsThatPeersStreamOnly) {
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   EXPECT_THAT(s.message(), HasSubstr("peer 1: its stream failed: stream from node 1: frame header: checksum"));
   EXPECT_EQ(node(0).Receive(1, kAll, absl::Milliseconds(50)).status().code(), absl::StatusCode::kDeadlineExceeded);
+  // A reply awaited from node 1 fails at once, naming it, instead of waiting out the timeout.
+  const NodeId one = 1;
+  auto reply = node(0).ReceiveFrom({&one, 1}, 1, kAll, kTimeout);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kUnavailable) << reply.status();
+  EXPECT_THAT(reply.status().message(), HasSubstr("its stream failed"));
   // Node 2's stream to node 0 is untouched.
   ASSERT_TRUE(node(2).Send(0, 3, MakePayload(2, 0, 333)).ok());
   auto other = node(0).Receive(3, kAll, kTimeout);
@@ -97,6 +102,14 @@ TEST_F(FramedTransportTest, APeerThatStopsReceivingTimesSendsOutAndStopsThem) {
 
 // One SendMany to two peers: each round carries a piece for each of them (one NCCL group); every
 // message arrives whole and in order; one record covers the call.
+TEST_F(FramedTransportTest, StopReceivingCancelsWaitingReceives) {
+  Make(2, 8);
+  node(0).StopReceiving();
+  EXPECT_EQ(node(0).Receive(1, kAll, kTimeout).status().code(), absl::StatusCode::kCancelled);
+  ASSERT_TRUE(node(0).Send(1, 1, MakePayload(0, 0, 10)).ok());  // sending goes on
+  EXPECT_TRUE(node(1).Receive(1, kAll, kTimeout).ok());
+}
+
 TEST_F(FramedTransportTest, SendManyGroupsPiecesForDifferentPeers) {
   Make(3, 64);
   std::vector<std::vector<uint8_t>> payloads;

@@ -1,11 +1,11 @@
-#include "cli/flags.h"
+#include "flags/flags.h"
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& value_flags,
                                    const std::set<std::string>& bool_flags) {
@@ -88,4 +88,4 @@ absl::StatusOr<std::vector<int32_t>> Flags::GetIds(const std::string& name, bool
   return ids;
 }
 
-}  // namespace dmoe::cli
+}  // namespace dmoe

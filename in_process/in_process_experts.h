@@ -2,8 +2,8 @@
 // threads of this process behind an in-process transport, reached through
 // the same RemoteExperts backend an attention node uses. `dmoe generate
 // --model DIR` runs the cluster's step code this way.
-#ifndef DMOE_EXPERT_NODE_IN_PROCESS_EXPERTS_H_
-#define DMOE_EXPERT_NODE_IN_PROCESS_EXPERTS_H_
+#ifndef DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
+#define DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
 
 #include <memory>
 #include <thread>
@@ -16,7 +16,7 @@
 #include "router/expert_placement.h"
 #include "transport/in_process_transport.h"
 
-namespace dmoe::expert {
+namespace dmoe::in_process {
 
 // Owns the fabric, the workers and their threads; stops and joins them on
 // destruction. `weights` (with every routed expert loaded, or at least those
@@ -34,11 +34,11 @@ class InProcessExperts {
   transport::InProcessFabric fabric_;
   std::unique_ptr<transport::Transport> attention_endpoint_;
   std::vector<std::unique_ptr<transport::Transport>> expert_endpoints_;
-  std::vector<std::unique_ptr<ExpertWorker>> workers_;
+  std::vector<std::unique_ptr<expert::ExpertWorker>> workers_;
   std::vector<std::thread> threads_;
   std::unique_ptr<attention::RemoteExperts> backend_;
 };
 
-}  // namespace dmoe::expert
+}  // namespace dmoe::in_process
 
-#endif  // DMOE_EXPERT_NODE_IN_PROCESS_EXPERTS_H_
+#endif  // DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_

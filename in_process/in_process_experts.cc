@@ -1,6 +1,6 @@
-#include "expert_node/in_process_experts.h"
+#include "in_process/in_process_experts.h"
 
-namespace dmoe::expert {
+namespace dmoe::in_process {
 
 absl::StatusOr<std::unique_ptr<InProcessExperts>> InProcessExperts::Create(
     const ModelWeights& weights, const router::ExpertPlacement& placement) {
@@ -17,7 +17,7 @@ absl::StatusOr<std::unique_ptr<InProcessExperts>> InProcessExperts::Create(
     absl::Status st = cluster->attention_endpoint_->Connect(ids[i], cluster->expert_endpoints_[i]->address());
     if (st.ok()) st = cluster->expert_endpoints_[i]->Connect(0, cluster->attention_endpoint_->address());
     if (!st.ok()) return st;
-    cluster->workers_.push_back(std::make_unique<ExpertWorker>(weights, *cluster->expert_endpoints_[i]));
+    cluster->workers_.push_back(std::make_unique<expert::ExpertWorker>(weights, *cluster->expert_endpoints_[i]));
   }
   for (auto& worker : cluster->workers_) cluster->threads_.emplace_back([w = worker.get()] { w->Run(); });
   cluster->backend_ = std::make_unique<attention::RemoteExperts>(*cluster->attention_endpoint_, placement, ids,
@@ -30,4 +30,4 @@ InProcessExperts::~InProcessExperts() {
   for (std::thread& t : threads_) t.join();
 }
 
-}  // namespace dmoe::expert
+}  // namespace dmoe::in_process

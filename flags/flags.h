@@ -1,7 +1,7 @@
 // A small command-line flag parser for the dmoe CLI: `--name value` or
 // `--name=value`, boolean `--name`; unknown flags are errors.
-#ifndef DMOE_CLI_FLAGS_H_
-#define DMOE_CLI_FLAGS_H_
+#ifndef DMOE_FLAGS_FLAGS_H_
+#define DMOE_FLAGS_FLAGS_H_
 
 #include <cstdint>
 #include <map>
@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 class Flags {
  public:
@@ -34,6 +34,6 @@ class Flags {
   std::map<std::string, std::string> values_;
 };
 
-}  // namespace dmoe::cli
+}  // namespace dmoe
 
-#endif  // DMOE_CLI_FLAGS_H_
+#endif  // DMOE_FLAGS_FLAGS_H_

@@ -1,0 +1,39 @@
+// Shared device helpers of the dmoe CUDA kernels (CUDA-only header).
+#ifndef DMOE_CORE_CUDA_CUDA_UTIL_CUH_
+#define DMOE_CORE_CUDA_CUDA_UTIL_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace dmoe::cuda {
+
+inline absl::Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+
+// The launch's own error (bad configuration, no device); does not wait for it.
+inline absl::Status LaunchStatus(const char* kernel) { return CudaStatus(cudaGetLastError(), kernel); }
+
+inline cudaStream_t AsStream(void* s) { return static_cast<cudaStream_t>(s); }
+
+#define DMOE_CUDA_CHECK_ARG(cond, msg) \
+  do {                                 \
+    if (!(cond)) return absl::InvalidArgumentError(msg); \
+  } while (0)
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
+__device__ __forceinline__ uint16_t FloatToBf16Bits(float f) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+__host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dmoe::cuda
+
+#endif  // DMOE_CORE_CUDA_CUDA_UTIL_CUH_

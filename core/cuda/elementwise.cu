@@ -1,0 +1,202 @@
+// Row-wise and elementwise kernels: conversions, RMSNorm, RoPE, SwiGLU,
+// argmax, the latent-cache write.
+#include <cfloat>
+
+#include "core/cuda/cuda_util.cuh"
+#include "core/cuda/kernels.h"
+
+namespace dmoe::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void F32ToBf16Kernel(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = FloatToBf16Bits(in[i]);
+  }
+}
+
+__global__ void Bf16ToF32Kernel(const uint16_t* in, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = Bf16BitsToFloat(in[i]);
+  }
+}
+
+unsigned GridFor(int64_t n) {
+  const int64_t blocks = CeilDiv(n, kThreads);
+  return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+// Block-wide float sum; every thread gets the result.
+__device__ float BlockSum(float v) {
+  __shared__ float partial[32];
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  float s = lane < warps ? partial[lane] : 0.f;
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// One block per row.
+__global__ void RmsNormKernel(RmsNormParams p) {
+  const float* x = p.x + blockIdx.x * p.ldx;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) ss += x[i] * x[i];
+  ss = BlockSum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d) + p.eps);
+  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
+    const float v = p.w[i] * (x[i] * inv);
+    if (p.out_type == OutType::kF32) {
+      static_cast<float*>(p.out)[blockIdx.x * p.ldo + i] = v;
+    } else {
+      static_cast<uint16_t*>(p.out)[blockIdx.x * p.ldo + i] = FloatToBf16Bits(v);
+    }
+  }
+}
+
+// One thread per (row, head, pair).
+__global__ void RopeKernel(RopeParams p) {
+  const int64_t half = p.rope_dim / 2;
+  const int64_t total = p.n * p.num_heads * half;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t h = (idx / half) % p.num_heads;
+    const int64_t t = idx / (half * p.num_heads);
+    float* y = p.x + t * p.ld + h * p.head_stride + p.offset;
+    const float angle = static_cast<float>(p.pos[t]) * p.inv_freq[i];  // float32 product, as core/rope.cc
+    const float cs = cosf(angle) * p.attention_factor;
+    const float sn = sinf(angle) * p.attention_factor;
+    float* a = p.interleaved ? &y[2 * i] : &y[i];
+    float* b = p.interleaved ? &y[2 * i + 1] : &y[i + half];
+    const float av = *a, bv = *b;
+    *a = av * cs - bv * sn;
+    *b = bv * cs + av * sn;
+  }
+}
+
+__global__ void SiluMulKernel(const float* gu, int64_t n, int64_t inter, void* out, OutType out_type) {
+  const int64_t total = n * inter;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = idx / inter, i = idx % inter;
+    const float g = gu[t * 2 * inter + i], u = gu[t * 2 * inter + inter + i];
+    const float v = g / (1.0f + expf(-g)) * u;
+    if (out_type == OutType::kF32) {
+      static_cast<float*>(out)[idx] = v;
+    } else {
+      static_cast<uint16_t*>(out)[idx] = FloatToBf16Bits(v);
+    }
+  }
+}
+
+// Larger value wins; on equal values the lower index; NaN never wins.
+__device__ __forceinline__ void ArgmaxMerge(float& best, int32_t& arg, float v, int32_t i) {
+  if (v > best || (v == best && i < arg)) {
+    best = v;
+    arg = i;
+  }
+}
+
+// One block per row.
+__global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
+  const float* row = logits + blockIdx.x * vocab;
+  float best = -INFINITY;
+  int32_t arg = INT32_MAX;
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) ArgmaxMerge(best, arg, row[v], static_cast<int32_t>(v));
+  for (int o = 16; o > 0; o /= 2) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    ArgmaxMerge(best, arg, ob, oa);
+  }
+  __shared__ float sb[32];
+  __shared__ int32_t sa[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sb[warp] = best;
+    sa[warp] = arg;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < blockDim.x / 32 ? sb[lane] : -INFINITY;
+    arg = lane < blockDim.x / 32 ? sa[lane] : INT32_MAX;
+    for (int o = 16; o > 0; o /= 2) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int32_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      ArgmaxMerge(best, arg, ob, oa);
+    }
+    // Every logit -inf or NaN: token 0 (core/sampling.h's rule).
+    if (lane == 0) out[blockIdx.x] = arg == INT32_MAX ? 0 : arg;
+  }
+}
+
+// One block per token.
+__global__ void LatentCacheWriteKernel(LatentCacheWriteParams p) {
+  const int32_t slot = p.slot[blockIdx.x];
+  if (slot < 0) return;
+  const int64_t r = p.shape.kv_lora_rank, width = r + p.shape.rope_dim;
+  uint16_t* dst = p.cache + static_cast<int64_t>(slot) * width;
+  const float* c = p.c + blockIdx.x * p.c_ld;
+  const float* k = p.k_pe + blockIdx.x * p.k_pe_ld;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = FloatToBf16Bits(i < r ? c[i] : k[i - r]);
+}
+
+}  // namespace
+
+absl::Status ConvertF32ToBf16(const float* in, int64_t n, uint16_t* out, Stream stream) {
+  if (n <= 0) return absl::OkStatus();
+  F32ToBf16Kernel<<<GridFor(n), kThreads, 0, AsStream(stream)>>>(in, n, out);
+  return LaunchStatus("F32ToBf16Kernel");
+}
+
+absl::Status ConvertBf16ToF32(const uint16_t* in, int64_t n, float* out, Stream stream) {
+  if (n <= 0) return absl::OkStatus();
+  Bf16ToF32Kernel<<<GridFor(n), kThreads, 0, AsStream(stream)>>>(in, n, out);
+  return LaunchStatus("Bf16ToF32Kernel");
+}
+
+absl::Status RmsNorm(const RmsNormParams& p0, Stream stream) {
+  RmsNormParams p = p0;
+  if (p.ldx == 0) p.ldx = p.d;
+  if (p.ldo == 0) p.ldo = p.d;
+  DMOE_CUDA_CHECK_ARG(p.d > 0 && p.ldx >= p.d && p.ldo >= p.d, "RmsNorm: d > 0, ldx >= d, ldo >= d");
+  DMOE_CUDA_CHECK_ARG(p.n < (int64_t{1} << 31), "RmsNorm: n too large");
+  if (p.n <= 0) return absl::OkStatus();
+  RmsNormKernel<<<static_cast<unsigned>(p.n), kThreads, 0, AsStream(stream)>>>(p);
+  return LaunchStatus("RmsNormKernel");
+}
+
+absl::Status ApplyRope(const RopeParams& p, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= 256, "ApplyRope: rope_dim even, <= 256");
+  DMOE_CUDA_CHECK_ARG(p.num_heads >= 1, "ApplyRope: num_heads >= 1");
+  if (p.n <= 0) return absl::OkStatus();
+  RopeKernel<<<GridFor(p.n * p.num_heads * p.rope_dim / 2), kThreads, 0, AsStream(stream)>>>(p);
+  return LaunchStatus("RopeKernel");
+}
+
+absl::Status SiluMul(const float* gu, int64_t n, int64_t inter, void* out, OutType out_type, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(inter > 0, "SiluMul: inter > 0");
+  if (n <= 0) return absl::OkStatus();
+  SiluMulKernel<<<GridFor(n * inter), kThreads, 0, AsStream(stream)>>>(gu, n, inter, out, out_type);
+  return LaunchStatus("SiluMulKernel");
+}
+
+absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* out, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(vocab > 0 && vocab < INT32_MAX, "ArgmaxRows: 0 < vocab < 2^31");
+  if (n <= 0) return absl::OkStatus();
+  ArgmaxKernel<<<static_cast<unsigned>(n), 1024, 0, AsStream(stream)>>>(logits, vocab, out);
+  return LaunchStatus("ArgmaxKernel");
+}
+
+absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(p.shape.kv_lora_rank > 0 && p.shape.rope_dim >= 0, "LatentCacheWrite: shape");
+  if (p.n <= 0) return absl::OkStatus();
+  LatentCacheWriteKernel<<<static_cast<unsigned>(p.n), 128, 0, AsStream(stream)>>>(p);
+  return LaunchStatus("LatentCacheWriteKernel");
+}
+
+}  // namespace dmoe::cuda

@@ -1,0 +1,529 @@
+// Dense GEMM through cuBLASLt, grouped GEMM (dmoe's tensor-core kernel or
+// cuBLAS), and the routed-expert pipeline built on them.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "core/cuda/cuda_util.cuh"
+#include "core/cuda/kernels.h"
+
+namespace dmoe::cuda {
+
+struct BlasHandle::Impl {
+  cublasHandle_t blas = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* lt_workspace = nullptr;
+  size_t lt_workspace_bytes = size_t{32} << 20;
+  // Heuristic choice per shape (m, n, k, lda, ldb, ldc, c_type).
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>, cublasLtMatmulAlgo_t> algos;
+  // cublasGemmGroupedBatchedEx's device pointer arrays.
+  void* ptr_arrays = nullptr;
+  size_t ptr_capacity = 0;  // pointers per array
+  // cublasGemmGroupedBatchedEx refused these types once: loop cublasGemmEx since.
+  bool grouped_refused = false;
+  ~Impl() {
+    if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
+    if (lt_workspace != nullptr) cudaFree(lt_workspace);
+    if (lt != nullptr) cublasLtDestroy(lt);
+    if (blas != nullptr) cublasDestroy(blas);
+  }
+};
+
+namespace {
+
+absl::Status BlasStatus(cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(st), " (", cublasGetStatusString(st), ")"));
+}
+
+#define DMOE_RETURN_IF_ERROR_CU(expr)        \
+  do {                                       \
+    absl::Status dmoe_st_ = (expr);          \
+    if (!dmoe_st_.ok()) return dmoe_st_;     \
+  } while (0)
+
+// ---- dmoe's grouped GEMM kernel: C_g = A_g · B_g^T, mma.m16n8k16 bf16. ----
+// BK = 64: each weight row contributes 128 contiguous bytes per stage (32
+// gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
+// decode shapes).
+constexpr int kBN = 128, kBK = 64, kGStages = 3, kGThreads = 128;
+constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
+template <int BM>
+constexpr size_t GemmSmemBytes() { return size_t{kGStages} * (BM + kBN) * kGStride * 2; }
+constexpr int kMaxGroups = 1024;
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// grid.x: n tiles; grid.y: an upper bound of the m tiles summed over groups.
+// Each block finds its (group, m tile) by a block-wide scan of the groups'
+// tile counts (offsets read on the device). BM = 64 rows per tile for
+// well-filled groups; BM = 16 when groups hold few rows each (decode: a few
+// tokens per expert), so the padding does not turn a weight-bandwidth-bound
+// product into a compute-bound one. Warps: BM 64 -> 2 x 2 warps of 32 x 64;
+// BM 16 -> 1 x 4 warps of 16 x 32.
+template <int BM>
+__global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
+  constexpr int MT = BM == 64 ? 2 : 1;          // m16 tiles per warp
+  constexpr int WARPS_M = BM / (16 * MT);       // 2 or 1
+  constexpr int WARPS_N = 4 / WARPS_M;          // 2 or 4
+  constexpr int NT = kBN / (8 * WARPS_N);       // n8 tiles per warp: 8 or 4
+  extern __shared__ __align__(16) unsigned char gsmem[];
+  uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);                      // [kGStages][BM * kGStride]
+  uint16_t* bs_base = as_base + kGStages * BM * kGStride;                       // [kGStages][kBN * kGStride]
+  __shared__ int32_t warp_tot[kGThreads / 32];
+  __shared__ int32_t found[2];  // group, first tile of the group
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = static_cast<int>(p.num_groups);
+  // Tiles of the groups this thread scans: contiguous groups [g0, g1).
+  const int per = (G + kGThreads - 1) / kGThreads;
+  const int g0 = tid * per, g1 = min(G, g0 + per);
+  int mine = 0;
+  for (int g = g0; g < g1; ++g) mine += (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
+  int incl = mine;  // inclusive scan within the warp
+  for (int o = 1; o < 32; o *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  if (tid == 0) found[0] = -1;
+  __syncthreads();
+  int base = 0;
+  for (int w = 0; w < warp; ++w) base += warp_tot[w];
+  int start = base + incl - mine;  // exclusive prefix: first tile of group g0
+  const int tile = blockIdx.y;
+  for (int g = g0; g < g1; ++g) {
+    const int t = (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
+    if (tile >= start && tile < start + t) {
+      found[0] = g;
+      found[1] = start;
+    }
+    start += t;
+  }
+  __syncthreads();
+  const int group = found[0];
+  if (group < 0) return;  // past the last tile
+  const int64_t row0 = p.offsets[group] + int64_t{tile - found[1]} * BM;
+  const int64_t row_end = p.offsets[group + 1];
+  const int64_t col0 = int64_t{blockIdx.x} * kBN;
+  const int64_t K = p.k, N = p.n;
+  const uint16_t* A = p.a;
+  const uint16_t* B = p.b + group * (p.b_group_stride != 0 ? p.b_group_stride : N * K);
+
+  auto load = [&](int64_t k0, int stage) {
+    for (int c = tid; c < BM * (kBK / 8); c += kGThreads) {
+      const int r = c / (kBK / 8), ch = c % (kBK / 8);
+      const int64_t row = row0 + r, kk = k0 + ch * 8;
+      const bool ok = row < row_end && kk < K;
+      CpAsync16(as_base + (stage * BM + r) * kGStride + ch * 8, ok ? A + row * K + kk : A, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kBN * (kBK / 8) / kGThreads; ++i) {
+      const int c = tid + i * kGThreads;
+      const int r = c / (kBK / 8), ch = c % (kBK / 8);
+      const int64_t col = col0 + r, kk = k0 + ch * 8;
+      const bool ok = col < N && kk < K;
+      CpAsync16(bs_base + (stage * kBN + r) * kGStride + ch * 8, ok ? B + col * K + kk : B, ok ? 16 : 0);
+    }
+  };
+  const int64_t ktiles = (K + kBK - 1) / kBK;
+  for (int s = 0; s < kGStages - 1; ++s) {
+    if (s < ktiles) load(s * kBK, s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  const int mi = lane / 8, mr = lane % 8;
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kGStages - 2));
+    __syncthreads();
+    if (kt + kGStages - 1 < ktiles) load((kt + kGStages - 1) * kBK, static_cast<int>((kt + kGStages - 1) % kGStages));
+    asm volatile("cp.async.commit_group;\n" ::);
+    const uint16_t* at = as_base + (kt % kGStages) * BM * kGStride;
+    const uint16_t* btile = bs_base + (kt % kGStages) * kBN * kGStride;
+    // Two k16 steps' fragments at a time, then their mma.
+#pragma unroll
+    for (int k2 = 0; k2 < kBK / 16; k2 += 2) {
+      uint32_t af[2][MT][4], bf[2][NT / 2][4];
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+          LdMatrixX4(af[ks][i], at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + (k2 + ks) * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+          LdMatrixX4(bf[ks][j],
+                     btile + (wn * 8 * NT + j * 16 + (mi / 2) * 8 + mr) * kGStride + (k2 + ks) * 16 + (mi % 2) * 8);
+      }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            Mma16816(acc[i][2 * j], af[ks][i], bf[ks][j][0], bf[ks][j][1]);
+            Mma16816(acc[i][2 * j + 1], af[ks][i], bf[ks][j][2], bf[ks][j][3]);
+          }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  const int g = lane / 4, q4 = lane % 4;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t row = row0 + wm * 16 * MT + i * 16 + g + hh * 8;
+      if (row >= row_end) continue;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int64_t col = col0 + wn * 8 * NT + j * 8 + q4 * 2;
+        if (col >= N) continue;  // N % 8 == 0: both columns in range
+        const float v0 = acc[i][j][hh * 2], v1 = acc[i][j][hh * 2 + 1];
+        if (p.c_type == OutType::kF32) {
+          *reinterpret_cast<float2*>(static_cast<float*>(p.c) + row * N + col) = make_float2(v0, v1);
+        } else {
+          const uint32_t packed = FloatToBf16Bits(v0) | (uint32_t{FloatToBf16Bits(v1)} << 16);
+          *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.c) + row * N + col) = packed;
+        }
+      }
+    }
+  }
+}
+
+cudaDataType_t CudaType(OutType t) { return t == OutType::kF32 ? CUDA_R_32F : CUDA_R_16BF; }
+size_t OutSize(OutType t) { return t == OutType::kF32 ? 4 : 2; }
+
+absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(p.blas != nullptr && p.host_offsets != nullptr, "GroupedGemm: kCublas needs blas and host_offsets");
+  BlasHandle::Impl& h = *p.blas->impl();
+  const int64_t stride = p.b_group_stride != 0 ? p.b_group_stride : p.n * p.k;
+  std::vector<int> ms, ns, ks, ldas, ldbs, ldcs, sizes;
+  std::vector<const void*> aptr, bptr;
+  std::vector<void*> cptr;
+  for (int64_t g = 0; g < p.num_groups; ++g) {
+    const int rows = p.host_offsets[g + 1] - p.host_offsets[g];
+    if (rows <= 0) continue;
+    // Column-major view: C^T[n, rows] = B_g[n, k] (op T of its k x n storage) · A_g^T.
+    ms.push_back(static_cast<int>(p.n));
+    ns.push_back(rows);
+    ks.push_back(static_cast<int>(p.k));
+    ldas.push_back(static_cast<int>(p.k));
+    ldbs.push_back(static_cast<int>(p.k));
+    ldcs.push_back(static_cast<int>(p.n));
+    sizes.push_back(1);
+    aptr.push_back(p.b + g * stride);
+    bptr.push_back(p.a + int64_t{p.host_offsets[g]} * p.k);
+    cptr.push_back(static_cast<char*>(p.c) + int64_t{p.host_offsets[g]} * p.n * OutSize(p.c_type));
+  }
+  const size_t count = ms.size();
+  if (count == 0) return absl::OkStatus();
+  if (count > h.ptr_capacity) {
+    if (h.ptr_arrays != nullptr) DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaFree(h.ptr_arrays), "cudaFree"));
+    h.ptr_arrays = nullptr;
+    DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaMalloc(&h.ptr_arrays, 3 * count * sizeof(void*)), "cudaMalloc(ptr arrays)"));
+    h.ptr_capacity = count;
+  }
+  std::vector<const void*> all(3 * count);
+  for (size_t i = 0; i < count; ++i) {
+    all[i] = aptr[i];
+    all[count + i] = bptr[i];
+    all[2 * count + i] = cptr[i];
+  }
+  // Pageable source: the copy is staged before cudaMemcpyAsync returns.
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(
+      cudaMemcpyAsync(h.ptr_arrays, all.data(), all.size() * sizeof(void*), cudaMemcpyHostToDevice, AsStream(stream)),
+      "cudaMemcpyAsync(ptr arrays)"));
+  std::vector<cublasOperation_t> ta(count, CUBLAS_OP_T), tb(count, CUBLAS_OP_N);
+  std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
+  void** dev = static_cast<void**>(h.ptr_arrays);
+  DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasSetStream(h.blas, AsStream(stream)), "cublasSetStream"));
+  if (!h.grouped_refused) {
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), const_cast<const void* const*>(dev),
+        CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count), CUDA_R_16BF, ldbs.data(), beta.data(),
+        dev + 2 * count, CudaType(p.c_type), ldcs.data(), static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) return BlasStatus(st, "cublasGemmGroupedBatchedEx");
+    h.grouped_refused = true;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(
+        cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], CUDA_R_16BF, ldas[i], bptr[i],
+                     CUDA_R_16BF, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i], CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx"));
+  }
+  return absl::OkStatus();
+}
+
+// ---- routed experts ----
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+struct MoeLayout {
+  size_t offsets, slot_row, row_token, x_perm, h, act, y, total;
+};
+MoeLayout Layout(int64_t n, int64_t k, int64_t E, int64_t D, int64_t I) {
+  MoeLayout l{};
+  const size_t rows = static_cast<size_t>(n * k);
+  size_t at = 0;
+  l.offsets = at;   at += AlignUp((E + 1) * sizeof(int32_t));
+  l.slot_row = at;  at += AlignUp(rows * sizeof(int32_t));
+  l.row_token = at; at += AlignUp(rows * sizeof(int32_t));
+  l.x_perm = at;    at += AlignUp(rows * D * 2);
+  l.h = at;         at += AlignUp(rows * 2 * I * 4);
+  l.act = at;       at += AlignUp(rows * I * 2);
+  l.y = at;         at += AlignUp(rows * D * 4);
+  l.total = at;
+  return l;
+}
+
+// One block: counts slots per expert, scans them into offsets and gives every
+// slot a row of its expert's segment (slots in index order within an expert
+// is not needed: each row is computed independently and the combine reads
+// rows through slot_row).
+__global__ void MoePermuteKernel(const int32_t* topk_idx, int64_t slots, int64_t k, int E, int32_t* offsets,
+                                 int32_t* slot_row, int32_t* row_token) {
+  extern __shared__ int32_t sh[];  // counts[E], cursor[E]
+  int32_t* counts = sh;
+  int32_t* cursor = sh + E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) {
+    const int e = topk_idx[s];
+    if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0;
+    for (int e = 0; e < E; ++e) {
+      offsets[e] = run;
+      cursor[e] = run;
+      run += counts[e];
+    }
+    offsets[E] = run;
+  }
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) {
+    const int e = topk_idx[s];
+    if (e >= 0 && e < E) {
+      const int32_t row = atomicAdd(&cursor[e], 1);
+      slot_row[s] = row;
+      row_token[row] = static_cast<int32_t>(s / k);
+    } else {
+      slot_row[s] = -1;
+    }
+  }
+}
+
+// x_perm[row] = bf16(x[row_token[row]]), one block per row.
+__global__ void MoeGatherKernel(const float* x, int64_t D, const int32_t* offsets, int E, const int32_t* row_token,
+                                uint16_t* x_perm) {
+  const int64_t row = blockIdx.x;
+  if (row >= offsets[E]) return;
+  const float* src = x + int64_t{row_token[row]} * D;
+  uint16_t* dst = x_perm + row * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dst[i] = FloatToBf16Bits(src[i]);
+}
+
+// act[row][i] = bf16(silu(h[row][i]) * h[row][I + i]) for rows < offsets[E].
+__global__ void MoeSiluKernel(const float* h, int64_t I, const int32_t* offsets, int E, uint16_t* act) {
+  const int64_t row = blockIdx.x;
+  if (row >= offsets[E]) return;
+  for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
+    const float g = h[row * 2 * I + i], u = h[row * 2 * I + I + i];
+    act[row * I + i] = FloatToBf16Bits(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+// out[t] = sum_j w[t][j] * y[slot_row[t*k+j]] in slot order; one block per token.
+__global__ void MoeCombineKernel(const float* y, int64_t D, const int32_t* slot_row, const float* w, int64_t k,
+                                 float* out) {
+  const int64_t t = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t row = slot_row[t * k + j];
+      if (row >= 0) acc += w[t * k + j] * y[int64_t{row} * D + i];
+    }
+    out[t * D + i] = acc;
+  }
+}
+
+}  // namespace
+
+BlasHandle::BlasHandle(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BlasHandle::~BlasHandle() = default;
+
+absl::StatusOr<std::unique_ptr<BlasHandle>> BlasHandle::Create() {
+  auto impl = std::make_unique<Impl>();
+  DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasCreate(&impl->blas), "cublasCreate"));
+  DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtCreate(&impl->lt), "cublasLtCreate"));
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaMalloc(&impl->lt_workspace, impl->lt_workspace_bytes), "cudaMalloc(cuBLASLt workspace)"));
+  return std::unique_ptr<BlasHandle>(new BlasHandle(std::move(impl)));
+}
+
+absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
+  GemmParams p = p0;
+  if (p.lda == 0) p.lda = p.k;
+  if (p.ldb == 0) p.ldb = p.k;
+  if (p.ldc == 0) p.ldc = p.n;
+  DMOE_CUDA_CHECK_ARG(p.n > 0 && p.k > 0 && p.lda >= p.k && p.ldb >= p.k && p.ldc >= p.n, "Gemm: shapes");
+  if (p.m <= 0) return absl::OkStatus();
+  BlasHandle::Impl& h = *blas.impl();
+  // Column-major view: C^T[n, m] = op_T(B stored k x n) · A stored k x m.
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  absl::Status st = [&]() -> absl::Status {
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, p.k, p.n, p.ldb), "layout A"));
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, p.k, p.m, p.lda), "layout B"));
+    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
+    const auto key = std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc, static_cast<int>(p.c_type));
+    auto it = h.algos.find(key);
+    if (it == h.algos.end()) {
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                                              &h.lt_workspace_bytes, sizeof h.lt_workspace_bytes),
+                                         "preference workspace"));
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulAlgoGetHeuristic(h.lt, desc, la, lb, lc, lc, pref, 1, &result, &found),
+                                         "cublasLtMatmulAlgoGetHeuristic"));
+      if (found == 0) return absl::InternalError("Gemm: cuBLASLt found no algorithm");
+      it = h.algos.emplace(key, result.algo).first;
+    }
+    const float alpha = 1.0f, beta = 0.0f;
+    return BlasStatus(cublasLtMatmul(h.lt, desc, &alpha, p.b, la, p.a, lb, &beta, p.c, lc, p.c, lc, &it->second,
+                                     h.lt_workspace, h.lt_workspace_bytes, AsStream(stream)),
+                      "cublasLtMatmul");
+  }();
+  if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
+  if (lc != nullptr) cublasLtMatrixLayoutDestroy(lc);
+  if (lb != nullptr) cublasLtMatrixLayoutDestroy(lb);
+  if (la != nullptr) cublasLtMatrixLayoutDestroy(la);
+  if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
+  return st;
+}
+
+const char* CublasGroupedPath(const BlasHandle& blas) {
+  return blas.impl()->grouped_refused ? "cublasGemmEx loop" : "cublasGemmGroupedBatchedEx";
+}
+
+absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(p.num_groups > 0 && p.num_groups <= kMaxGroups, "GroupedGemm: 0 < num_groups <= 1024");
+  DMOE_CUDA_CHECK_ARG(p.n > 0 && p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0, "GroupedGemm: n, k positive multiples of 8");
+  DMOE_CUDA_CHECK_ARG(p.max_rows >= 0, "GroupedGemm: max_rows >= 0");
+  if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
+  if (p.max_rows == 0) return absl::OkStatus();
+  // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
+  // (16-row tiles over fuller groups would re-read each weight per tile).
+  const bool small = p.max_rows <= 8 * p.num_groups;
+  const int bm = small ? 16 : 64;
+  const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
+  DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
+  const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
+  static const cudaError_t attr16 = cudaFuncSetAttribute(GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<16>()));
+  static const cudaError_t attr64 = cudaFuncSetAttribute(GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(GemmSmemBytes<64>()));
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
+  if (small) {
+    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
+  } else {
+    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), AsStream(stream)>>>(p);
+  }
+  return LaunchStatus("GroupedGemmKernel");
+}
+
+size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate) {
+  return Layout(n, top_k, num_experts, hidden, intermediate).total;
+}
+
+absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
+  DMOE_CUDA_CHECK_ARG(p.num_experts > 0 && p.num_experts <= kMaxGroups, "MoeExperts: 0 < num_experts <= 1024");
+  DMOE_CUDA_CHECK_ARG(p.top_k > 0 && p.hidden > 0 && p.intermediate > 0 && p.hidden % 8 == 0 && p.intermediate % 8 == 0,
+                      "MoeExperts: top_k > 0, hidden and intermediate positive multiples of 8");
+  DMOE_CUDA_CHECK_ARG(p.n * p.top_k < (int64_t{1} << 31), "MoeExperts: too many slots");
+  if (p.n <= 0) return absl::OkStatus();
+  const MoeLayout l = Layout(p.n, p.top_k, p.num_experts, p.hidden, p.intermediate);
+  DMOE_CUDA_CHECK_ARG(p.workspace != nullptr && p.workspace_bytes >= l.total,
+                      absl::StrCat("MoeExperts: workspace needs ", l.total, " bytes"));
+  char* ws = static_cast<char*>(p.workspace);
+  auto* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
+  auto* slot_row = reinterpret_cast<int32_t*>(ws + l.slot_row);
+  auto* row_token = reinterpret_cast<int32_t*>(ws + l.row_token);
+  auto* x_perm = reinterpret_cast<uint16_t*>(ws + l.x_perm);
+  auto* h = reinterpret_cast<float*>(ws + l.h);
+  auto* act = reinterpret_cast<uint16_t*>(ws + l.act);
+  auto* y = reinterpret_cast<float*>(ws + l.y);
+  const int E = static_cast<int>(p.num_experts);
+  const int64_t slots = p.n * p.top_k;
+  cudaStream_t s = AsStream(stream);
+
+  MoePermuteKernel<<<1, 1024, 2 * E * sizeof(int32_t), s>>>(p.topk_idx, slots, p.top_k, E, offsets, slot_row, row_token);
+  DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoePermuteKernel"));
+  MoeGatherKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(p.x, p.hidden, offsets, E, row_token, x_perm);
+  DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoeGatherKernel"));
+
+  std::vector<int32_t> host_offsets;
+  GroupedGemmParams g;
+  g.num_groups = E;
+  g.offsets = offsets;
+  g.max_rows = slots;
+  g.impl = p.impl;
+  g.blas = p.blas;
+  if (p.impl == GroupedGemmImpl::kCublas) {
+    host_offsets.resize(E + 1);
+    DMOE_RETURN_IF_ERROR_CU(CudaStatus(
+        cudaMemcpyAsync(host_offsets.data(), offsets, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "offsets to host"));
+    DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaStreamSynchronize(s), "cudaStreamSynchronize"));
+    g.host_offsets = host_offsets.data();
+  }
+  g.a = x_perm;
+  g.b = p.w_gate_up;
+  g.c = h;
+  g.c_type = OutType::kF32;
+  g.n = 2 * p.intermediate;
+  g.k = p.hidden;
+  DMOE_RETURN_IF_ERROR_CU(GroupedGemm(g, stream));
+  MoeSiluKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(h, p.intermediate, offsets, E, act);
+  DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoeSiluKernel"));
+  g.a = act;
+  g.b = p.w_down;
+  g.c = y;
+  g.n = p.hidden;
+  g.k = p.intermediate;
+  DMOE_RETURN_IF_ERROR_CU(GroupedGemm(g, stream));
+  MoeCombineKernel<<<static_cast<unsigned>(p.n), 256, 0, s>>>(y, p.hidden, slot_row, p.topk_weights, p.top_k, p.out);
+  return LaunchStatus("MoeCombineKernel");
+}
+
+}  // namespace dmoe::cuda

@@ -1,0 +1,464 @@
+// MLA attention in the absorbed form over the paged bf16 latent cache
+// (kernels.h describes the function, the cache layout and the work split).
+//
+// Tensor-core kernel, per thread block (8 warps): 64 query heads of one
+// query, a range of 32-token cache tiles. Q [64, 576] stays in shared memory;
+// tiles stream through a 3-stage cp.async ring. Warp w owns head rows
+// 16*(w%4).. and, for QK^T, the tile's tokens 16*(w/4)..; for PV, latent dims
+// 256*(w/4)... Scores go through shared memory so both warps of a row block
+// see the whole tile's row, then the online softmax runs in registers in the
+// A-fragment layout of mma.m16n8k16 and PV uses the tile (c part) straight
+// from shared memory through ldmatrix.trans.
+#include <cfloat>
+
+#include "core/cuda/cuda_util.cuh"
+#include "core/cuda/kernels.h"
+
+namespace dmoe::cuda {
+namespace {
+
+constexpr int kRank = 512;      // kv_lora_rank
+constexpr int kRope = 64;       // qk_rope_head_dim
+constexpr int kWidth = kRank + kRope;
+constexpr int kRows = 64;       // heads per block
+constexpr int kTile = 32;       // tokens per tile
+constexpr int kStages = 3;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStride = kWidth + 8;  // bf16 per smem row: +16 bytes keeps ldmatrix rows on distinct banks
+constexpr int kSStride = kTile + 4;  // floats per score row
+constexpr int kChunksPerRow = kWidth / 8;  // 16-byte chunks
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr size_t kSmemQ = size_t{kRows} * kStride * 2;
+constexpr size_t kSmemK = size_t{kStages} * kTile * kStride * 2;
+constexpr size_t kSmemS = size_t{kRows} * kSStride * 4;
+constexpr size_t kSmemBytes = kSmemQ + kSmemK + kSmemS;
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes 0 zero-fills the destination.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+
+// d += a (16x16 bf16, row) * b (16x8 bf16, col), float32 accumulate.
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const uint32_t l = FloatToBf16Bits(lo), h = FloatToBf16Bits(hi);
+  return l | (h << 16);
+}
+
+struct Grid {
+  int head_blocks;
+  int splits;
+};
+
+// Block index -> (query, split, head block); head block fastest so the
+// blocks reading the same tiles run side by side (the second read hits L2).
+__global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionParams p, Grid grid) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* ks = reinterpret_cast<uint16_t*>(smem + kSmemQ);
+  float* ss = reinterpret_cast<float*>(smem + kSmemQ + kSmemK);
+
+  const int64_t block = blockIdx.x;
+  const int hb = static_cast<int>(block % grid.head_blocks);
+  const int split = static_cast<int>((block / grid.head_blocks) % grid.splits);
+  const int64_t qi = block / (int64_t{grid.head_blocks} * grid.splits);
+  const int H = static_cast<int>(p.num_heads);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  const int32_t qpos = p.query_pos[qi];
+  const int page_size = static_cast<int>(p.shape.page_size);
+  // A position past the block table's row (a caller's bug) is clamped, never read out of bounds.
+  const int64_t cap = p.max_pages_per_seq * page_size;
+  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
+  const int64_t tiles = CeilDiv(ctx, kTile);
+  const int64_t per_split = CeilDiv(tiles, grid.splits);
+  const int64_t t0 = split * per_split;
+  const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
+
+  // Q rows (heads beyond H zero-filled).
+  for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
+    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const int h = hb * kRows + row;
+    const uint16_t* src = p.q_lat;
+    int bytes = 0;
+    if (h < H) {
+      bytes = 16;
+      src = chunk < kRank / 8 ? p.q_lat + (qi * H + h) * int64_t{kRank} + chunk * 8
+                              : p.q_pe + (qi * H + h) * int64_t{kRope} + (chunk - kRank / 8) * 8;
+    }
+    CpAsync16(qs + row * kStride + chunk * 8, src, bytes);
+  }
+  // A 32-token tile never straddles pages (page_size % 32 == 0): one block
+  // table lookup per tile, no per-chunk division.
+  auto load_tile = [&](int64_t ti, int stage) {
+    uint16_t* dst = ks + stage * kTile * kStride;
+    const int64_t pos0 = ti * kTile;
+    const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
+    const uint16_t* base = p.cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
+    const int valid_rows = ctx - pos0 < kTile ? static_cast<int>(ctx - pos0) : kTile;
+#pragma unroll
+    for (int i = 0; i < kTile * kChunksPerRow / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const bool ok = row < valid_rows;
+      CpAsync16(dst + row * kStride + chunk * 8, ok ? base + row * kWidth + chunk * 8 : p.cache, ok ? 16 : 0);
+    }
+  };
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t0 + s < t1) load_tile(t0 + s, s);
+    CpAsyncCommit();  // Q rides with the first group
+  }
+
+  const int rb = warp % 4;   // head rows rb*16 .. +16
+  const int half = warp / 4; // QK: tokens half*16 ..; PV: dims half*256 ..
+  const int g = lane / 4, q4 = lane % 4;
+  const float scale2 = p.scale * kLog2e;
+
+  float o[32][4];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // rows g, g+8 (log2 units)
+  float l_run[2] = {0.f, 0.f};              // this thread's share of the row sums
+
+  for (int64_t ti = t0; ti < t1; ++ti) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();  // tile ti (and Q) landed for all; the stage refilled next was consumed
+    if (ti + kStages - 1 < t1) load_tile(ti + kStages - 1, static_cast<int>((ti - t0 + kStages - 1) % kStages));
+    CpAsyncCommit();
+    const uint16_t* kt = ks + ((ti - t0) % kStages) * kTile * kStride;
+
+    // S = Q K^T for rows rb*16.., tokens half*16.. (2 n-tiles). Four
+    // accumulator chains (even / odd k-steps) and fragments loaded one step
+    // ahead keep the tensor cores fed despite mma and ldmatrix latency.
+    float s2[2][2][4] = {};
+    const uint16_t* qa = qs + (rb * 16 + (lane % 16)) * kStride + (lane / 16) * 8;
+    const int mi = lane / 8, mr = lane % 8;
+    const uint16_t* kb = kt + (half * 16 + (mi / 2) * 8 + mr) * kStride + (mi % 2) * 8;
+    {
+      uint32_t a[2][4], b[2][4];
+      LdMatrixX4(a[0], qa);
+      LdMatrixX4(b[0], kb);
+#pragma unroll
+      for (int ks = 0; ks < kWidth / 16; ++ks) {
+        const int cur = ks & 1;
+        if (ks + 1 < kWidth / 16) {
+          LdMatrixX4(a[cur ^ 1], qa + (ks + 1) * 16);
+          LdMatrixX4(b[cur ^ 1], kb + (ks + 1) * 16);
+        }
+        Mma16816(s2[cur][0], a[cur], b[cur][0], b[cur][1]);
+        Mma16816(s2[cur][1], a[cur], b[cur][2], b[cur][3]);
+      }
+    }
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = s2[0][nt][e] + s2[1][nt][e];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = half * 16 + nt * 8 + q4 * 2 + (e % 2);
+        const int row = rb * 16 + g + (e / 2) * 8;
+        const bool valid = ti * kTile + col < ctx;
+        ss[row * kSStride + col] = valid ? s[nt][e] * scale2 : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // Online softmax over the tile's 32 scores of rows g and g+8, in the
+    // A-fragment layout: k-step kk holds cols kk*16 + q4*2 + {0,1} and +8.
+    float pv[2][8];  // [row][kk*4 + j]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float* srow = ss + (rb * 16 + g + r * 8) * kSStride;
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float2 v = *reinterpret_cast<const float2*>(srow + kk * 16 + hh * 8 + q4 * 2);
+          pv[r][kk * 4 + hh * 2] = v.x;
+          pv[r][kk * 4 + hh * 2 + 1] = v.y;
+        }
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = pv[r][0];
+#pragma unroll
+      for (int j = 1; j < 8; ++j) mx = fmaxf(mx, pv[r][j]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = exp2f(m_run[r] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        pv[r][j] = exp2f(pv[r][j] - m_use);
+        sum += pv[r][j];
+      }
+      l_run[r] = l_run[r] * alpha[r] + sum;
+      m_run[r] = m_new;
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+    // O += P V over dims half*256 .. +256 (32 n-tiles), tokens in 2 k-steps;
+    // V fragments (ldmatrix.trans of the tile's c part) loaded one step ahead.
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      pa[kk][0] = PackBf16(pv[0][kk * 4 + 0], pv[0][kk * 4 + 1]);
+      pa[kk][1] = PackBf16(pv[1][kk * 4 + 0], pv[1][kk * 4 + 1]);
+      pa[kk][2] = PackBf16(pv[0][kk * 4 + 2], pv[0][kk * 4 + 3]);
+      pa[kk][3] = PackBf16(pv[1][kk * 4 + 2], pv[1][kk * 4 + 3]);
+    }
+    const uint16_t* vb = kt + ((mi % 2) * 8 + mr) * kStride + half * 256 + (mi / 2) * 8;
+    {
+      uint32_t b[2][4];
+      LdMatrixX4Trans(b[0], vb);
+#pragma unroll
+      for (int step = 0; step < 32; ++step) {  // step = kk * 16 + j / 2
+        const int cur = step & 1, kk = step / 16, j = (step % 16) * 2;
+        if (step + 1 < 32) {
+          const int nk = (step + 1) / 16, nj = ((step + 1) % 16) * 2;
+          LdMatrixX4Trans(b[cur ^ 1], vb + nk * 16 * kStride + nj * 8);
+        }
+        Mma16816(o[j], pa[kk], b[cur][0], b[cur][1]);
+        Mma16816(o[j + 1], pa[kk], b[cur][2], b[cur][3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+
+  // Row sums over the 4 lanes of a row; write normalized O and the LSE.
+  const bool direct = grid.splits == 1;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int h = hb * kRows + rb * 16 + g + r * 8;
+    if (h >= H) continue;
+    const float inv = l > 0.f ? 1.0f / l : 0.f;
+    const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t row = qi * H + h;
+    float* dst;
+    if (direct) {
+      dst = p.out + row * kRank;
+      if (p.lse != nullptr && half == 0 && q4 == 0) p.lse[row] = lse;
+    } else {
+      float* ws = static_cast<float*>(p.workspace);
+      const int64_t rows_total = p.num_queries * H;
+      dst = ws + (int64_t{split} * rows_total + row) * kRank;
+      float* ws_lse = ws + int64_t{grid.splits} * rows_total * kRank;
+      if (half == 0 && q4 == 0) ws_lse[int64_t{split} * rows_total + row] = lse;
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = half * 256 + j * 8 + q4 * 2;
+      *reinterpret_cast<float2*>(dst + col) = make_float2(o[j][r * 2] * inv, o[j][r * 2 + 1] * inv);
+    }
+  }
+}
+
+// One block (128 threads, 4 dims each) per (query, head): merges the splits'
+// normalized outputs by their LSE.
+__global__ void MlaCombineKernel(MlaAttentionParams p, int splits) {
+  const int64_t row = blockIdx.x;
+  const int64_t rows_total = p.num_queries * p.num_heads;
+  const float* ws = static_cast<const float*>(p.workspace);
+  const float* ws_lse = ws + int64_t{splits} * rows_total * kRank;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ws_lse[s * rows_total + row]);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float w = expf(ws_lse[s * rows_total + row] - mx);
+      if (w == 0.f) continue;  // an empty split (lse -inf) wrote zeros
+      wsum += w;
+      const float4 v = reinterpret_cast<const float4*>(ws + (s * rows_total + row) * kRank)[threadIdx.x];
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  const float inv = wsum > 0.f ? 1.0f / wsum : 0.f;
+  reinterpret_cast<float4*>(p.out + row * kRank)[threadIdx.x] =
+      make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[row] = wsum > 0.f ? mx + logf(wsum) : -INFINITY;
+}
+
+int NumSms() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 132;
+    }
+    return n;
+  }();
+  return sms;
+}
+
+absl::Status CheckParams(const MlaAttentionParams& p) {
+  DMOE_CUDA_CHECK_ARG(p.shape.kv_lora_rank == kRank && p.shape.rope_dim == kRope,
+                      "MlaAttention: kv_lora_rank 512 and rope_dim 64 only");
+  DMOE_CUDA_CHECK_ARG(p.shape.page_size > 0 && p.shape.page_size % kTile == 0, "MlaAttention: page_size % 32 == 0");
+  DMOE_CUDA_CHECK_ARG(p.num_heads > 0, "MlaAttention: num_heads > 0");
+  DMOE_CUDA_CHECK_ARG(p.max_pages_per_seq > 0, "MlaAttention: max_pages_per_seq > 0");
+  DMOE_CUDA_CHECK_ARG(p.max_context_len >= 0 && p.max_context_len <= p.max_pages_per_seq * p.shape.page_size,
+                      "MlaAttention: max_context_len within max_pages_per_seq pages");
+  return absl::OkStatus();
+}
+
+// Reference: one block of 256 threads per (query, head); 256-token chunks of
+// float32 dot products, online softmax, each thread owning 2 latent dims.
+__global__ void MlaReferenceKernel(MlaAttentionParams p) {
+  constexpr int kChunk = 256;
+  __shared__ float q[kWidth];
+  __shared__ float sc[kChunk];
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;  // qi * H + h
+  const int64_t qi = row / p.num_heads;
+  const int tid = threadIdx.x;
+  for (int i = tid; i < kWidth; i += blockDim.x) {
+    q[i] = Bf16BitsToFloat(i < kRank ? p.q_lat[row * kRank + i] : p.q_pe[row * kRope + i - kRank]);
+  }
+  const int32_t qpos = p.query_pos[qi];
+  const int64_t ps = p.shape.page_size;
+  const int64_t cap = p.max_pages_per_seq * ps;
+  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
+  float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
+  __syncthreads();
+  for (int64_t c0 = 0; c0 < ctx; c0 += kChunk) {
+    const int64_t pos = c0 + tid;
+    float s = -INFINITY;
+    if (pos < ctx) {
+      const uint16_t* e = p.cache + (int64_t{bt[pos / ps]} * ps + pos % ps) * kWidth;
+      float d = 0.f;
+      for (int i = 0; i < kWidth; ++i) d += q[i] * Bf16BitsToFloat(e[i]);
+      s = d * p.scale;
+    }
+    sc[tid] = s;
+    float mx = s;
+    for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (tid % 32 == 0) red[tid / 32] = mx;
+    __syncthreads();
+    mx = red[0];
+    for (int w = 1; w < kThreads / 32; ++w) mx = fmaxf(mx, red[w]);
+    const float m_new = fmaxf(m, mx);
+    const float alpha = expf(m - m_new);
+    acc0 *= alpha;
+    acc1 *= alpha;
+    l *= alpha;
+    const int64_t n = ctx - c0 < kChunk ? ctx - c0 : kChunk;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pj = c0 + j;
+      const float pr = expf(sc[j] - m_new);
+      const uint16_t* e = p.cache + (int64_t{bt[pj / ps]} * ps + pj % ps) * kWidth;
+      l += pr;
+      acc0 += pr * Bf16BitsToFloat(e[tid]);
+      acc1 += pr * Bf16BitsToFloat(e[tid + 256]);
+    }
+    m = m_new;
+    __syncthreads();
+  }
+  const float inv = l > 0.f ? 1.0f / l : 0.f;
+  p.out[row * kRank + tid] = acc0 * inv;
+  p.out[row * kRank + tid + 256] = acc1 * inv;
+  if (p.lse != nullptr && tid == 0) p.lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+
+}  // namespace
+
+int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested) {
+  const int64_t tiles = CeilDiv(max_context_len > 0 ? max_context_len : 1, kTile);
+  int64_t splits = requested;
+  if (splits <= 0) {
+    const int64_t blocks = num_queries * CeilDiv(num_heads, kRows);
+    const int64_t sms = NumSms();
+    splits = blocks >= sms ? 1 : sms / (blocks > 0 ? blocks : 1);
+    const int64_t by_work = tiles / 4;  // keep >= 4 tiles (128 tokens) per split
+    if (splits > by_work) splits = by_work;
+  }
+  if (splits > tiles) splits = tiles;
+  if (splits < 1) splits = 1;
+  if (splits > 1024) splits = 1024;
+  return static_cast<int>(splits);
+}
+
+size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_t kv_lora_rank, int num_splits) {
+  if (num_splits <= 1) return 0;
+  return static_cast<size_t>(num_splits) * num_queries * num_heads * (kv_lora_rank + 1) * sizeof(float);
+}
+
+absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
+  if (absl::Status st = CheckParams(p); !st.ok()) return st;
+  if (p.num_queries <= 0) return absl::OkStatus();
+  const int splits = MlaAttentionNumSplits(p.num_queries, p.num_heads, p.max_context_len, p.num_splits);
+  const size_t need = MlaAttentionWorkspaceBytes(p.num_queries, p.num_heads, kRank, splits);
+  DMOE_CUDA_CHECK_ARG(p.workspace_bytes >= need && (need == 0 || p.workspace != nullptr),
+                      absl::StrCat("MlaAttention: workspace needs ", need, " bytes for ", splits, " splits"));
+  static const cudaError_t attr_err =
+      cudaFuncSetAttribute(MlaAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  if (attr_err != cudaSuccess) return CudaStatus(attr_err, "cudaFuncSetAttribute(MlaAttentionKernel)");
+  const Grid grid{static_cast<int>(CeilDiv(p.num_heads, kRows)), splits};
+  const int64_t blocks = p.num_queries * grid.head_blocks * splits;
+  DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
+  MlaAttentionKernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, AsStream(stream)>>>(p, grid);
+  if (absl::Status st = LaunchStatus("MlaAttentionKernel"); !st.ok()) return st;
+  if (splits > 1) {
+    MlaCombineKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kRank / 4, 0, AsStream(stream)>>>(p, splits);
+    return LaunchStatus("MlaCombineKernel");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MlaAttentionReference(const MlaAttentionParams& p, Stream stream) {
+  if (absl::Status st = CheckParams(p); !st.ok()) return st;
+  if (p.num_queries <= 0) return absl::OkStatus();
+  MlaReferenceKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kThreads, 0, AsStream(stream)>>>(p);
+  return LaunchStatus("MlaReferenceKernel");
+}
+
+}  // namespace dmoe::cuda
