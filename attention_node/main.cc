@@ -3,6 +3,8 @@
 // loads every weight but the routed experts, connects to the expert nodes
 // over UCX (or NCCL with --transport nccl, on GPU --gpu) and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -13,9 +15,11 @@
 #include "node/cluster_join.h"
 #include "attention_node/remote_experts.h"
 #include "flags/flags.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "proto/message_limits.h"
 #include "transport/node_transport.h"
 
 namespace dmoe::attention {
@@ -51,8 +55,14 @@ absl::Status Run(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
   }
 
+  // A step cannot bring more tokens than the cache holds, nor free more
+  // sequences than it has pages.
+  DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
+  const int64_t pages = std::min<int64_t>(options.cache_pages, INT32_MAX);
   AttentionNodeGrpcService grpc_service;
   node::JoinOptions join;
+  join.max_receive_bytes = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts,
+                                               pages * std::min<int64_t>(options.page_size, INT32_MAX), pages);
   join.kind = v1::NODE_KIND_ATTENTION;
   join.scheduler = scheduler;
   join.host = host;
@@ -75,7 +85,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
   DMOE_ASSIGN_OR_RETURN(node::ExpertNodes experts,
                         node::ExpertNodesFromCluster(member->cluster(), weights->config.n_routed_experts));
-  RemoteExperts remote(member->transport(), experts.placement, experts.node_ids, weights->config.hidden_size);
+  RemoteExperts remote(member->transport(), experts.placement, experts.replicas, weights->config.hidden_size);
   remote.SetNodeNames(experts.names);
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<AttentionService> service, AttentionService::Create(weights, remote, options));
   grpc_service.SetService(service.get());

@@ -3,20 +3,52 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/log.h"
 #include "core/status_macros.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 
 namespace dmoe::attention {
 
+namespace {
+
+std::vector<std::vector<transport::NodeId>> OneReplicaEach(std::vector<transport::NodeId> ids) {
+  std::vector<std::vector<transport::NodeId>> out;
+  for (transport::NodeId id : ids) out.push_back({id});
+  return out;
+}
+
+}  // namespace
+
 RemoteExperts::RemoteExperts(transport::Transport& transport, router::ExpertPlacement placement,
                              std::vector<transport::NodeId> expert_node_ids, int64_t hidden_size,
                              absl::Duration reply_timeout)
+    : RemoteExperts(transport, std::move(placement), OneReplicaEach(std::move(expert_node_ids)), hidden_size,
+                    reply_timeout) {}
+
+RemoteExperts::RemoteExperts(transport::Transport& transport, router::ExpertPlacement placement,
+                             std::vector<std::vector<transport::NodeId>> replicas, int64_t hidden_size,
+                             absl::Duration reply_timeout)
     : transport_(transport),
       placement_(std::move(placement)),
-      expert_node_ids_(std::move(expert_node_ids)),
+      replicas_(std::move(replicas)),
       hidden_size_(hidden_size),
       reply_timeout_(reply_timeout) {}
+
+absl::Status RemoteExperts::SendToReplica(Sent& s, uint64_t tag, int64_t layer, std::string* why) {
+  const std::vector<transport::NodeId>& replicas = replicas_[s.node];
+  const int n = static_cast<int>(replicas.size());
+  while (s.attempts < n) {
+    const transport::NodeId id = replicas[s.replica];
+    ++s.attempts;
+    const absl::Status st = transport_.Send(id, tag, s.payload);
+    if (st.ok()) return absl::OkStatus();
+    absl::StrAppend(why, why->empty() ? "" : "; ", NodeName(id), ": ", st.message());
+    s.replica = (s.replica + 1) % n;
+  }
+  return absl::UnavailableError(
+      absl::StrCat(ReplicaNames(s.node), " unavailable: dispatch of layer ", layer, " failed: ", *why));
+}
 
 absl::Status RemoteExperts::BeginRoutedExperts(int64_t layer, int micro_batch, const float* x, int64_t n, int64_t k,
                                                const int32_t* topk_idx, const float* topk_weights) {
@@ -25,20 +57,21 @@ absl::Status RemoteExperts::BeginRoutedExperts(int64_t layer, int micro_batch, c
                         router::DispatchPlan::Build(placement_, absl::MakeConstSpan(topk_idx, n * k),
                                                     absl::MakeConstSpan(topk_weights, n * k), n, k));
   f.tag = router::DispatchTag(step_id_, layer, micro_batch);
-  f.nodes_sent.clear();
+  f.layer = layer;
+  f.sent.clear();
   const absl::Span<const float> hidden(x, n * hidden_size_);
   for (int32_t node = 0; node < plan.num_nodes(); ++node) {
     if (plan.tokens(node).empty()) continue;  // nothing routed there
-    DMOE_ASSIGN_OR_RETURN(std::vector<uint8_t> payload,
-                          router::EncodeDispatch(layer, step_id_, hidden_size_, k,
-                                                 plan.GatherHidden(node, hidden, hidden_size_), plan.topk_idx(node),
-                                                 plan.topk_weights(node)));
-    absl::Status st = transport_.Send(expert_node_ids_[node], f.tag, payload);
-    if (!st.ok()) {
-      return absl::UnavailableError(
-          absl::StrCat(NodeName(node), " unavailable: dispatch of layer ", layer, " failed: ", st.message()));
-    }
-    f.nodes_sent.push_back(node);
+    Sent s;
+    s.node = node;
+    DMOE_ASSIGN_OR_RETURN(s.payload, router::EncodeDispatch(layer, step_id_, hidden_size_, k,
+                                                            plan.GatherHidden(node, hidden, hidden_size_),
+                                                            plan.topk_idx(node), plan.topk_weights(node)));
+    // Replicas share the load: the first one tried rotates.
+    s.replica = static_cast<int>((step_id_ + static_cast<uint64_t>(layer)) % replicas_[node].size());
+    std::string why;
+    DMOE_RETURN_IF_ERROR(SendToReplica(s, f.tag, layer, &why));
+    f.sent.push_back(std::move(s));
   }
   f.plan = std::move(plan);
   return absl::OkStatus();
@@ -51,43 +84,66 @@ absl::Status RemoteExperts::FinishRoutedExperts(int64_t layer, int micro_batch, 
   f.plan.reset();
   std::vector<std::vector<float>> sums(plan.num_nodes());
   const absl::Time start = absl::Now();
-  std::vector<transport::NodeId> awaited;
-  for (int32_t node : f.nodes_sent) awaited.push_back(expert_node_ids_[node]);
-  while (!awaited.empty()) {
+  auto awaited = [&] {
+    std::vector<transport::NodeId> ids;
+    for (const Sent& s : f.sent) {
+      if (!s.replied) ids.push_back(replicas_[s.node][s.replica]);
+    }
+    return ids;
+  };
+  for (std::vector<transport::NodeId> ids = awaited(); !ids.empty(); ids = awaited()) {
     const absl::Duration left = std::max(absl::ZeroDuration(), start + reply_timeout_ - absl::Now());
-    absl::StatusOr<transport::Message> m =
-        transport_.ReceiveFrom(awaited, router::ReplyTag(f.tag), router::kAllTagBits, left);
+    absl::StatusOr<transport::Message> m = transport_.ReceiveFrom(ids, router::ReplyTag(f.tag), router::kAllTagBits, left);
     if (!m.ok()) {
       std::string missing;
-      for (transport::NodeId id : awaited) {
-        const int32_t node = static_cast<int32_t>(
-            std::find(expert_node_ids_.begin(), expert_node_ids_.end(), id) - expert_node_ids_.begin());
-        absl::StrAppend(&missing, missing.empty() ? "" : ", ", NodeName(node));
-      }
-      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) {
+      for (transport::NodeId id : ids) absl::StrAppend(&missing, missing.empty() ? "" : ", ", NodeName(id));
+      if (m.status().code() != absl::StatusCode::kUnavailable) {
         return absl::UnavailableError(absl::StrCat(missing, " did not answer layer ", layer, " within ",
                                                    absl::FormatDuration(reply_timeout_)));
       }
-      return absl::UnavailableError(
-          absl::StrCat("waiting for ", missing, " in layer ", layer, ": ", m.status().message()));
+      // A replica died with our dispatch: send it to the next one.
+      for (Sent& s : f.sent) {
+        if (s.replied) continue;
+        const transport::NodeId id = replicas_[s.node][s.replica];
+        const absl::Status peer = transport_.PeerStatus(id);
+        if (peer.ok()) continue;
+        std::string why = absl::StrCat(NodeName(id), ": ", peer.message());
+        if (s.attempts >= static_cast<int>(replicas_[s.node].size())) {
+          return absl::UnavailableError(absl::StrCat("waiting for ", NodeName(id), " in layer ", layer, ": ",
+                                                     m.status().message()));
+        }
+        s.replica = (s.replica + 1) % static_cast<int>(replicas_[s.node].size());
+        DMOE_RETURN_IF_ERROR(SendToReplica(s, f.tag, layer, &why));
+        DMOE_LOG(kWarning, "attention-node") << "step " << step_id_ << " layer " << layer << ": " << why
+                                             << "; dispatch sent again to "
+                                             << NodeName(replicas_[s.node][s.replica]);
+      }
+      continue;
     }
-    const auto it = std::find(expert_node_ids_.begin(), expert_node_ids_.end(), m->from);
-    if (it == expert_node_ids_.end()) return absl::InternalError(absl::StrCat("reply from unknown node ", m->from));
+    Sent* from = nullptr;
+    for (Sent& s : f.sent) {
+      if (!s.replied && replicas_[s.node][s.replica] == m->from) from = &s;
+    }
+    if (from == nullptr) continue;  // a late reply of a replica given up on
     DMOE_ASSIGN_OR_RETURN(router::PartialSumsMessage reply, router::DecodePartialSums(m->payload));
-    sums[it - expert_node_ids_.begin()] = std::move(reply.partial_sums);
-    awaited.erase(std::remove(awaited.begin(), awaited.end(), m->from), awaited.end());
+    sums[from->node] = std::move(reply.partial_sums);
+    from->replied = true;
   }
   wait_seconds_ += absl::ToDoubleSeconds(absl::Now() - start);
   std::vector<absl::Span<const float>> spans(sums.begin(), sums.end());
   return plan.Combine(spans, hidden_size_, absl::MakeSpan(out, plan.num_tokens() * hidden_size_));
 }
 
-std::string RemoteExperts::NodeName(int32_t node) const {
-  if (node >= 0 && node < static_cast<int32_t>(names_.size())) return names_[node];
-  const transport::NodeId id = node >= 0 && node < static_cast<int32_t>(expert_node_ids_.size())
-                                   ? expert_node_ids_[node]
-                                   : -1;
-  return absl::StrCat("expert node ", node, " (transport node ", id, ")");
+std::string RemoteExperts::ReplicaNames(int32_t node) const {
+  std::string out;
+  for (transport::NodeId id : replicas_[node]) absl::StrAppend(&out, out.empty() ? "" : " and ", NodeName(id));
+  return out;
+}
+
+std::string RemoteExperts::NodeName(transport::NodeId id) const {
+  auto it = names_.find(id);
+  if (it != names_.end()) return it->second;
+  return absl::StrCat("transport node ", id);
 }
 
 double RemoteExperts::TakeWaitSeconds() {

@@ -5,6 +5,7 @@
 #define DMOE_ATTENTION_NODE_REMOTE_EXPERTS_H_
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,6 +18,13 @@
 
 namespace dmoe::attention {
 
+// Replicas: each node of `placement` may be served by several expert nodes
+// hosting the same shard. A layer's dispatch to it goes to one replica
+// (rotating with the step and layer, so replicas share the load); when that
+// replica is lost (the transport reports it unavailable, at the send or
+// while waiting for its reply), the same dispatch goes to the next replica.
+// Only when every replica of a node is lost does the layer fail.
+//
 // Used by one step loop at a time (Engine::Step); not thread-safe.
 class RemoteExperts : public ExpertBackend {
  public:
@@ -24,10 +32,14 @@ class RemoteExperts : public ExpertBackend {
   RemoteExperts(transport::Transport& transport, router::ExpertPlacement placement,
                 std::vector<transport::NodeId> expert_node_ids, int64_t hidden_size,
                 absl::Duration reply_timeout = absl::Seconds(30));
+  // replicas[i]: the transport node ids serving node i of `placement` (non-empty each).
+  RemoteExperts(transport::Transport& transport, router::ExpertPlacement placement,
+                std::vector<std::vector<transport::NodeId>> replicas, int64_t hidden_size,
+                absl::Duration reply_timeout = absl::Seconds(30));
 
-  // How errors name expert node i ("expert node 3 (127.0.0.1:4711)");
-  // default "expert node i (transport node N)".
-  void SetNodeNames(std::vector<std::string> names) { names_ = std::move(names); }
+  // How errors name transport node id ("expert node 3 (127.0.0.1:4711)");
+  // default "expert node N (transport node N)".
+  void SetNodeNames(std::map<transport::NodeId, std::string> names) { names_ = std::move(names); }
 
   // Tags the next step's messages; call before Engine::Step.
   void BeginStep(uint64_t step_id) { step_id_ = step_id; }
@@ -42,18 +54,32 @@ class RemoteExperts : public ExpertBackend {
   double TakeWaitSeconds();
 
  private:
+  // One placement node's dispatch of a layer, kept until its reply for a
+  // resend to another replica.
+  struct Sent {
+    int32_t node = -1;
+    std::vector<uint8_t> payload;
+    int replica = 0;   // index into replicas_[node] now awaited
+    int attempts = 0;  // replicas tried
+    bool replied = false;
+  };
   struct InFlight {
     std::optional<router::DispatchPlan> plan;
     uint64_t tag = 0;
-    std::vector<int32_t> nodes_sent;  // expert node indices awaiting replies
+    int64_t layer = 0;
+    std::vector<Sent> sent;
   };
+  // Sends s.payload to its replica, moving on to the next one while a send
+  // fails; UNAVAILABLE naming them all when none is left.
+  absl::Status SendToReplica(Sent& s, uint64_t tag, int64_t layer, std::string* why);
+  std::string NodeName(transport::NodeId id) const;
+  std::string ReplicaNames(int32_t node) const;
+
   transport::Transport& transport_;
   router::ExpertPlacement placement_;
-  std::vector<transport::NodeId> expert_node_ids_;
-  std::string NodeName(int32_t node) const;
-
+  std::vector<std::vector<transport::NodeId>> replicas_;
   int64_t hidden_size_;
-  std::vector<std::string> names_;
+  std::map<transport::NodeId, std::string> names_;
   absl::Duration reply_timeout_;
   uint64_t step_id_ = 0;
   InFlight in_flight_[2];

@@ -25,6 +25,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "dmoe/v1/control.grpc.pb.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #if DMOE_HAVE_CUDA
@@ -59,7 +60,12 @@ struct UpOptions {
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
   bool restart_on_exit = true;  // --on-node-exit restart|stop
+  int64_t expert_replicas = 1;  // expert nodes per expert shard
+  // Passed to dmoe-scheduler as given (TLS and size limits of the client API).
+  std::vector<std::string> scheduler_flags;
 };
+
+constexpr const char* kSchedulerPassThroughFlags[] = {"tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"};
 
 // A child that exits this many times in a row, each within kCrashWindow of
 // its start, is not restarted again: the cluster stops.
@@ -121,7 +127,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
-                                                   "on-node-exit", "device", "gpus", "transport"},
+                                                   "on-node-exit", "expert-replicas", "tls-cert", "tls-key",
+                                                   "tls-client-ca", "max-request-bytes", "device", "gpus",
+                                                   "transport"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -137,16 +145,24 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   o.device = flags.Get("device").value_or(o.device);
   DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
   o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
+  for (const char* name : kSchedulerPassThroughFlags) {
+    if (auto value = flags.Get(name)) o.scheduler_flags.insert(o.scheduler_flags.end(), {absl::StrCat("--", name), *value});
+  }
   const std::string on_exit = flags.Get("on-node-exit").value_or("restart");
   if (on_exit != "restart" && on_exit != "stop") {
     return absl::InvalidArgumentError(absl::StrCat("--on-node-exit = '", on_exit, "' must be restart or stop"));
   }
   o.restart_on_exit = on_exit == "restart";
+  DMOE_ASSIGN_OR_RETURN(o.expert_replicas, flags.GetInt("expert-replicas", o.expert_replicas));
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
   if (o.expert_nodes < 1 || o.expert_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-nodes = ", o.expert_nodes, " must be in 1..256"));
+  }
+  if (o.expert_replicas < 1 || o.expert_nodes % o.expert_replicas != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--expert-replicas = ", o.expert_replicas,
+                                                   " must be at least 1 and divide --expert-nodes = ", o.expert_nodes));
   }
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
@@ -343,7 +359,9 @@ class Launcher {
         "--port-file", port_file.string()};
     // clang-format on
     if (!opts_.balance.empty()) args.insert(args.end(), {"--balance", opts_.balance});
+    if (opts_.expert_replicas > 1) args.insert(args.end(), {"--expert-replicas", std::to_string(opts_.expert_replicas)});
     if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
+    args.insert(args.end(), opts_.scheduler_flags.begin(), opts_.scheduler_flags.end());
     DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
 
     const absl::Time start = absl::Now();
@@ -404,9 +422,10 @@ class Launcher {
   }
 
   // Polls the scheduler's health until SERVING (every node registered and
-  // ready); false on a stop request.
+  // ready); false on a stop request. Asked on the control port, where the
+  // scheduler mirrors the client API's status (which may need TLS).
   absl::StatusOr<bool> WaitServing(const SchedulerPorts& ports) {
-    const std::string address = absl::StrCat(connect_host_, ":", ports.port);
+    const std::string address = absl::StrCat(connect_host_, ":", ports.control_port);
     std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
     const int64_t nodes = opts_.attention_nodes + opts_.expert_nodes;
     DMOE_LOG(kInfo, "up") << "waiting for " << nodes << " nodes to register and the scheduler to turn SERVING";
@@ -416,8 +435,10 @@ class Launcher {
     while (true) {
       grpc::ClientContext context;
       context.set_deadline(absl::ToChronoTime(absl::Now() + kHealthCallTimeout));
+      grpc::health::v1::HealthCheckRequest request;
+      request.set_service(v1::Generation::service_full_name());
       grpc::health::v1::HealthCheckResponse response;
-      const grpc::Status status = health->Check(&context, grpc::health::v1::HealthCheckRequest(), &response);
+      const grpc::Status status = health->Check(&context, request, &response);
       if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) return true;
       last_state = status.ok()
                        ? grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
@@ -439,14 +460,14 @@ class Launcher {
 
   // The balance mode the scheduler reports, else what was asked for.
   std::string BalanceMode(const SchedulerPorts& ports) const {
-    std::unique_ptr<v1::Generation::Stub> stub =
-        v1::Generation::NewStub(DialScheduler(absl::StrCat(connect_host_, ":", ports.port)));
+    std::unique_ptr<v1::Coordinator::Stub> stub =
+        v1::Coordinator::NewStub(DialScheduler(absl::StrCat(connect_host_, ":", ports.control_port)));
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + kConnectTimeout));
-    v1::ModelInfo info;
-    if (const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
-        status.ok() && !info.balance_mode().empty()) {
-      return info.balance_mode();
+    v1::GetClusterStatsResponse stats;
+    if (const grpc::Status status = stub->GetClusterStats(&context, v1::GetClusterStatsRequest(), &stats);
+        status.ok() && !stats.balance_mode().empty()) {
+      return stats.balance_mode();
     }
     return opts_.balance.empty() ? "off" : opts_.balance;
   }

@@ -23,12 +23,15 @@ absl::Status ValidateServerAddress(absl::string_view flag, const std::string& ad
   return absl::OkStatus();
 }
 
-std::shared_ptr<grpc::Channel> DialScheduler(const std::string& address) {
+std::shared_ptr<grpc::Channel> DialScheduler(const std::string& address,
+                                             std::shared_ptr<grpc::ChannelCredentials> credentials,
+                                             const std::string& tls_server_name) {
   grpc::ChannelArguments args;
   // gRPC's minimum connect timeout per attempt (GRPC_ARG_MIN_RECONNECT_BACKOFF_MS
   // sets it): an unreachable host fails after this instead of 20 s.
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, static_cast<int>(absl::ToInt64Milliseconds(kConnectTimeout)));
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  if (!tls_server_name.empty()) args.SetSslTargetNameOverride(tls_server_name);
+  return grpc::CreateCustomChannel(address, std::move(credentials), args);
 }
 
 absl::Status RpcError(absl::string_view what, const std::string& address, const grpc::Status& status) {

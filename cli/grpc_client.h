@@ -4,6 +4,7 @@
 #define DMOE_CLI_GRPC_CLIENT_H_
 
 #include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
 #include <grpcpp/support/status.h>
 
 #include <memory>
@@ -23,10 +24,16 @@ inline constexpr absl::Duration kConnectTimeout = absl::Seconds(5);
 // `flag` and the value otherwise.
 absl::Status ValidateServerAddress(absl::string_view flag, const std::string& address);
 
-// An insecure channel to `address` whose connection attempts give up after
+// A channel to `address` whose connection attempts give up after
 // kConnectTimeout. Calls made on it fail fast (UNAVAILABLE) while the
-// server cannot be reached; none waits for it to come up.
-std::shared_ptr<grpc::Channel> DialScheduler(const std::string& address);
+// server cannot be reached; none waits for it to come up. `credentials`:
+// insecure by default, else TLS (MakeChannelCredentials); `tls_server_name`,
+// when set, is the name the server's certificate must carry instead of the
+// host of `address`.
+std::shared_ptr<grpc::Channel> DialScheduler(
+    const std::string& address,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials(),
+    const std::string& tls_server_name = "");
 
 // A failed call as one line: "<what> on <address>: <CODE>: <message>",
 // keeping the code (FromGrpcStatus).

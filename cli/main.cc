@@ -21,7 +21,7 @@ constexpr char kUsage[] =
     "cluster commands:\n"
     "  up          --model DIR [--attention-nodes N] [--expert-nodes M] [--balance off|bias] [--port P]\n"
     "              [--host H] [--config FILE] [--cache-pages N] [--timeout S] [--grace S]\n"
-    "              [--on-node-exit restart|stop]\n"
+    "              [--on-node-exit restart|stop] [--expert-replicas R]\n"
     "  generate    --server HOST:PORT (--prompt TEXT | --ids 1,2,3) [--max-tokens N] [sampling flags]\n"
     "              [--stop STR] [--ignore-eos] [--json]\n"
     "  bench       --server HOST:PORT [--concurrency C] [--requests R] [--prompt-len L] [--max-tokens T]\n"

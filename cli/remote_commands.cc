@@ -1,5 +1,6 @@
 // dmoe generate --server | bench: clients of a running cluster's Generation
 // service (proto/dmoe/v1/generation.proto). Output formats: docs/cli.md.
+#include <grpc/support/log.h>
 #include <grpcpp/client_context.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <functional>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <random>
 #include <thread>
 #include <tuple>
@@ -27,6 +29,7 @@
 #include "core/status_macros.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "proto/grpc_credentials.h"
 
 namespace dmoe::cli {
 namespace {
@@ -35,6 +38,26 @@ using json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// Flags of both commands: the server's address and TLS towards it.
+const std::set<std::string> kServerFlags = {"server", "tls-ca", "tls-cert", "tls-key", "tls-server-name"};
+
+std::set<std::string> WithServerFlags(std::set<std::string> flags) {
+  flags.insert(kServerFlags.begin(), kServerFlags.end());
+  return flags;
+}
+
+// A Generation stub for --server, over TLS when --tls-ca or --tls-cert is given.
+absl::StatusOr<std::unique_ptr<v1::Generation::Stub>> DialServer(const Flags& flags, const std::string& server) {
+  // gRPC core logs a failed handshake on its own; the call's status says the
+  // same, and the CLI reports errors in one line.
+  gpr_set_log_function([](gpr_log_func_args*) {});
+  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                        MakeChannelCredentials({.cert = flags.Get("tls-cert").value_or(""),
+                                                .key = flags.Get("tls-key").value_or(""),
+                                                .ca = flags.Get("tls-ca").value_or("")}));
+  return v1::Generation::NewStub(DialScheduler(server, credentials, flags.Get("tls-server-name").value_or("")));
+}
 
 // The generated part of one streamed Generate call.
 struct StreamedGeneration {
@@ -71,8 +94,8 @@ absl::StatusOr<StreamedGeneration> StreamGenerate(v1::Generation::Stub& stub, co
 
 absl::Status RunGenerateRemote(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
-                                                  {"server", "prompt", "ids", "max-tokens", "temperature", "top-p",
-                                                   "top-k", "min-p", "seed", "stop"},
+                                                  WithServerFlags({"prompt", "ids", "max-tokens", "temperature",
+                                                                   "top-p", "top-k", "min-p", "seed", "stop"}),
                                                   {"json", "ignore-eos"}));
   DMOE_ASSIGN_OR_RETURN(std::string server, flags.Require("server"));
   DMOE_RETURN_IF_ERROR(ValidateServerAddress("server", server));
@@ -101,7 +124,7 @@ absl::Status RunGenerateRemote(const std::vector<std::string>& args) {
   request.set_top_logprobs(-1);
 
   const bool as_json = flags.Has("json");
-  std::unique_ptr<v1::Generation::Stub> stub = v1::Generation::NewStub(DialScheduler(server));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<v1::Generation::Stub> stub, DialServer(flags, server));
   bool streamed_any = false;
   absl::StatusOr<StreamedGeneration> result =
       StreamGenerate(*stub, server, request, [&](const v1::GenerateResponse& response) {
@@ -213,7 +236,7 @@ std::string Ms(double seconds) { return std::isnan(seconds) ? "-" : absl::StrFor
 absl::Status RunBench(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       Flags flags,
-      Flags::Parse(args, {"server", "concurrency", "requests", "prompt-len", "max-tokens", "seed"}, {"json"}));
+      Flags::Parse(args, WithServerFlags({"concurrency", "requests", "prompt-len", "max-tokens", "seed"}), {"json"}));
   BenchOptions opts;
   DMOE_ASSIGN_OR_RETURN(opts.server, flags.Require("server"));
   DMOE_RETURN_IF_ERROR(ValidateServerAddress("server", opts.server));
@@ -233,7 +256,7 @@ absl::Status RunBench(const std::vector<std::string>& args) {
   }
   const bool as_json = flags.Has("json");
 
-  std::unique_ptr<v1::Generation::Stub> stub = v1::Generation::NewStub(DialScheduler(opts.server));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<v1::Generation::Stub> stub, DialServer(flags, opts.server));
   v1::ModelInfo info;
   {
     grpc::ClientContext context;

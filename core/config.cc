@@ -1,6 +1,7 @@
 #include "core/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -24,12 +25,21 @@ bool Has(const json& j, const char* key) { return j.contains(key) && !j[key].is_
 absl::StatusOr<int64_t> GetInt(const json& j, const char* key, int64_t def) {
   if (!Has(j, key)) return def;
   const json& v = j[key];
-  if (v.is_number_integer() || v.is_number_unsigned()) return v.get<int64_t>();
-  if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))) {
-    return static_cast<int64_t>(v.get<double>());
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+    return FieldError(key, v, "out of range");
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    // 2048.0 is an integer; 1e300 or 0.5 are not (and casting 1e300 would be UB).
+    const double d = v.get<double>();
+    if (d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return static_cast<int64_t>(d);
   }
   return FieldError(key, v, "expected an integer");
 }
+
+// Sizes far beyond any model (DeepSeek-V3's largest is 163840 positions) are
+// refused so that products of two or three sizes cannot overflow int64.
+constexpr int64_t kMaxSize = int64_t{1} << 24;
 
 absl::StatusOr<double> GetDouble(const json& j, const char* key, double def) {
   if (!Has(j, key)) return def;
@@ -54,6 +64,7 @@ absl::StatusOr<std::string> GetString(const json& j, const char* key, const std:
 
 absl::Status RequirePositive(const char* field, int64_t v) {
   if (v <= 0) return FieldError(field, json(v), "must be positive");
+  if (v > kMaxSize) return FieldError(field, json(v), absl::StrCat("exceeds the limit of ", kMaxSize));
   return absl::OkStatus();
 }
 
@@ -135,7 +146,9 @@ absl::Status Validate(const ModelConfig& c) {
   if (c.qk_rope_head_dim % 2 != 0) {
     return FieldError("qk_rope_head_dim", json(c.qk_rope_head_dim), "must be even");
   }
-  if (c.q_lora_rank < 0) return FieldError("q_lora_rank", json(c.q_lora_rank), "must be positive or null");
+  if (c.q_lora_rank < 0 || c.q_lora_rank > kMaxSize) {
+    return FieldError("q_lora_rank", json(c.q_lora_rank), absl::StrCat("must be null or in [1, ", kMaxSize, "]"));
+  }
   if (!(c.rms_norm_eps > 0)) return FieldError("rms_norm_eps", json(c.rms_norm_eps), "must be positive");
   if (!(c.rope_theta > 0)) return FieldError("rope_theta", json(c.rope_theta), "must be positive");
   if (c.first_k_dense_replace < 0) {
@@ -150,7 +163,9 @@ absl::Status Validate(const ModelConfig& c) {
     return FieldError("num_experts_per_tok", json(c.num_experts_per_tok),
                       absl::StrCat("exceeds n_routed_experts = ", c.n_routed_experts));
   }
-  if (c.n_shared_experts < 0) return FieldError("n_shared_experts", json(c.n_shared_experts), "must be >= 0");
+  if (c.n_shared_experts < 0 || c.n_shared_experts > kMaxSize) {
+    return FieldError("n_shared_experts", json(c.n_shared_experts), absl::StrCat("must be in [0, ", kMaxSize, "]"));
+  }
   if (!(c.routed_scaling_factor > 0)) {
     return FieldError("routed_scaling_factor", json(c.routed_scaling_factor), "must be positive");
   }

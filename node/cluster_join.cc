@@ -176,46 +176,66 @@ absl::StatusOr<int> ConnectPeers(transport::Transport& transport, const v1::GetC
 }
 
 absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse& cluster, int64_t n_routed_experts) {
-  std::vector<transport::NodeId> ids;
+  std::map<transport::NodeId, const v1::ClusterNode*> experts;
   for (const v1::ClusterNode& n : cluster.nodes()) {
-    if (n.kind() == v1::NODE_KIND_EXPERT) ids.push_back(n.node_id());
+    if (n.kind() == v1::NODE_KIND_EXPERT) experts[n.node_id()] = &n;
   }
-  std::sort(ids.begin(), ids.end());
-  if (ids.empty()) return absl::FailedPreconditionError("the cluster has no expert nodes");
+  if (experts.empty()) return absl::FailedPreconditionError("the cluster has no expert nodes");
   if (cluster.expert_to_node_size() != n_routed_experts) {
     return absl::FailedPreconditionError(absl::StrCat("the cluster's expert_to_node has ",
                                                       cluster.expert_to_node_size(), " entries, the model ",
                                                       n_routed_experts, " routed experts"));
   }
+  std::vector<transport::NodeId> all;
+  for (const auto& [id, n] : experts) all.push_back(id);
+  std::vector<transport::NodeId> ids;  // the placement's nodes
+  for (int64_t e = 0; e < n_routed_experts; ++e) {
+    const transport::NodeId id = cluster.expert_to_node(e);
+    if (!experts.contains(id)) {
+      return absl::FailedPreconditionError(absl::StrCat("expert_to_node[", e, "] = ", id,
+                                                        " is not an expert node of the cluster (",
+                                                        absl::StrJoin(all, ", "), ")"));
+    }
+    ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   std::map<transport::NodeId, int32_t> index_of;
   for (size_t i = 0; i < ids.size(); ++i) index_of[ids[i]] = static_cast<int32_t>(i);
   std::vector<int32_t> expert_to_index(n_routed_experts);
-  for (int64_t e = 0; e < n_routed_experts; ++e) {
-    const auto it = index_of.find(cluster.expert_to_node(e));
-    if (it == index_of.end()) {
-      return absl::FailedPreconditionError(absl::StrCat("expert_to_node[", e, "] = ", cluster.expert_to_node(e),
-                                                        " is not an expert node of the cluster (",
-                                                        absl::StrJoin(ids, ", "), ")"));
-    }
-    expert_to_index[e] = it->second;
-  }
+  for (int64_t e = 0; e < n_routed_experts; ++e) expert_to_index[e] = index_of.at(cluster.expert_to_node(e));
   absl::StatusOr<router::ExpertPlacement> placement =
       router::ExpertPlacement::FromMap(n_routed_experts, static_cast<int64_t>(ids.size()), std::move(expert_to_index));
   if (!placement.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("the cluster's expert placement: ", placement.status().message()));
   }
-  std::vector<std::string> names;
-  for (transport::NodeId id : ids) {
-    for (const v1::ClusterNode& n : cluster.nodes()) {
-      if (n.node_id() == id) names.push_back(absl::StrCat("expert node ", id, " (", n.grpc_address(), ")"));
+  ExpertNodes out{std::move(*placement), ids, {}, {}};
+  for (transport::NodeId id : ids) out.replicas.push_back({id});
+  auto same_shard = [](const v1::ClusterNode& a, const v1::ClusterNode& b) {
+    return a.expert_shard_size() > 0 && std::equal(a.expert_shard().begin(), a.expert_shard().end(),
+                                                   b.expert_shard().begin(), b.expert_shard().end());
+  };
+  for (const auto& [id, n] : experts) {
+    out.names[id] = absl::StrCat("expert node ", id, " (", n->grpc_address(), ")");
+    if (index_of.contains(id)) continue;
+    bool placed = false;
+    for (size_t i = 0; i < ids.size() && !placed; ++i) {
+      if (same_shard(*n, *experts.at(ids[i]))) {
+        out.replicas[i].push_back(id);
+        placed = true;
+      }
+    }
+    if (!placed) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert node ", id, " hosts no expert of expert_to_node and is no node's replica"));
     }
   }
-  return ExpertNodes{std::move(*placement), std::move(ids), std::move(names)};
+  return out;
 }
 
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services) {
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -228,6 +248,7 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
   NodeServer out;
   const std::string address = absl::StrCat(host, ":", port);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &out.port);
+  if (max_receive_bytes > 0) builder.SetMaxReceiveMessageSize(max_receive_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);
   out.server = builder.BuildAndStart();
   if (out.server == nullptr || out.port == 0) {
@@ -277,7 +298,8 @@ ClusterMember::~ClusterMember() { Leave(); }
 
 absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& options) {
   const char* log = options.log_component;
-  DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services));
+  DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services,
+                                                                   options.max_receive_bytes));
   const std::string grpc_address = absl::StrCat(options.host, ":", server.port);
   auto member = std::unique_ptr<ClusterMember>(new ClusterMember(options, grpc_address));
   member->server_ = std::move(server);

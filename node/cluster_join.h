@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <thread>
 #include <functional>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -94,8 +95,9 @@ struct NodeServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
+// `max_receive_bytes`: the largest request it takes (0: gRPC's 4 MiB).
 absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
-                                           const std::vector<grpc::Service*>& services);
+                                           const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
 // Writes {"port": P} to `path` atomically (a temporary file, then rename).
@@ -110,6 +112,7 @@ struct JoinOptions {
   std::string port_file;                 // {"port": P} once listening; empty: none
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
+  int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)
   // The data plane (every node of a cluster the same); NCCL uses GPU `gpu`.
   transport::TransportChoice transport = transport::TransportChoice::kUcx;
   int gpu = 0;
@@ -181,15 +184,17 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
 absl::StatusOr<int> ConnectPeers(transport::Transport& transport, const v1::GetClusterResponse& cluster,
                                  v1::NodeKind kind);
 
-// The cluster's expert placement over expert node indices (expert nodes in
-// node id order) and each index's transport node id, from expert_to_node
-// (which holds transport node ids). FAILED_PRECONDITION when the map names a
-// node that is not an expert node of the cluster or its size is not
-// n_routed_experts.
+// The cluster's expert placement over the expert nodes that expert_to_node
+// names (which holds transport node ids; in node id order), each one's
+// transport node id, and its replicas: it and the other expert nodes with
+// the same expert_shard (--expert-replicas). FAILED_PRECONDITION when the
+// map names a node that is not an expert node of the cluster, its size is
+// not n_routed_experts, or an expert node is neither named nor a replica.
 struct ExpertNodes {
   router::ExpertPlacement placement;
-  std::vector<transport::NodeId> node_ids;  // [expert node index]
-  std::vector<std::string> names;           // [expert node index]: "expert node 3 (host:port)", for errors
+  std::vector<transport::NodeId> node_ids;                // [placement node]
+  std::vector<std::vector<transport::NodeId>> replicas;   // [placement node]: node_ids[i] first
+  std::map<transport::NodeId, std::string> names;         // "expert node 3 (host:port)", for errors
 };
 absl::StatusOr<ExpertNodes> ExpertNodesFromCluster(const v1::GetClusterResponse& cluster, int64_t n_routed_experts);
 

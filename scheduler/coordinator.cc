@@ -44,6 +44,7 @@ Coordinator::Coordinator(const ModelConfig& config, int num_attention_nodes, int
     nodes_[i].kind = i < num_attention_ ? v1::NODE_KIND_ATTENTION : v1::NODE_KIND_EXPERT;
   }
   total_load_.assign(config_.num_hidden_layers * config_.n_routed_experts, 0);
+  node_load_.assign(num_expert_, 0);
 }
 
 Coordinator::~Coordinator() {
@@ -140,7 +141,7 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
     }
     Node& n = nodes_[id];
     if (kind == v1::NODE_KIND_EXPERT && request.expert_shard_size() > 0) {
-      const absl::Span<const int32_t> want = placement_.ExpertsOf(id - num_attention_);
+      const absl::Span<const int32_t> want = placement_.ExpertsOf(GroupOf(id));
       if (!std::equal(want.begin(), want.end(), request.expert_shard().begin(), request.expert_shard().end())) {
         return absl::FailedPreconditionError(absl::StrCat(from, "it holds experts ",
                                                           absl::StrJoin(request.expert_shard(), ","), ", ",
@@ -171,7 +172,7 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
     if (kind == v1::NODE_KIND_EXPERT) {
       const int index = id - num_attention_;
       response.set_expert_node_index(index);
-      for (int32_t e : placement_.ExpertsOf(index)) response.add_expert_shard(e);
+      for (int32_t e : placement_.ExpertsOf(GroupOf(id))) response.add_expert_shard(e);
     }
   }
   Notify();
@@ -328,7 +329,7 @@ v1::GetClusterResponse Coordinator::SnapshotLocked() const {
     c->set_down_reason(n.down_reason);
     c->set_serving(ServingLocked(i));
     if (n.kind == v1::NODE_KIND_EXPERT) {
-      for (int32_t e : placement_.ExpertsOf(i - num_attention_)) c->add_expert_shard(e);
+      for (int32_t e : placement_.ExpertsOf(GroupOf(i))) c->add_expert_shard(e);
     }
   }
   for (int32_t node : placement_.expert_to_node()) response.add_expert_to_node(node + num_attention_);
@@ -371,7 +372,11 @@ absl::Status Coordinator::ReportExpertLoad(const v1::ExpertLoadReport& report) {
         absl::StrCat("ReportExpertLoad: ", report.tokens_size(),
                      " counts, expected layers x experts = ", total_load_.size()));
   }
-  for (int i = 0; i < report.tokens_size(); ++i) total_load_[i] += report.tokens(i);
+  const int index = report.node_id() - num_attention_;
+  for (int i = 0; i < report.tokens_size(); ++i) {
+    total_load_[i] += report.tokens(i);
+    if (index >= 0 && index < num_expert_) node_load_[index] += report.tokens(i);
+  }
   return absl::OkStatus();
 }
 
@@ -429,9 +434,8 @@ std::vector<int64_t> Coordinator::ExpertTokens() const {
 }
 
 std::vector<int64_t> Coordinator::ExpertNodeTokens() const {
-  const std::vector<int64_t> per_expert = ExpertTokens();
-  absl::StatusOr<std::vector<int64_t>> per_node = router::LoadPerNode(placement_, per_expert);
-  return per_node.ok() ? *per_node : std::vector<int64_t>(num_expert_, 0);
+  absl::MutexLock lock(&mu_);
+  return node_load_;  // each node reports only the experts it served
 }
 
 }  // namespace dmoe::scheduler

@@ -74,7 +74,10 @@ struct NodeSlot {
 // it concurrently.
 class Coordinator {
  public:
-  // `placement` covers num_expert_nodes nodes.
+  // `placement` covers num_expert_nodes / R nodes ("groups"), R >= 1 being
+  // the expert replicas: expert slot N + i hosts group i % groups, so each
+  // group's shard lives on R expert nodes.
+  // REQUIRES: num_expert_nodes is a multiple of placement.num_nodes().
   Coordinator(const ModelConfig& config, int num_attention_nodes, int num_expert_nodes,
               router::ExpertPlacement placement, CoordinatorOptions options = {});
   ~Coordinator();  // Shutdown(), then joins the health watches
@@ -116,6 +119,9 @@ class Coordinator {
   bool WaitAllReady(absl::Time deadline) const;
   int num_attention_nodes() const { return num_attention_; }
   int num_expert_nodes() const { return num_expert_; }
+  // The placement's nodes; expert slot id serves group GroupOf(id).
+  int num_expert_groups() const { return placement_.num_nodes(); }
+  int GroupOf(int expert_slot_id) const { return (expert_slot_id - num_attention_) % placement_.num_nodes(); }
   const router::ExpertPlacement& placement() const { return placement_; }
 
   // Totals since start: per expert [E] (all layers) and per expert node [M].
@@ -155,6 +161,7 @@ class Coordinator {
   mutable absl::Mutex mu_;
   std::vector<Node> nodes_ ABSL_GUARDED_BY(mu_);          // by node id
   std::vector<int64_t> total_load_ ABSL_GUARDED_BY(mu_);  // [layer * E + e] since start
+  std::vector<int64_t> node_load_ ABSL_GUARDED_BY(mu_);   // [expert node index] tokens since start
   int64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_waiting_ ABSL_GUARDED_BY(mu_) = false;

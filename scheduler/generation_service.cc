@@ -180,25 +180,25 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
     NextLocked();
   }
 
+  // Cancel is called with mu_ held and only before the finished event: the
+  // loop, which pushes a finished event to every stream before it goes
+  // away, is then still there.
   void OnWriteDone(bool ok) override {
-    bool cancel = false;
-    {
-      absl::MutexLock lock(&mu_);
-      writing_ = false;
-      if (!ok && !done_writing_) {
-        // The client is gone: stop the request (its pages are freed next step).
-        pending_.clear();
-        cancel = !finished_;
-        finished_ = true;
-        final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-      }
-      NextLocked();
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok && !done_writing_) {
+      // The client is gone: stop the request (its pages are freed next step).
+      pending_.clear();
+      if (!finished_ && loop_ != nullptr) loop_->Cancel(id_);
+      finished_ = true;
+      final_status_ = ToGrpcStatus(absl::CancelledError("the client went away"));
     }
-    if (cancel && loop_ != nullptr) loop_->Cancel(id_);
+    NextLocked();
   }
 
   void OnCancel() override {
-    if (loop_ != nullptr) loop_->Cancel(id_);  // ends with a kCancelled event
+    absl::MutexLock lock(&mu_);
+    if (!finished_ && loop_ != nullptr) loop_->Cancel(id_);  // ends with a kCancelled event
   }
 
   void OnDone() override {
@@ -258,9 +258,9 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(grpc
     return GenerateCall::Refuse(std::make_shared<GenerateCall>(absl::Now(), request_id, 0, false), status);
   };
   if (draining_.load()) {
-    return refuse(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is draining; not accepting requests"));
+    return refuse(ToGrpcStatus(absl::UnavailableError("server is draining; not accepting requests")));
   }
-  if (loop == nullptr) return refuse(grpc::Status(grpc::StatusCode::UNAVAILABLE, "cluster is not ready yet"));
+  if (loop == nullptr) return refuse(ToGrpcStatus(absl::UnavailableError("cluster is not ready yet")));
   absl::StatusOr<Request> q = ValidateGenerateRequest(*request, config_, tokenizer_, model_name_);
   if (!q.ok()) return refuse(ToGrpcStatus(q.status()));
   q->id = id;
@@ -276,8 +276,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(grpc
 grpc::Status GenerationService::Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* request,
                                          v1::TokenizeResponse* response) {
   if (!request->model().empty() && request->model() != model_name_) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("unknown model '", request->model(), "' (serving '", model_name_, "')"));
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("unknown model '", request->model(), "' (serving '", model_name_, "')")));
   }
   absl::StatusOr<std::vector<int32_t>> ids = tokenizer_.EncodeChecked(request->text());
   if (!ids.ok()) return ToGrpcStatus(ids.status());
@@ -333,7 +333,7 @@ grpc::Status CoordinatorService::ReportExpertLoad(grpc::ServerContext*, const v1
 grpc::Status CoordinatorService::GetClusterStats(grpc::ServerContext*, const v1::GetClusterStatsRequest*,
                                                  v1::GetClusterStatsResponse* response) {
   ServingLoop* loop = loop_.load();
-  if (loop == nullptr) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "cluster is not ready yet");
+  if (loop == nullptr) return ToGrpcStatus(absl::FailedPreconditionError("cluster is not ready yet"));
   *response = loop->Stats();
   return grpc::Status::OK;
 }

@@ -15,6 +15,8 @@
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "proto/grpc_credentials.h"
+#include "proto/message_limits.h"
 #include "router/load_balancer.h"
 #include "scheduler/generation_service.h"
 #if DMOE_HAVE_NCCL
@@ -73,7 +75,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
                         Flags::Parse(args,
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
-                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps"},
+                                           "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps",
+                                           "expert-replicas", "tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"},
                                           {}));
   DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -84,9 +87,24 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t page_size, flags.GetInt("page-size", 64));
   DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
+  DMOE_ASSIGN_OR_RETURN(int64_t replicas, flags.GetInt("expert-replicas", 1));
   if (num_attention < 1 || num_expert < 1) {
     return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
   }
+  if (replicas < 1 || num_expert % replicas != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--expert-replicas ", replicas,
+                                                   " must be at least 1 and divide --expert-nodes ", num_expert));
+  }
+  DMOE_ASSIGN_OR_RETURN(int64_t max_request_bytes, flags.GetInt("max-request-bytes", kDefaultMaxRequestBytes));
+  if (max_request_bytes < 1024 || max_request_bytes > INT32_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-request-bytes = ", max_request_bytes, " must be in [1024, ", INT32_MAX, "]"));
+  }
+  // TLS on the client API only: the control plane stays on the cluster's own network.
+  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> client_credentials,
+                        MakeServerCredentials({.cert = flags.Get("tls-cert").value_or(""),
+                                               .key = flags.Get("tls-key").value_or(""),
+                                               .ca = flags.Get("tls-client-ca").value_or("")}));
 
   DMOE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(model_dir));
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(model_dir));
@@ -99,11 +117,12 @@ absl::Status Serve(const std::vector<std::string>& args) {
   if (!config.has_moe()) return absl::InvalidArgumentError("the model has no routed experts to serve on expert nodes");
   if (!cluster.placement.has_value()) {
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement p,
-                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert));
+                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert / replicas));
     cluster.placement = std::move(p);
-  } else if (cluster.placement->num_nodes() != num_expert) {
+  } else if (cluster.placement->num_nodes() * replicas != num_expert) {
     return absl::InvalidArgumentError(absl::StrCat("--config places experts on ", cluster.placement->num_nodes(),
-                                                   " expert nodes, --expert-nodes is ", num_expert));
+                                                   " expert nodes x --expert-replicas ", replicas,
+                                                   ", --expert-nodes is ", num_expert));
   }
 
   Coordinator coordinator(config, static_cast<int>(num_attention), static_cast<int>(num_expert),
@@ -121,29 +140,40 @@ absl::Status Serve(const std::vector<std::string>& args) {
   int bound_port = 0, bound_control = 0;
   grpc::ServerBuilder client_builder;
   client_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a second scheduler must not share the port
-  client_builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(), &bound_port);
+  client_builder.AddListeningPort(absl::StrCat(host, ":", port), client_credentials, &bound_port);
+  client_builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
   client_builder.RegisterService(&generation);
   std::unique_ptr<grpc::Server> client_server = client_builder.BuildAndStart();
   grpc::ServerBuilder control_builder;
   control_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   control_builder.AddListeningPort(absl::StrCat(host, ":", control_port), grpc::InsecureServerCredentials(),
                                    &bound_control);
+  control_builder.SetMaxReceiveMessageSize(ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts, 0, 0));
   control_builder.RegisterService(&coordinator_service);
   std::unique_ptr<grpc::Server> control_server = control_builder.BuildAndStart();
   if (client_server == nullptr || bound_port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", host, ":", port));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", host, ":", port,
+                                               flags.Has("tls-cert") ? " (do --tls-cert and --tls-key match?)" : ""));
   }
   if (control_server == nullptr || bound_control == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", host, ":", control_port));
   }
-  client_server->GetHealthCheckService()->SetServingStatus(false);
+  // The client API's readiness, also on the control port under the service's
+  // name: `dmoe up` waits for it there, without the client API's TLS.
+  auto set_client_serving = [client_health = client_server->GetHealthCheckService(),
+                             control_health = control_server->GetHealthCheckService()](bool serving) {
+    client_health->SetServingStatus(serving);
+    control_health->SetServingStatus(v1::Generation::service_full_name(), serving);
+  };
   control_server->GetHealthCheckService()->SetServingStatus(true);
+  set_client_serving(false);
   if (auto file = flags.Get("port-file")) {
     const std::string tmp = *file + ".tmp";
     std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}}.dump() << "\n";
     std::filesystem::rename(tmp, *file);
   }
-  DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port << ", control plane on " << host
+  DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port
+                               << (flags.Has("tls-cert") ? " (TLS)" : "") << ", control plane on " << host
                                << ":" << bound_control << "; waiting for " << num_attention << " attention and "
                                << num_expert << " expert nodes";
 
@@ -178,9 +208,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
     options.batching.context_length = config.max_position_embeddings;
     options.batching.tokenizer = tokenizer.get();
     options.balancer = cluster.balancer;
-    grpc::HealthCheckServiceInterface* health = client_server->GetHealthCheckService();
-    options.on_serving_changed = [health, &terminate](bool serving) {
-      if (!terminate.load()) health->SetServingStatus(serving);
+    options.on_serving_changed = [set_client_serving, &terminate](bool serving) {
+      if (!terminate.load()) set_client_serving(serving);
     };
     DMOE_ASSIGN_OR_RETURN(loop, ServingLoop::Start(config, coordinator, options));
     generation.SetLoop(loop.get());
@@ -191,7 +220,7 @@ absl::Status Serve(const std::vector<std::string>& args) {
   signal_thread.join();
 
   // Drain: refuse new requests, let in-flight ones finish within the grace period.
-  client_server->GetHealthCheckService()->SetServingStatus(false);
+  set_client_serving(false);
   generation.Drain();
   if (loop != nullptr && !loop->WaitIdle(absl::Now() + absl::Seconds(drain_grace_s))) {
     DMOE_LOG(kWarning, "scheduler") << "grace period over; ending the remaining requests";

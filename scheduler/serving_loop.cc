@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <future>
 
@@ -11,6 +12,7 @@
 #include "core/log.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
+#include "proto/message_limits.h"
 
 namespace dmoe::scheduler {
 namespace {
@@ -18,11 +20,18 @@ namespace {
 // Health checks and cache cleanups of a node after a failure or a restart.
 constexpr absl::Duration kProbeTimeout = absl::Seconds(2);
 
-std::unique_ptr<v1::AttentionNode::Stub> NodeStub(const std::string& address) {
+// A channel to an attention node whose message limits fit its steps: at
+// most max_batch_tokens tokens, and freeing every sequence of the node (at
+// most one per page).
+std::unique_ptr<v1::AttentionNode::Stub> NodeStub(const NodeSlot& slot, const ModelConfig& config,
+                                                  int64_t max_batch_tokens) {
+  const int limit = ControlMessageLimit(config.num_hidden_layers, config.n_routed_experts, max_batch_tokens,
+                                        std::max(max_batch_tokens, slot.cache_pages));
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  return v1::AttentionNode::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  args.SetMaxReceiveMessageSize(limit);
+  args.SetMaxSendMessageSize(limit);
+  return v1::AttentionNode::NewStub(
+      grpc::CreateCustomChannel(slot.grpc_address, grpc::InsecureChannelCredentials(), args));
 }
 
 }  // namespace
@@ -64,7 +73,7 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
       return absl::FailedPreconditionError(absl::StrCat(slots[i].name, " uses pages of ", slots[i].page_size,
                                                         " tokens, the scheduler ", b.page_size));
     }
-    loop->nodes_.push_back(NodeStub(slots[i].grpc_address));
+    loop->nodes_.push_back(NodeStub(slots[i], config, b.max_batch_tokens));
     loop->node_slots_.push_back(slots[i]);
   }
   loop->node_bias_version_.assign(loop->nodes_.size(), 0);
@@ -81,6 +90,9 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
     DMOE_ASSIGN_OR_RETURN(router::ExpertLoadTracker window, router::ExpertLoadTracker::Create(config));
     loop->window_ = std::make_unique<router::ExpertLoadTracker>(std::move(window));
   }
+  // A restarted scheduler's request ids start again: whatever the nodes
+  // cached for its predecessor must go before they are reused.
+  for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
   return loop;
@@ -265,7 +277,9 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
                                        st.message());
       DMOE_LOG(kError, "scheduler") << message;
       failed->push_back({static_cast<int>(n), lost ? absl::StatusCode::kUnavailable : st.code(), message});
-      if (lost && !node_answered) ProbeNode(static_cast<int>(n), message);
+      if (lost && !node_answered) {
+        ProbeNode(static_cast<int>(n), absl::StrCat("step ", plan.step_id, " failed: ", st.message()));
+      }
       node_bias_version_[n] = -1;  // resend the bias next time
       continue;
     }
@@ -313,6 +327,22 @@ void ServingLoop::ProbeNode(int n, const std::string& why) {
                                      st.ok() ? "NOT_SERVING" : FromGrpcStatus(st).ToString()));
 }
 
+void ServingLoop::FreeLeftovers(int n) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::CacheStatus cache;
+  if (!nodes_[n]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() || cache.sequence_ids_size() == 0) {
+    return;
+  }
+  DMOE_LOG(kInfo, "scheduler") << node_slots_[n].name << " holds " << cache.sequence_ids_size()
+                               << " sequences this scheduler did not place: freeing them";
+  grpc::ClientContext free_ctx;
+  free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
+  v1::FreeRequest free;
+  *free.mutable_sequence_ids() = cache.sequence_ids();
+  (void)nodes_[n]->Free(&free_ctx, free, &cache);
+}
+
 void ServingLoop::SyncMembership() {
   const std::vector<NodeSlot> slots = coordinator_.Slots();
   const int N = coordinator_.num_attention_nodes();
@@ -340,19 +370,11 @@ void ServingLoop::SyncMembership() {
       }
     }
     if (!was_up && slot.serving) {
-      if (slot.grpc_address != node_slots_[i].grpc_address) nodes_[i] = NodeStub(slot.grpc_address);
-      node_slots_[i] = slot;
-      // A process that was only cut off may still hold sequences: free them.
-      grpc::ClientContext ctx;
-      ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-      v1::CacheStatus cache;
-      if (nodes_[i]->GetCacheStatus(&ctx, v1::GetCacheStatusRequest(), &cache).ok() && cache.sequence_ids_size() > 0) {
-        grpc::ClientContext free_ctx;
-        free_ctx.set_deadline(absl::ToChronoTime(absl::Now() + kProbeTimeout));
-        v1::FreeRequest free;
-        *free.mutable_sequence_ids() = cache.sequence_ids();
-        (void)nodes_[i]->Free(&free_ctx, free, &cache);
+      if (slot.grpc_address != node_slots_[i].grpc_address || slot.cache_pages != node_slots_[i].cache_pages) {
+        nodes_[i] = NodeStub(slot, config_, options_.batching.max_batch_tokens);
       }
+      node_slots_[i] = slot;
+      FreeLeftovers(i);  // a process that was only cut off may still hold sequences
       node_bias_version_[i] = -1;
       absl::MutexLock lock(&mu_);
       batcher_->NodeUp(i, slot.cache_pages);
@@ -360,8 +382,14 @@ void ServingLoop::SyncMembership() {
       DMOE_LOG(kInfo, "scheduler") << slot.name << " serves again";
     }
   }
+  // Every expert shard needs one serving replica (one node without replicas).
+  const int groups = coordinator_.num_expert_groups();
+  std::vector<bool> group_serves(groups, false);
+  for (size_t i = N; i < slots.size(); ++i) {
+    if (slots[i].serving) group_serves[coordinator_.GroupOf(static_cast<int>(i))] = true;
+  }
   for (size_t i = N; i < slots.size() && cannot_serve.empty(); ++i) {
-    if (slots[i].serving) continue;
+    if (slots[i].serving || group_serves[coordinator_.GroupOf(static_cast<int>(i))]) continue;
     cannot_serve = absl::StrCat(slots[i].name, " unavailable: ",
                                 slots[i].state == v1::NODE_STATE_DOWN ? slots[i].down_reason
                                                                       : "it is joining (not connected yet)");

@@ -93,6 +93,8 @@ class ServingLoop {
   // After a failed step: whether node n still answers its health check;
   // marks it down in the coordinator if not.
   void ProbeNode(int n, const std::string& why);
+  // Frees every sequence attention node n caches (none of them ours).
+  void FreeLeftovers(int n);
   // Feeds one step's routing counts [layer * E + e] to the balancer.
   void Balance(const std::vector<int64_t>& step_load);
   void Deliver(const std::vector<RequestEvent>& events);

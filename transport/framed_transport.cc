@@ -70,7 +70,9 @@ absl::StatusOr<Message> FramedTransport::ReceiveFrom(absl::Span<const NodeId> se
 
 void FramedTransport::StopReceiving() { mailbox_.Stop(); }
 
-absl::Status FramedTransport::PeerStatus(NodeId peer) {
+absl::Status FramedTransport::PeerStatus(NodeId peer) { return mailbox_.PeerStatus(peer); }
+
+absl::Status FramedTransport::SendableTo(NodeId peer) {
   absl::MutexLock lock(&state_mu_);
   if (!peers_[peer]->connected) return absl::UnavailableError(absl::StrCat("send to peer ", peer, ": not connected"));
   return peers_[peer]->error;
@@ -85,7 +87,7 @@ absl::Status FramedTransport::SendMany(absl::Span<const OutgoingMessage> message
       return absl::UnavailableError(absl::StrCat("send to peer ", m.peer, ": not another rank of this ",
                                                  options_.num_nodes, "-rank cluster (this node is rank ", self, ")"));
     }
-    if (absl::Status s = PeerStatus(m.peer); !s.ok()) return s;
+    if (absl::Status s = SendableTo(m.peer); !s.ok()) return s;
     if (m.payload.size() > options_.frame_limits.max_payload_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat("send to peer ", m.peer, ": payload of ", m.payload.size(),
                                                        " bytes exceeds the limit of ",

@@ -94,6 +94,8 @@ class FramedTransport final : public Transport {
   // NCCL ranks cannot rejoin).
   absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag, uint64_t tag_mask,
                                       absl::Duration timeout) override;
+  // UNAVAILABLE for a peer whose stream failed or a Send to which timed out (the mailbox's record).
+  absl::Status PeerStatus(NodeId peer) override;
   void StopReceiving() override;
 
   // Sends every message, the pieces to different peers grouped per round (one SendGroup each:
@@ -108,7 +110,7 @@ class FramedTransport final : public Transport {
 
  private:
   struct Peer;
-  absl::Status PeerStatus(NodeId peer);
+  absl::Status SendableTo(NodeId peer);  // connected and its stream intact
   void FailPeer(NodeId peer, const absl::Status& why);
   void ReceiveLoop(NodeId peer);
 

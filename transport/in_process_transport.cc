@@ -31,6 +31,8 @@ class InProcessTransport : public Transport {
   ~InProcessTransport() override {
     absl::MutexLock lock(&fabric_->mu);
     fabric_->mailboxes.erase(node_id_);
+    // Like a dead process: peers waiting for this node learn it (ReceiveFrom).
+    for (auto& [id, mailbox] : fabric_->mailboxes) mailbox->MarkPeerFailed(node_id_, "its endpoint was destroyed");
   }
 
   NodeId node_id() const override { return node_id_; }
@@ -73,6 +75,12 @@ class InProcessTransport : public Transport {
 
   void StopReceiving() override { mailbox_->Stop(); }
 
+  absl::Status PeerStatus(NodeId peer) override {
+    absl::MutexLock lock(&fabric_->mu);
+    if (fabric_->mailboxes.contains(peer)) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("peer ", peer, " unavailable (its endpoint was destroyed)"));
+  }
+
  private:
   const std::shared_ptr<InProcessFabricState> fabric_;
   const NodeId node_id_;
@@ -93,6 +101,7 @@ std::unique_ptr<Transport> InProcessFabric::CreateEndpoint(NodeId node_id) {
                                     << "): node id out of range or already has a live endpoint";
       std::abort();
     }
+    for (auto& [id, other] : state_->mailboxes) other->ClearPeerFailure(node_id);  // a restarted node
   }
   return std::make_unique<InProcessTransport>(state_, node_id, std::move(mailbox));
 }

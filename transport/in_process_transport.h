@@ -15,7 +15,8 @@ struct InProcessFabricState;
 // condition variable each) in this process. Endpoints are connected to every live endpoint of
 // their fabric from the start; Connect only checks the address (address() is "inproc:<id>").
 // Send copies the payload into the peer's mailbox; a peer whose endpoint was destroyed is
-// UNAVAILABLE, like a dead process.
+// UNAVAILABLE, like a dead process (to Send, PeerStatus and ReceiveFrom), until an endpoint
+// with its id is created again.
 //
 // Thread safety: CreateEndpoint may be called from any thread; endpoints are thread-safe as
 // documented on Transport. The fabric and its endpoints may be destroyed in any order.

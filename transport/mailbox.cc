@@ -32,6 +32,13 @@ void Mailbox::ClearPeerFailure(NodeId peer) {
   failed_.erase(peer);
 }
 
+absl::Status Mailbox::PeerStatus(NodeId peer) {
+  absl::MutexLock lock(&mu_);
+  auto it = failed_.find(peer);
+  if (it == failed_.end()) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat("peer ", peer, " unavailable (", it->second, ")"));
+}
+
 void Mailbox::Stop() {
   absl::MutexLock lock(&mu_);
   stopped_ = true;

@@ -39,6 +39,8 @@ class Mailbox {
   // `peer` is unavailable (why), until ClearPeerFailure (it was connected again).
   void MarkPeerFailed(NodeId peer, const std::string& why);
   void ClearPeerFailure(NodeId peer);
+  // UNAVAILABLE with the reason while `peer` is marked failed.
+  absl::Status PeerStatus(NodeId peer);
   // Every waiting and later Receive returns CANCELLED.
   void Stop();
 

@@ -75,6 +75,10 @@ class Transport {
   virtual absl::StatusOr<Message> ReceiveFrom(absl::Span<const NodeId> senders, uint64_t tag,
                                               uint64_t tag_mask, absl::Duration timeout) = 0;
 
+  // OK unless `peer` is known to be unavailable (its process died; until it is connected
+  // again): then UNAVAILABLE saying why.
+  virtual absl::Status PeerStatus(NodeId peer) = 0;
+
   // Receive and ReceiveFrom calls waiting now, and every later one, return CANCELLED (a
   // receiving thread is being stopped). Queued messages stay queued.
   virtual void StopReceiving() = 0;

@@ -153,6 +153,7 @@ class UcxTransport : public Transport {
   }
 
   void StopReceiving() override { mailbox_.Stop(); }
+  absl::Status PeerStatus(NodeId peer) override { return mailbox_.PeerStatus(peer); }
 
  private:
   void Wake() {

@@ -27,21 +27,21 @@ void WritePartialAndExit();
 namespace dmoe::cuda {
 namespace {
 
-#define CK(expr)                                                                               \
-  do {                                                                                         \
-    cudaError_t e_ = (expr);                                                                   \
-    if (e_ != cudaSuccess) {                                                                   \
+#define CK(expr)                                                                                 \
+  do {                                                                                           \
+    cudaError_t e_ = (expr);                                                                     \
+    if (e_ != cudaSuccess) {                                                                     \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      WritePartialAndExit();                                                                          \
-    }                                                                                          \
+      WritePartialAndExit();                                                                     \
+    }                                                                                            \
   } while (0)
-#define CS(expr)                                                                                     \
-  do {                                                                                               \
-    absl::Status s_ = (expr);                                                                        \
-    if (!s_.ok()) {                                                                                  \
+#define CS(expr)                                                                                            \
+  do {                                                                                                      \
+    absl::Status s_ = (expr);                                                                               \
+    if (!s_.ok()) {                                                                                         \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, std::string(s_.message()).c_str()); \
-      WritePartialAndExit();                                                                               \
-    }                                                                                                \
+      WritePartialAndExit();                                                                                \
+    }                                                                                                       \
   } while (0)
 
 __global__ void FillRandomBf16(uint16_t* p, size_t n, uint32_t seed, float scale) {
@@ -118,7 +118,6 @@ void WriteFiles(const Out& out, bool partial) {
   }
 }
 
-
 std::string Fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
@@ -143,7 +142,7 @@ double CopyBandwidth(Out& out) {
 }
 
 void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, int64_t H, std::vector<int64_t> batches,
-               std::vector<int64_t> contexts) {
+               std::vector<int64_t> contexts, int head_block = 0) {
   constexpr int64_t R = 512, DR = 64, W = R + DR, PAGE = 64;
   int64_t max_tokens = 0, max_b = 0;
   for (int64_t b : batches)
@@ -170,7 +169,8 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
   CK(cudaMemcpy(d_qseq, qseq.data(), max_b * 4, cudaMemcpyHostToDevice));
   std::mt19937 rng(5);
   out.json += std::string("  \"") + key + "\": [\n";
-  out.md += std::string("## ") + title + "\n\n"
+  out.md += std::string("## ") + title +
+            "\n\n"
             "Bytes = latent cache read (B x ctx x 1152) + q (bf16) + out (fp32) + LSE. "
             "% copy = GB/s over the copy bandwidth above.\n\n"
             "| batch | context | splits | time (us) | GB/s | % copy | TFLOP/s |\n|---|---|---|---|---|---|---|\n";
@@ -193,7 +193,7 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       CK(cudaMemcpy(d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
       std::vector<int32_t> qpos(B, static_cast<int32_t>(ctx - 1));
       CK(cudaMemcpy(d_qpos, qpos.data(), B * 4, cudaMemcpyHostToDevice));
-      const int splits = MlaAttentionNumSplits(B, H, ctx, 0);
+      const int splits = MlaAttentionNumSplits(B, H, ctx, 0, head_block);
       const size_t ws_bytes = MlaAttentionWorkspaceBytes(B, H, R, splits);
       void* ws = ws_bytes ? Alloc(ws_bytes) : nullptr;
       MlaAttentionParams p;
@@ -212,6 +212,7 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       p.lse = lse;
       p.workspace = ws;
       p.workspace_bytes = ws_bytes;
+      p.head_block = head_block;
       const double ms = TimeMs([&](int i) {
         MlaAttentionParams pi = p;
         pi.block_tables = d_tables + int64_t{i % sets} * need;
@@ -221,10 +222,11 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       const double bytes = double(B) * ctx * W * 2 + double(B) * H * W * 2 + double(B) * H * (R + 1) * 4;
       const double gbs = bytes / (ms * 1e-3) / 1e9;
       const double tflops = double(B) * ctx * H * (W + R) * 2 / (ms * 1e-3) / 1e12;
-      out.json += std::string(first ? "" : ",\n") + "    {\"batch\": " + std::to_string(B) + ", \"context\": " +
-                  std::to_string(ctx) + ", \"splits\": " + std::to_string(splits) + ", \"us\": " + Fmt("%.2f", ms * 1e3) +
-                  ", \"gbps\": " + Fmt("%.1f", gbs) + ", \"pct_copy\": " + Fmt("%.1f", 100 * gbs / copy_gbs) +
-                  ", \"tflops\": " + Fmt("%.1f", tflops) + ", \"rotated_sets\": " + std::to_string(sets) + "}";
+      out.json += std::string(first ? "" : ",\n") + "    {\"batch\": " + std::to_string(B) +
+                  ", \"context\": " + std::to_string(ctx) + ", \"splits\": " + std::to_string(splits) +
+                  ", \"us\": " + Fmt("%.2f", ms * 1e3) + ", \"gbps\": " + Fmt("%.1f", gbs) +
+                  ", \"pct_copy\": " + Fmt("%.1f", 100 * gbs / copy_gbs) + ", \"tflops\": " + Fmt("%.1f", tflops) +
+                  ", \"rotated_sets\": " + std::to_string(sets) + "}";
       first = false;
       out.md += "| " + std::to_string(B) + " | " + std::to_string(ctx) + " | " + std::to_string(splits) + " | " +
                 Fmt("%.1f", ms * 1e3) + " | " + Fmt("%.0f", gbs) + " | " + Fmt("%.1f", 100 * gbs / copy_gbs) + " | " +
@@ -256,19 +258,22 @@ void GroupedGemms(Out& out, bool quick) {
   CS(blas_or.status());
   BlasHandle& blas = **blas_or;
   const std::vector<MoeDims> models = {{"V2-Lite", 2048, 1408, 64, 6}, {"V3", 7168, 2048, 256, 8}};
-  const std::vector<int64_t> token_counts = quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{64, 512, 4096};
+  const std::vector<int64_t> token_counts =
+      quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{64, 512, 4096};
   out.json += "  \"grouped_gemm\": [\n";
-  out.md += "## Routed experts: grouped GEMM (bf16 in, fp32 accumulate)\n\n"
-            "Tokens routed uniformly at random (top-k distinct experts each). gate_up: [rows, D] x [2I, D]^T per "
-            "expert; down: [rows, I] x [D, I]^T. TFLOP/s counts 2*rows*N*K. 'weights GB/s' = bytes of the touched "
-            "experts' weights over the time (the bound at few tokens per expert). 'dense cuBLAS' = one cuBLASLt GEMM "
-            "[rows, D] x [2I, D]^T of the same FLOPs (one weight). 'pipeline' = MoeExperts end to end (permute, "
-            "gather, both GEMMs, SwiGLU, weighted combine).\n\n"
-            "| model | tokens | rows | product | dmoe us | dmoe TFLOP/s | dmoe weights GB/s | cuBLAS grouped us | "
-            "cuBLAS TFLOP/s | dense cuBLAS us | dense TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+  out.md +=
+      "## Routed experts: grouped GEMM (bf16 in, fp32 accumulate)\n\n"
+      "Tokens routed uniformly at random (top-k distinct experts each). gate_up: [rows, D] x [2I, D]^T per "
+      "expert; down: [rows, I] x [D, I]^T. TFLOP/s counts 2*rows*N*K. 'weights GB/s' = bytes of the touched "
+      "experts' weights over the time (the bound at few tokens per expert). 'dense cuBLAS' = one cuBLASLt GEMM "
+      "[rows, D] x [2I, D]^T of the same FLOPs (one weight). 'pipeline' = MoeExperts end to end (permute, "
+      "gather, both GEMMs, SwiGLU, weighted combine).\n\n"
+      "| model | tokens | rows | product | dmoe us | dmoe TFLOP/s | dmoe weights GB/s | cuBLAS grouped us | "
+      "cuBLAS TFLOP/s | dense cuBLAS us | dense TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::printf("\ngrouped GEMM  model tokens product  dmoe_us TF  cublas_us TF  dense_us TF\n");
   bool first = true;
-  std::string pipeline_md = "\n| model | tokens | pipeline dmoe kernels (us) | pipeline cuBLAS grouped (us) |\n|---|---|---|---|\n";
+  std::string pipeline_md =
+      "\n| model | tokens | pipeline dmoe kernels (us) | pipeline cuBLAS grouped (us) |\n|---|---|---|---|\n";
   std::mt19937 rng(6);
   for (const MoeDims& m : models) {
     const size_t gu_elems = size_t(m.E) * 2 * m.I * m.D, d_elems = size_t(m.E) * m.D * m.I;
@@ -335,21 +340,23 @@ void GroupedGemms(Out& out, bool quick) {
         const double flops = 2.0 * rows * pr.N * pr.K;
         const double wbytes = double(touched) * pr.N * pr.K * 2;
         auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
-        out.json += std::string(first ? "" : ",\n") + "    {\"model\": \"" + m.name + "\", \"tokens\": " + std::to_string(n) +
-                    ", \"rows\": " + std::to_string(rows) + ", \"product\": \"" + pr.name + "\", \"N\": " +
-                    std::to_string(pr.N) + ", \"K\": " + std::to_string(pr.K) + ", \"experts_touched\": " +
-                    std::to_string(touched) + ", \"dmoe_us\": " + Fmt("%.2f", own * 1e3) + ", \"dmoe_tflops\": " +
-                    Fmt("%.1f", tf(own)) + ", \"dmoe_weight_gbps\": " + Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) +
-                    ", \"cublas_grouped_us\": " + Fmt("%.2f", cub * 1e3) + ", \"cublas_grouped_tflops\": " +
-                    Fmt("%.1f", tf(cub)) + ", \"dense_cublas_us\": " + Fmt("%.2f", dense * 1e3) +
+        out.json += std::string(first ? "" : ",\n") + "    {\"model\": \"" + m.name +
+                    "\", \"tokens\": " + std::to_string(n) + ", \"rows\": " + std::to_string(rows) +
+                    ", \"product\": \"" + pr.name + "\", \"N\": " + std::to_string(pr.N) +
+                    ", \"K\": " + std::to_string(pr.K) + ", \"experts_touched\": " + std::to_string(touched) +
+                    ", \"dmoe_us\": " + Fmt("%.2f", own * 1e3) + ", \"dmoe_tflops\": " + Fmt("%.1f", tf(own)) +
+                    ", \"dmoe_weight_gbps\": " + Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) +
+                    ", \"cublas_grouped_us\": " + Fmt("%.2f", cub * 1e3) +
+                    ", \"cublas_grouped_tflops\": " + Fmt("%.1f", tf(cub)) +
+                    ", \"dense_cublas_us\": " + Fmt("%.2f", dense * 1e3) +
                     ", \"dense_cublas_tflops\": " + Fmt("%.1f", tf(dense)) + "}";
         first = false;
-        out.md += std::string("| ") + m.name + " | " + std::to_string(n) + " | " + std::to_string(rows) + " | " + pr.name +
-                  " | " + Fmt("%.1f", own * 1e3) + " | " + Fmt("%.0f", tf(own)) + " | " +
-                  Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) + " | " + Fmt("%.1f", cub * 1e3) + " | " + Fmt("%.0f", tf(cub)) +
-                  " | " + Fmt("%.1f", dense * 1e3) + " | " + Fmt("%.0f", tf(dense)) + " |\n";
-        std::printf("GG %-8s %5ld %-8s %9.1f %5.0f %9.1f %5.0f %9.1f %5.0f\n", m.name, long(n), pr.name, own * 1e3, tf(own),
-                    cub * 1e3, tf(cub), dense * 1e3, tf(dense));
+        out.md += std::string("| ") + m.name + " | " + std::to_string(n) + " | " + std::to_string(rows) + " | " +
+                  pr.name + " | " + Fmt("%.1f", own * 1e3) + " | " + Fmt("%.0f", tf(own)) + " | " +
+                  Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) + " | " + Fmt("%.1f", cub * 1e3) + " | " +
+                  Fmt("%.0f", tf(cub)) + " | " + Fmt("%.1f", dense * 1e3) + " | " + Fmt("%.0f", tf(dense)) + " |\n";
+        std::printf("GG %-8s %5ld %-8s %9.1f %5.0f %9.1f %5.0f %9.1f %5.0f\n", m.name, long(n), pr.name, own * 1e3,
+                    tf(own), cub * 1e3, tf(cub), dense * 1e3, tf(dense));
       }
       // The whole routed-expert pipeline with each GEMM implementation.
       int32_t* d_idx = static_cast<int32_t*>(Alloc(idx.size() * 4));
@@ -382,9 +389,10 @@ void GroupedGemms(Out& out, bool quick) {
       pipeline_md += std::string("| ") + m.name + " | " + std::to_string(n) + " | " + Fmt("%.1f", p_own * 1e3) + " | " +
                      Fmt("%.1f", p_cub * 1e3) + " |\n";
       out.json += ",\n    {\"model\": \"" + std::string(m.name) + "\", \"tokens\": " + std::to_string(n) +
-                  ", \"product\": \"pipeline\", \"dmoe_us\": " + Fmt("%.2f", p_own * 1e3) + ", \"cublas_grouped_us\": " +
-                  Fmt("%.2f", p_cub * 1e3) + "}";
-      std::printf("MoE pipeline %-8s %5ld  dmoe %9.1f us  cublas %9.1f us\n", m.name, long(n), p_own * 1e3, p_cub * 1e3);
+                  ", \"product\": \"pipeline\", \"dmoe_us\": " + Fmt("%.2f", p_own * 1e3) +
+                  ", \"cublas_grouped_us\": " + Fmt("%.2f", p_cub * 1e3) + "}";
+      std::printf("MoE pipeline %-8s %5ld  dmoe %9.1f us  cublas %9.1f us\n", m.name, long(n), p_own * 1e3,
+                  p_cub * 1e3);
       CK(cudaFree(ws));
       CK(cudaFree(d_idx));
       CK(cudaFree(d_w));
@@ -414,23 +422,33 @@ int main(int argc, char** argv) {
   dmoe::cuda::g_out = &out;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) out.json_path = argv[++i];
-    else if (!std::strcmp(argv[i], "--md") && i + 1 < argc) out.md_path = argv[++i];
-    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc)
+      out.json_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--md") && i + 1 < argc)
+      out.md_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick"))
+      quick = true;
   }
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   out.json += std::string("  \"device\": \"") + prop.name + "\", \"sms\": " + std::to_string(prop.multiProcessorCount) +
               ", \"l2_bytes\": " + std::to_string(prop.l2CacheSize) + ",\n";
-  out.md += std::string("# GPU kernel benchmarks\n\nDevice: ") + prop.name + ", " + std::to_string(prop.multiProcessorCount) +
-            " SMs, L2 " + std::to_string(prop.l2CacheSize >> 20) + " MiB. Times: median of 5 batches of back-to-back "
+  out.md += std::string("# GPU kernel benchmarks\n\nDevice: ") + prop.name + ", " +
+            std::to_string(prop.multiProcessorCount) + " SMs, L2 " + std::to_string(prop.l2CacheSize >> 20) +
+            " MiB. Times: median of 5 batches of back-to-back "
             "calls (CUDA events around each batch), after 3 warm-up calls.\n\n";
   const double copy = dmoe::cuda::CopyBandwidth(out);
   using V = std::vector<int64_t>;
-  dmoe::cuda::MlaDecode(out, copy, "mla_decode", "MLA absorbed decode, DeepSeek-V3 attention (H=128, kv_lora 512, rope 64, bf16 latent pages of 64)",
-                        128, quick ? V{1, 64} : V{1, 16, 64, 128}, quick ? V{1024, 16384} : V{1024, 4096, 16384});
-  dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite", "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16, kv_lora 512, rope 64)",
-                        16, V{1, 16, 64, 256}, V{768, 4096});
+  dmoe::cuda::MlaDecode(
+      out, copy, "mla_decode",
+      "MLA absorbed decode, DeepSeek-V3 attention (H=128, kv_lora 512, rope 64, bf16 latent pages of 64)", 128,
+      quick ? V{1, 64} : V{1, 16, 64, 128}, quick ? V{1024, 16384} : V{1024, 4096, 16384});
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite",
+                        "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16, kv_lora 512, rope 64)", 16,
+                        V{1, 16, 64, 256}, V{768, 4096});
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite_head_block_16",
+                        "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16), 16-head blocks (head_block = 16)", 16,
+                        V{1, 16, 64, 256}, V{768, 4096}, 16);
   dmoe::cuda::GroupedGemms(out, quick);
   out.json += "}\n";
   dmoe::cuda::WriteFiles(out, false);

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # The whole GPU job in one device call: configure + build with CUDA
-# (build-gpu), the CUDA kernel tests and the golden test, compute-sanitizer
-# (memcheck over the CUDA tests, racecheck on the shared-memory kernels), the
-# kernel benchmarks with the plain-PyTorch MLA baseline, and the end-to-end
-# benchmark hook (bench/gpu/e2e.sh, when present). Every stage runs even when
-# an earlier one fails (a failed build skips what needs its binaries); a
-# short table comes last. Files under $OUT (8 at most come back):
+# (build-gpu); the CUDA tests (the kernels' cuda_*_test and, where the tree
+# has them, the engine's cuda_backend_kernels_test and cuda_engine_test;
+# golden_test only with RUN_GOLDEN=1); the kernel benchmarks with the
+# plain-PyTorch MLA baseline; the end-to-end benchmark hook (bench/gpu/e2e.sh,
+# when present); compute-sanitizer last (memcheck over the CUDA tests,
+# racecheck on the shared-memory kernels), with SANITIZER_RESERVE_S (default
+# 120) kept for it. Every stage runs even when an earlier one fails (a failed
+# build skips what needs its binaries); a short table comes last. Files under
+# $OUT (8 at most come back):
 #   summary.md  build.log  tests.log  sanitizer.log
-#   gpu_kernel_bench.json  gpu_kernel_bench.md  torch_mla.md   (+ e2e.md, by e2e.sh)
+#   gpu_kernel_bench.json  gpu_kernel_bench.md   (+ e2e.md, by e2e.sh)
 #
-# here (once): OpenBLAS debs beside the project's .devdeps, e.g.
-#   mkdir .devdeps-extra && (cd .devdeps-extra && apt-get download libopenblas-dev \
-#     libopenblas0-pthread libopenblas-pthread-dev libopenblas0 libgfortran5 libquadmath0)
+# OpenBLAS (the CPU backend's BLAS; the GPU image lacks it): a folder
+# .devdeps-extra with openblas-min.tar.xz (libopenblas-dev, libopenblas0-pthread,
+# libopenblas-pthread-dev, libopenblas0, libgfortran5, libquadmath0 unpacked,
+# static and LAPACK libraries dropped), or those .deb files, in .devdeps or
+# .devdeps-extra.
 # device: source .devdeps/setup-deps.sh .devdeps && bash bench/gpu/run_all.sh
 #   (carry .devdeps, and .devdeps-extra if it is separate)
 # RUN_ALL_BUDGET_S (default 560) bounds the whole script: stages that would
-# start past it are skipped and say so.
+# start past it are skipped and say so. RUN_ALL_SKIP names stages to skip
+# (build tests benchmarks torch_baseline e2e sanitizer).
 set -uo pipefail
+# It unpacks into /opt/deps: on the GPU machine only (RUN_ALL_FORCE=1 overrides).
+if ! command -v nvidia-smi > /dev/null && [ -z "${RUN_ALL_FORCE:-}" ]; then
+  echo "run_all.sh: no nvidia-smi here; it is meant for the GPU machine (RUN_ALL_FORCE=1 to run anyway)" >&2
+  exit 2
+fi
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 budget="${RUN_ALL_BUDGET_S:-560}"
@@ -25,7 +36,9 @@ summary="$out/summary.md"
 note() { echo "$*" | tee -a "$summary"; }
 left() { echo $((budget - SECONDS)); }
 # stage NAME MIN_SECONDS_LEFT: false (and a note) when too little time is left.
+# RUN_ALL_SKIP: stage names to skip, e.g. "benchmarks torch_baseline sanitizer".
 stage() {
+  case " ${RUN_ALL_SKIP:-} " in *" $1 "*) note "- $1: SKIPPED (RUN_ALL_SKIP)"; return 1 ;; esac
   if [ "$(left)" -lt "$2" ]; then note "- $1: SKIPPED (budget: $(left) s left)"; return 1; fi
   echo "=== $1 ($(left) s left)"
   return 0
@@ -62,13 +75,19 @@ export PKG_CONFIG_PATH="$ob/pkgconfig:/opt/deps/usr/lib/x86_64-linux-gnu/pkgconf
   echo
 } >> "$summary"
 
+# The CUDA test binaries: the kernels' and, where the tree has them, the
+# engine's (its CUDA backend kernels and the GPU engine test).
+tests="cuda_matmul_test cuda_kernels_test cuda_mla_test"
+for t in cuda_backend_kernels_test cuda_engine_test; do
+  grep -q "dmoe_test($t " tests/CMakeLists.txt 2>/dev/null && tests="$tests $t"
+done
+
 built=0
 if stage build 200; then
   {
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DDMOE_BUILD_BENCH=OFF &&
-      cmake --build build-gpu -j"$(nproc)" --target cuda_matmul_test cuda_kernels_test cuda_mla_test \
-        ${RUN_GOLDEN:+golden_test} gpu_kernel_bench
+      cmake --build build-gpu -j"$(nproc)" --target $tests ${RUN_GOLDEN:+golden_test} gpu_kernel_bench
   } > "$out/build.log" 2>&1 && built=1
   if [ "$built" = 1 ]; then
     note "- build: ok ($SECONDS s)"
@@ -80,7 +99,6 @@ if stage build 200; then
 fi
 
 bin=build-gpu/bin
-tests="cuda_matmul_test cuda_kernels_test cuda_mla_test"
 if [ "$built" = 1 ] && stage tests 60; then
   : > "$out/tests.log"
   # golden_test (CPU path) only with RUN_GOLDEN=1: it ran past 240 s on the H200 machine (2026-12-03).
@@ -107,6 +125,15 @@ if stage torch_baseline 60; then
   [ $rc = 0 ] && note "- torch_mla baseline: ok" || { note "- torch_mla baseline: FAILED rc=$rc"; tail -5 "$out/torch_mla.txt" | tee -a "$summary"; }
 fi
 
+# End-to-end benchmark of the serving path (the engine's script), if present;
+# SANITIZER_RESERVE_S (default 120) of the budget is kept for the sanitizers.
+reserve="${SANITIZER_RESERVE_S:-120}"
+if [ -f bench/gpu/e2e.sh ] && stage e2e $((reserve + 60)); then
+  E2E_BUDGET_S=$(( $(left) - reserve - 20 )) timeout $(( $(left) - reserve )) bash bench/gpu/e2e.sh "$out" > "$out/e2e.txt" 2>&1
+  rc=$?
+  [ $rc = 0 ] && note "- e2e.sh: ok" || { note "- e2e.sh: FAILED rc=$rc"; tail -5 "$out/e2e.txt" | tee -a "$summary"; }
+fi
+
 if [ "$built" = 1 ] && command -v compute-sanitizer > /dev/null && stage sanitizer 60; then
   : > "$out/sanitizer.log"
   for t in $tests; do
@@ -127,16 +154,9 @@ if [ "$built" = 1 ] && command -v compute-sanitizer > /dev/null && stage sanitiz
   grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer.log" | sort | uniq -c >> "$summary"
 fi
 
-# End-to-end benchmark of the serving path (the engine's script), if present.
-if [ -f bench/gpu/e2e.sh ] && stage e2e 60; then
-  E2E_BUDGET_S=$(( $(left) - 20 )) timeout $(( $(left) - 10 )) bash bench/gpu/e2e.sh "$out" > "$out/e2e.txt" 2>&1
-  rc=$?
-  [ $rc = 0 ] && note "- e2e.sh: ok" || { note "- e2e.sh: FAILED rc=$rc"; tail -5 "$out/e2e.txt" | tee -a "$summary"; }
-fi
-
 # Fold the small text outputs into the files that come back (8 at most).
 for f in gpu_kernel_bench.txt torch_mla.txt torch_mla.json e2e.txt; do
-  [ -f "$out/$f" ] && { echo; echo "## $f"; echo '```'; cat "$out/$f"; echo '```'; } >> "$out/tests.log"
+  [ -f "$out/$f" ] && { echo; echo "## $f"; echo '```'; cat "$out/$f"; echo; echo '```'; } >> "$out/tests.log"
   rm -f "$out/$f"
 done
 [ -f "$out/torch_mla.md" ] && cat "$out/torch_mla.md" >> "$out/gpu_kernel_bench.md" && rm -f "$out/torch_mla.md"

@@ -22,15 +22,13 @@ inline absl::Status LaunchStatus(const char* kernel) { return CudaStatus(cudaGet
 
 inline cudaStream_t AsStream(void* s) { return static_cast<cudaStream_t>(s); }
 
-#define DMOE_CUDA_CHECK_ARG(cond, msg) \
-  do {                                 \
+#define DMOE_CUDA_CHECK_ARG(cond, msg)                   \
+  do {                                                   \
     if (!(cond)) return absl::InvalidArgumentError(msg); \
   } while (0)
 
 __device__ __forceinline__ float Bf16BitsToFloat(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
-__device__ __forceinline__ uint16_t FloatToBf16Bits(float f) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
+__device__ __forceinline__ uint16_t FloatToBf16Bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -9,7 +9,8 @@ absl::StatusOr<int> DeviceCount() {
   const cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the sticky no-device error
-    return absl::UnavailableError(absl::StrCat("cudaGetDeviceCount: ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+    return absl::UnavailableError(
+        absl::StrCat("cudaGetDeviceCount: ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
   }
   if (n == 0) return absl::UnavailableError("no CUDA device");
   return n;
@@ -63,7 +64,8 @@ absl::Status CopyToHost(void* dst, const void* src, size_t bytes, Stream stream)
 
 absl::Status CopyOnDevice(void* dst, const void* src, size_t bytes, Stream stream) {
   if (bytes == 0) return absl::OkStatus();
-  return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, AsStream(stream)), "cudaMemcpyAsync(D2D)");
+  return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, AsStream(stream)),
+                    "cudaMemcpyAsync(D2D)");
 }
 
 absl::Status FillBytes(void* dst, int byte, size_t bytes, Stream stream) {

@@ -4,6 +4,7 @@
 #include <cublas_v2.h>
 
 #include <map>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -22,8 +23,10 @@ struct BlasHandle::Impl {
   // cublasGemmGroupedBatchedEx's device pointer arrays.
   void* ptr_arrays = nullptr;
   size_t ptr_capacity = 0;  // pointers per array
-  // cublasGemmGroupedBatchedEx refused these types once: loop cublasGemmEx since.
-  bool grouped_refused = false;
+  // cublasGemmGroupedBatchedEx refused this output type (index: OutType)
+  // once: loop cublasGemmEx for it since; the refusal's status for reports.
+  bool grouped_refused[2] = {false, false};
+  std::string grouped_path = "cublasGemmGroupedBatchedEx";
   ~Impl() {
     if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
     if (lt_workspace != nullptr) cudaFree(lt_workspace);
@@ -36,13 +39,14 @@ namespace {
 
 absl::Status BlasStatus(cublasStatus_t st, const char* what) {
   if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(st), " (", cublasGetStatusString(st), ")"));
+  return absl::InternalError(
+      absl::StrCat(what, ": cuBLAS status ", static_cast<int>(st), " (", cublasGetStatusString(st), ")"));
 }
 
-#define DMOE_RETURN_IF_ERROR_CU(expr)        \
-  do {                                       \
-    absl::Status dmoe_st_ = (expr);          \
-    if (!dmoe_st_.ok()) return dmoe_st_;     \
+#define DMOE_RETURN_IF_ERROR_CU(expr)    \
+  do {                                   \
+    absl::Status dmoe_st_ = (expr);      \
+    if (!dmoe_st_.ok()) return dmoe_st_; \
   } while (0)
 
 // ---- dmoe's grouped GEMM kernel: C_g = A_g · B_g^T, mma.m16n8k16 bf16. ----
@@ -52,7 +56,9 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
 constexpr int kBN = 128, kBK = 64, kGStages = 3, kGThreads = 128;
 constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
 template <int BM>
-constexpr size_t GemmSmemBytes() { return size_t{kGStages} * (BM + kBN) * kGStride * 2; }
+constexpr size_t GemmSmemBytes() {
+  return size_t{kGStages} * (BM + kBN) * kGStride * 2;
+}
 constexpr int kMaxGroups = 1024;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -83,13 +89,13 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // BM 16 -> 1 x 4 warps of 16 x 32.
 template <int BM>
 __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
-  constexpr int MT = BM == 64 ? 2 : 1;          // m16 tiles per warp
-  constexpr int WARPS_M = BM / (16 * MT);       // 2 or 1
-  constexpr int WARPS_N = 4 / WARPS_M;          // 2 or 4
-  constexpr int NT = kBN / (8 * WARPS_N);       // n8 tiles per warp: 8 or 4
+  constexpr int MT = BM == 64 ? 2 : 1;     // m16 tiles per warp
+  constexpr int WARPS_M = BM / (16 * MT);  // 2 or 1
+  constexpr int WARPS_N = 4 / WARPS_M;     // 2 or 4
+  constexpr int NT = kBN / (8 * WARPS_N);  // n8 tiles per warp: 8 or 4
   extern __shared__ __align__(16) unsigned char gsmem[];
-  uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);                      // [kGStages][BM * kGStride]
-  uint16_t* bs_base = as_base + kGStages * BM * kGStride;                       // [kGStages][kBN * kGStride]
+  uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);  // [kGStages][BM * kGStride]
+  uint16_t* bs_base = as_base + kGStages * BM * kGStride;  // [kGStages][kBN * kGStride]
   __shared__ int32_t warp_tot[kGThreads / 32];
   __shared__ int32_t found[2];  // group, first tile of the group
 
@@ -173,7 +179,8 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
       for (int ks = 0; ks < 2; ++ks) {
 #pragma unroll
         for (int i = 0; i < MT; ++i)
-          LdMatrixX4(af[ks][i], at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + (k2 + ks) * 16 + (lane / 16) * 8);
+          LdMatrixX4(af[ks][i],
+                     at + (wm * 16 * MT + i * 16 + (lane % 16)) * kGStride + (k2 + ks) * 16 + (lane / 16) * 8);
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j)
           LdMatrixX4(bf[ks][j],
@@ -218,7 +225,8 @@ cudaDataType_t CudaType(OutType t) { return t == OutType::kF32 ? CUDA_R_32F : CU
 size_t OutSize(OutType t) { return t == OutType::kF32 ? 4 : 2; }
 
 absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
-  DMOE_CUDA_CHECK_ARG(p.blas != nullptr && p.host_offsets != nullptr, "GroupedGemm: kCublas needs blas and host_offsets");
+  DMOE_CUDA_CHECK_ARG(p.blas != nullptr && p.host_offsets != nullptr,
+                      "GroupedGemm: kCublas needs blas and host_offsets");
   BlasHandle::Impl& h = *p.blas->impl();
   const int64_t stride = p.b_group_stride != 0 ? p.b_group_stride : p.n * p.k;
   std::vector<int> ms, ns, ks, ldas, ldbs, ldcs, sizes;
@@ -261,20 +269,25 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
   std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
   void** dev = static_cast<void**>(h.ptr_arrays);
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasSetStream(h.blas, AsStream(stream)), "cublasSetStream"));
-  if (!h.grouped_refused) {
+  const int type_index = static_cast<int>(p.c_type);
+  if (!h.grouped_refused[type_index]) {
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
-        h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), const_cast<const void* const*>(dev),
-        CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count), CUDA_R_16BF, ldbs.data(), beta.data(),
-        dev + 2 * count, CudaType(p.c_type), ldcs.data(), static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
-    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) return BlasStatus(st, "cublasGemmGroupedBatchedEx");
-    h.grouped_refused = true;
+        h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(),
+        const_cast<const void* const*>(dev), CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count),
+        CUDA_R_16BF, ldbs.data(), beta.data(), dev + 2 * count, CudaType(p.c_type), ldcs.data(),
+        static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
+      return BlasStatus(st, "cublasGemmGroupedBatchedEx");
+    h.grouped_refused[type_index] = true;
+    h.grouped_path = absl::StrCat("cublasGemmEx loop for ", p.c_type == OutType::kF32 ? "fp32" : "bf16",
+                                  " outputs (cublasGemmGroupedBatchedEx returned ", cublasGetStatusString(st), ")");
   }
   for (size_t i = 0; i < count; ++i) {
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(
-        cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], CUDA_R_16BF, ldas[i], bptr[i],
-                     CUDA_R_16BF, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i], CUBLAS_COMPUTE_32F,
-                     CUBLAS_GEMM_DEFAULT),
-        "cublasGemmEx"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], CUDA_R_16BF,
+                                ldas[i], bptr[i], CUDA_R_16BF, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i],
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx"));
   }
   return absl::OkStatus();
 }
@@ -290,13 +303,20 @@ MoeLayout Layout(int64_t n, int64_t k, int64_t E, int64_t D, int64_t I) {
   MoeLayout l{};
   const size_t rows = static_cast<size_t>(n * k);
   size_t at = 0;
-  l.offsets = at;   at += AlignUp((E + 1) * sizeof(int32_t));
-  l.slot_row = at;  at += AlignUp(rows * sizeof(int32_t));
-  l.row_token = at; at += AlignUp(rows * sizeof(int32_t));
-  l.x_perm = at;    at += AlignUp(rows * D * 2);
-  l.h = at;         at += AlignUp(rows * 2 * I * 4);
-  l.act = at;       at += AlignUp(rows * I * 2);
-  l.y = at;         at += AlignUp(rows * D * 4);
+  l.offsets = at;
+  at += AlignUp((E + 1) * sizeof(int32_t));
+  l.slot_row = at;
+  at += AlignUp(rows * sizeof(int32_t));
+  l.row_token = at;
+  at += AlignUp(rows * sizeof(int32_t));
+  l.x_perm = at;
+  at += AlignUp(rows * D * 2);
+  l.h = at;
+  at += AlignUp(rows * 2 * I * 4);
+  l.act = at;
+  at += AlignUp(rows * I * 2);
+  l.y = at;
+  at += AlignUp(rows * D * 4);
   l.total = at;
   return l;
 }
@@ -382,7 +402,8 @@ absl::StatusOr<std::unique_ptr<BlasHandle>> BlasHandle::Create() {
   auto impl = std::make_unique<Impl>();
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasCreate(&impl->blas), "cublasCreate"));
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtCreate(&impl->lt), "cublasLtCreate"));
-  DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaMalloc(&impl->lt_workspace, impl->lt_workspace_bytes), "cudaMalloc(cuBLASLt workspace)"));
+  DMOE_RETURN_IF_ERROR_CU(
+      CudaStatus(cudaMalloc(&impl->lt_workspace, impl->lt_workspace_bytes), "cudaMalloc(cuBLASLt workspace)"));
   return std::unique_ptr<BlasHandle>(new BlasHandle(std::move(impl)));
 }
 
@@ -399,24 +420,30 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulPreference_t pref = nullptr;
   absl::Status st = [&]() -> absl::Status {
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
     DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, p.k, p.n, p.ldb), "layout A"));
     DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, p.k, p.m, p.lda), "layout B"));
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatrixLayoutCreate(&lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
     const auto key = std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc, static_cast<int>(p.c_type));
     auto it = h.algos.find(key);
     if (it == h.algos.end()) {
       DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
-      DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                                              &h.lt_workspace_bytes, sizeof h.lt_workspace_bytes),
-                                         "preference workspace"));
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &h.lt_workspace_bytes, sizeof h.lt_workspace_bytes),
+                     "preference workspace"));
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
-      DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulAlgoGetHeuristic(h.lt, desc, la, lb, lc, lc, pref, 1, &result, &found),
-                                         "cublasLtMatmulAlgoGetHeuristic"));
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatmulAlgoGetHeuristic(h.lt, desc, la, lb, lc, lc, pref, 1, &result, &found),
+                     "cublasLtMatmulAlgoGetHeuristic"));
       if (found == 0) return absl::InternalError("Gemm: cuBLASLt found no algorithm");
       it = h.algos.emplace(key, result.algo).first;
     }
@@ -433,9 +460,7 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
   return st;
 }
 
-const char* CublasGroupedPath(const BlasHandle& blas) {
-  return blas.impl()->grouped_refused ? "cublasGemmEx loop" : "cublasGemmGroupedBatchedEx";
-}
+const char* CublasGroupedPath(const BlasHandle& blas) { return blas.impl()->grouped_path.c_str(); }
 
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.num_groups > 0 && p.num_groups <= kMaxGroups, "GroupedGemm: 0 < num_groups <= 1024");
@@ -450,10 +475,10 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
-  static const cudaError_t attr16 = cudaFuncSetAttribute(GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         static_cast<int>(GemmSmemBytes<16>()));
-  static const cudaError_t attr64 = cudaFuncSetAttribute(GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         static_cast<int>(GemmSmemBytes<64>()));
+  static const cudaError_t attr16 = cudaFuncSetAttribute(
+      GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<16>()));
+  static const cudaError_t attr64 = cudaFuncSetAttribute(
+      GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<64>()));
   DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
   if (small) {
     GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
@@ -488,7 +513,8 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   const int64_t slots = p.n * p.top_k;
   cudaStream_t s = AsStream(stream);
 
-  MoePermuteKernel<<<1, 1024, 2 * E * sizeof(int32_t), s>>>(p.topk_idx, slots, p.top_k, E, offsets, slot_row, row_token);
+  MoePermuteKernel<<<1, 1024, 2 * E * sizeof(int32_t), s>>>(p.topk_idx, slots, p.top_k, E, offsets, slot_row,
+                                                            row_token);
   DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoePermuteKernel"));
   MoeGatherKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(p.x, p.hidden, offsets, E, row_token, x_perm);
   DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoeGatherKernel"));
@@ -502,8 +528,9 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   g.blas = p.blas;
   if (p.impl == GroupedGemmImpl::kCublas) {
     host_offsets.resize(E + 1);
-    DMOE_RETURN_IF_ERROR_CU(CudaStatus(
-        cudaMemcpyAsync(host_offsets.data(), offsets, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "offsets to host"));
+    DMOE_RETURN_IF_ERROR_CU(
+        CudaStatus(cudaMemcpyAsync(host_offsets.data(), offsets, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s),
+                   "offsets to host"));
     DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaStreamSynchronize(s), "cudaStreamSynchronize"));
     g.host_offsets = host_offsets.data();
   }

@@ -54,7 +54,9 @@ class DeviceBuffer {
   void* data() const { return ptr_; }
   size_t size() const { return bytes_; }
   template <typename T>
-  T* as() const { return static_cast<T*>(ptr_); }
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
 
  private:
   void* ptr_ = nullptr;
@@ -105,14 +107,14 @@ absl::Status RmsNorm(const RmsNormParams& p, Stream stream);
 // cos/sin are scaled by attention_factor.
 struct RopeParams {
   float* x = nullptr;
-  int64_t n = 0;             // rows (tokens)
-  int64_t ld = 0;            // floats between rows
-  int64_t num_heads = 1;     // vectors per row
-  int64_t head_stride = 0;   // floats between a row's vectors
-  int64_t offset = 0;        // floats from a vector's start to its rope part
-  int64_t rope_dim = 0;      // even, <= 256
-  const int32_t* pos = nullptr;       // [n]
-  const float* inv_freq = nullptr;    // [rope_dim/2] float32 (Rope::inv_freq())
+  int64_t n = 0;                    // rows (tokens)
+  int64_t ld = 0;                   // floats between rows
+  int64_t num_heads = 1;            // vectors per row
+  int64_t head_stride = 0;          // floats between a row's vectors
+  int64_t offset = 0;               // floats from a vector's start to its rope part
+  int64_t rope_dim = 0;             // even, <= 256
+  const int32_t* pos = nullptr;     // [n]
+  const float* inv_freq = nullptr;  // [rope_dim/2] float32 (Rope::inv_freq())
   float attention_factor = 1.0f;
   bool interleaved = true;
 };
@@ -134,19 +136,19 @@ absl::Status SiluMul(const float* gu, int64_t n, int64_t inter, void* out, OutTy
 enum class GateScoring { kSoftmax, kSigmoid };
 enum class GateTopk { kGreedy, kGroupLimitedGreedy, kNoauxTc };
 struct MoeGateParams {
-  const float* logits = nullptr;   // [n, num_experts] router logits z = W_router x
+  const float* logits = nullptr;  // [n, num_experts] router logits z = W_router x
   int64_t n = 0;
-  int64_t num_experts = 0;         // <= 512
-  int64_t top_k = 0;               // <= 16
+  int64_t num_experts = 0;  // <= 512
+  int64_t top_k = 0;        // <= 16
   int64_t n_group = 1, topk_group = 1;
   GateScoring scoring = GateScoring::kSigmoid;
   GateTopk topk_method = GateTopk::kNoauxTc;
-  bool renormalize = false;        // v3 with norm_topk_prob
+  bool renormalize = false;  // v3 with norm_topk_prob
   float routed_scaling_factor = 1.0f;
   const float* correction_bias = nullptr;  // [num_experts] or nullptr
   const float* serving_bias = nullptr;     // [num_experts] or nullptr
-  int32_t* topk_idx = nullptr;     // [n, top_k]
-  float* topk_weights = nullptr;   // [n, top_k]
+  int32_t* topk_idx = nullptr;             // [n, top_k]
+  float* topk_weights = nullptr;           // [n, top_k]
 };
 absl::Status MoeGateRoute(const MoeGateParams& p, Stream stream);
 
@@ -182,12 +184,12 @@ struct LatentCacheShape {
 // one [n, r + dr] buffer). slot[t] < 0: token skipped (padding).
 struct LatentCacheWriteParams {
   LatentCacheShape shape;
-  uint16_t* cache = nullptr;       // one layer's buffer
+  uint16_t* cache = nullptr;  // one layer's buffer
   const float* c = nullptr;
   int64_t c_ld = 0;
   const float* k_pe = nullptr;
   int64_t k_pe_ld = 0;
-  const int32_t* slot = nullptr;   // [n]
+  const int32_t* slot = nullptr;  // [n]
   int64_t n = 0;
 };
 absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream);
@@ -213,23 +215,27 @@ absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream);
 // Supported: kv_lora_rank == 512, rope_dim == 64 (V2, V2-Lite, V3), any H.
 struct MlaAttentionParams {
   LatentCacheShape shape;
-  const uint16_t* cache = nullptr;      // one layer's buffer (layout above)
-  const uint16_t* q_lat = nullptr;      // [num_queries, H, kv_lora_rank] bf16
-  const uint16_t* q_pe = nullptr;       // [num_queries, H, rope_dim] bf16 (roped)
+  const uint16_t* cache = nullptr;  // one layer's buffer (layout above)
+  const uint16_t* q_lat = nullptr;  // [num_queries, H, kv_lora_rank] bf16
+  const uint16_t* q_pe = nullptr;   // [num_queries, H, rope_dim] bf16 (roped)
   int64_t num_queries = 0;
-  int64_t num_heads = 0;                // H
-  const int32_t* query_seq = nullptr;   // [num_queries]: row of block_tables
-  const int32_t* query_pos = nullptr;   // [num_queries]: attends to 0..pos; < 0: output 0, lse -inf
+  int64_t num_heads = 0;                  // H
+  const int32_t* query_seq = nullptr;     // [num_queries]: row of block_tables
+  const int32_t* query_pos = nullptr;     // [num_queries]: attends to 0..pos; < 0: output 0, lse -inf
   const int32_t* block_tables = nullptr;  // [num_seqs, max_pages_per_seq]
   int64_t max_pages_per_seq = 0;
   // Host: the largest query_pos + 1 (bounds the tiles a split must cover; used
   // with num_splits to size the grid). Positions beyond it are not read.
   int64_t max_context_len = 0;
-  float scale = 0.f;                    // softmax scale (Rope::softmax_scale())
-  float* out = nullptr;                 // [num_queries, H, kv_lora_rank] float32
-  float* lse = nullptr;                 // [num_queries, H] or nullptr
-  // Split-KV: 0 = choose from the grid size and max_context_len (fills the
-  // SMs about twice); else that many splits (clamped to the tiles present).
+  float scale = 0.f;     // softmax scale (Rope::softmax_scale())
+  float* out = nullptr;  // [num_queries, H, kv_lora_rank] float32
+  float* lse = nullptr;  // [num_queries, H] or nullptr
+  // Heads per thread block: 0 or 64 (the default, measured in docs/gpu.md);
+  // 16 pads H <= 16 (V2-Lite) to 16 instead of 64 rows, with 2 blocks per SM
+  // (tested like 64; its speed is in the benchmark runs after commit c44a3d8).
+  int head_block = 0;
+  // Split-KV: 0 = choose from the grid size and max_context_len (about one
+  // wave of blocks); else that many splits (clamped to the tiles present).
   int num_splits = 0;
   // Scratch for split results, at least MlaAttentionWorkspaceBytes(...).
   void* workspace = nullptr;
@@ -237,7 +243,8 @@ struct MlaAttentionParams {
 };
 // The split count MlaAttention will use for these sizes (num_splits as
 // given, or the automatic choice).
-int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits);
+int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits,
+                          int head_block = 0);
 size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_t kv_lora_rank, int num_splits);
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream);
 
@@ -287,21 +294,22 @@ enum class GroupedGemmImpl {
   kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups (else a cublasGemmEx loop); needs host_offsets
 };
 struct GroupedGemmParams {
-  const uint16_t* a = nullptr;          // [offsets[G], k] bf16
-  const uint16_t* b = nullptr;          // [G][n][k] bf16
-  int64_t b_group_stride = 0;           // elements; 0: n * k
-  void* c = nullptr;                    // [offsets[G], n]
+  const uint16_t* a = nullptr;  // [offsets[G], k] bf16
+  const uint16_t* b = nullptr;  // [G][n][k] bf16
+  int64_t b_group_stride = 0;   // elements; 0: n * k
+  void* c = nullptr;            // [offsets[G], n]
   OutType c_type = OutType::kF32;
-  int64_t num_groups = 0, n = 0, k = 0; // k % 8 == 0, n % 8 == 0 (16-byte rows)
-  const int32_t* offsets = nullptr;     // device [G + 1], offsets[0] = 0
+  int64_t num_groups = 0, n = 0, k = 0;   // k % 8 == 0, n % 8 == 0 (16-byte rows)
+  const int32_t* offsets = nullptr;       // device [G + 1], offsets[0] = 0
   const int32_t* host_offsets = nullptr;  // host [G + 1] (kCublas only)
-  int64_t max_rows = 0;                 // host: an upper bound of offsets[G] (sizes the grid)
+  int64_t max_rows = 0;                   // host: an upper bound of offsets[G] (sizes the grid)
   GroupedGemmImpl impl = GroupedGemmImpl::kOwn;
-  BlasHandle* blas = nullptr;           // kCublas only
+  BlasHandle* blas = nullptr;  // kCublas only
 };
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
-// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or
-// "cublasGemmEx loop" once the former refused the types (it is then looped).
+// Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or, once
+// that refused an output type, "cublasGemmEx loop for ... (... returned
+// STATUS)" (that type is looped over cublasGemmEx from then on).
 const char* CublasGroupedPath(const BlasHandle& blas);
 
 // Routed experts of one MoE layer (MODEL_SPEC.md 3.6/3.8) for n tokens:
@@ -313,20 +321,20 @@ const char* CublasGroupedPath(const BlasHandle& blas);
 // Slots whose index is < 0 or >= num_experts are skipped (experts not held
 // by this node).
 struct MoeExpertsParams {
-  const float* x = nullptr;             // [n, hidden]
+  const float* x = nullptr;  // [n, hidden]
   int64_t n = 0, top_k = 0;
-  const int32_t* topk_idx = nullptr;    // [n, top_k]
-  const float* topk_weights = nullptr;  // [n, top_k]
+  const int32_t* topk_idx = nullptr;                      // [n, top_k]
+  const float* topk_weights = nullptr;                    // [n, top_k]
   int64_t num_experts = 0, hidden = 0, intermediate = 0;  // hidden, intermediate % 8 == 0
   // Expert e's fused gate_up weight: w_gate_up + e * 2*I*D, [2*I, D] (gate
   // rows then up rows); its down weight: w_down + e * D*I, [D, I].
   const uint16_t* w_gate_up = nullptr;
   const uint16_t* w_down = nullptr;
-  float* out = nullptr;                 // [n, hidden]
-  void* workspace = nullptr;            // >= MoeExpertsWorkspaceBytes(...)
+  float* out = nullptr;       // [n, hidden]
+  void* workspace = nullptr;  // >= MoeExpertsWorkspaceBytes(...)
   size_t workspace_bytes = 0;
   GroupedGemmImpl impl = GroupedGemmImpl::kOwn;  // kCublas synchronizes the stream once (row counts to host)
-  BlasHandle* blas = nullptr;           // kCublas only
+  BlasHandle* blas = nullptr;                    // kCublas only
 };
 size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate);
 absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream);

@@ -17,24 +17,31 @@
 namespace dmoe::cuda {
 namespace {
 
-constexpr int kRank = 512;      // kv_lora_rank
-constexpr int kRope = 64;       // qk_rope_head_dim
+constexpr int kRank = 512;  // kv_lora_rank
+constexpr int kRope = 64;   // qk_rope_head_dim
 constexpr int kWidth = kRank + kRope;
-constexpr int kRows = 64;       // heads per block
-constexpr int kTile = 32;       // tokens per tile
-constexpr int kStages = 3;
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kStride = kWidth + 8;  // bf16 per smem row: +16 bytes keeps ldmatrix rows on distinct banks
-constexpr int kSStride = kTile + 4;  // floats per score row
+constexpr int kTile = 32;                  // tokens per tile
+constexpr int kStride = kWidth + 8;        // bf16 per smem row: +16 bytes keeps ldmatrix rows on distinct banks
+constexpr int kSStride = kTile + 4;        // floats per score row
 constexpr int kChunksPerRow = kWidth / 8;  // 16-byte chunks
+constexpr int kRefThreads = 256;           // the reference kernel
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-constexpr size_t kSmemQ = size_t{kRows} * kStride * 2;
-constexpr size_t kSmemK = size_t{kStages} * kTile * kStride * 2;
-constexpr size_t kSmemS = size_t{kRows} * kSStride * 4;
-constexpr size_t kSmemBytes = kSmemQ + kSmemK + kSmemS;
+// A block of ROWS heads: ROWS / 16 row blocks of 2 warps each. 64 rows: 8
+// warps, 3 stages, 196 KB, 1 block per SM. 16 rows (H <= 16 without padding
+// to 64): 2 warps, 2 stages, 96 KB, 2 blocks per SM.
+template <int ROWS>
+struct MlaCfg {
+  static constexpr int kRB = ROWS / 16;
+  static constexpr int kThreads = 64 * kRB;
+  static constexpr int kStages = ROWS == 64 ? 3 : 2;
+  static constexpr int kBlocksPerSm = ROWS == 64 ? 1 : 2;
+  static constexpr size_t kSmemQ = size_t{ROWS} * kStride * 2;
+  static constexpr size_t kSmemK = size_t{kStages} * kTile * kStride * 2;
+  static constexpr size_t kSmemS = size_t{ROWS} * kSStride * 4;
+  static constexpr size_t kSmemBytes = kSmemQ + kSmemK + kSmemS;
+};
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -82,7 +89,12 @@ struct Grid {
 
 // Block index -> (query, split, head block); head block fastest so the
 // blocks reading the same tiles run side by side (the second read hits L2).
-__global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionParams p, Grid grid) {
+template <int ROWS>
+__global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksPerSm)
+    MlaAttentionKernel(MlaAttentionParams p, Grid grid) {
+  using C = MlaCfg<ROWS>;
+  constexpr int kRows = ROWS, kThreads = C::kThreads, kStages = C::kStages;
+  constexpr size_t kSmemQ = C::kSmemQ, kSmemK = C::kSmemK;
   extern __shared__ __align__(16) unsigned char smem[];
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem + kSmemQ);
@@ -140,8 +152,8 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(MlaAttentionPa
     CpAsyncCommit();  // Q rides with the first group
   }
 
-  const int rb = warp % 4;   // head rows rb*16 .. +16
-  const int half = warp / 4; // QK: tokens half*16 ..; PV: dims half*256 ..
+  const int rb = warp % C::kRB;    // head rows rb*16 .. +16
+  const int half = warp / C::kRB;  // QK: tokens half*16 ..; PV: dims half*256 ..
   const int g = lane / 4, q4 = lane % 4;
   const float scale2 = p.scale * kLog2e;
 
@@ -331,7 +343,8 @@ __global__ void MlaCombineKernel(MlaAttentionParams p, int splits) {
 int NumSms() {
   static const int sms = [] {
     int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
       return 132;
     }
     return n;
@@ -344,6 +357,8 @@ absl::Status CheckParams(const MlaAttentionParams& p) {
                       "MlaAttention: kv_lora_rank 512 and rope_dim 64 only");
   DMOE_CUDA_CHECK_ARG(p.shape.page_size > 0 && p.shape.page_size % kTile == 0, "MlaAttention: page_size % 32 == 0");
   DMOE_CUDA_CHECK_ARG(p.num_heads > 0, "MlaAttention: num_heads > 0");
+  DMOE_CUDA_CHECK_ARG(p.head_block == 0 || p.head_block == 16 || p.head_block == 64,
+                      "MlaAttention: head_block 0, 16 or 64");
   DMOE_CUDA_CHECK_ARG(p.max_pages_per_seq > 0, "MlaAttention: max_pages_per_seq > 0");
   DMOE_CUDA_CHECK_ARG(p.max_context_len >= 0 && p.max_context_len <= p.max_pages_per_seq * p.shape.page_size,
                       "MlaAttention: max_context_len within max_pages_per_seq pages");
@@ -385,7 +400,7 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
     if (tid % 32 == 0) red[tid / 32] = mx;
     __syncthreads();
     mx = red[0];
-    for (int w = 1; w < kThreads / 32; ++w) mx = fmaxf(mx, red[w]);
+    for (int w = 1; w < kRefThreads / 32; ++w) mx = fmaxf(mx, red[w]);
     const float m_new = fmaxf(m, mx);
     const float alpha = expf(m - m_new);
     acc0 *= alpha;
@@ -411,12 +426,14 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
 
 }  // namespace
 
-int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested) {
+int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested,
+                          int head_block) {
   const int64_t tiles = CeilDiv(max_context_len > 0 ? max_context_len : 1, kTile);
   int64_t splits = requested;
   if (splits <= 0) {
-    const int64_t blocks = num_queries * CeilDiv(num_heads, kRows);
-    const int64_t sms = NumSms();
+    const bool small = head_block == 16;
+    const int64_t blocks = num_queries * CeilDiv(num_heads, small ? 16 : 64);
+    const int64_t sms = int64_t{NumSms()} * (small ? MlaCfg<16>::kBlocksPerSm : MlaCfg<64>::kBlocksPerSm);
     splits = blocks >= sms ? 1 : sms / (blocks > 0 ? blocks : 1);
     const int64_t by_work = tiles / 4;  // keep >= 4 tiles (128 tokens) per split
     if (splits > by_work) splits = by_work;
@@ -435,17 +452,28 @@ size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
   if (absl::Status st = CheckParams(p); !st.ok()) return st;
   if (p.num_queries <= 0) return absl::OkStatus();
-  const int splits = MlaAttentionNumSplits(p.num_queries, p.num_heads, p.max_context_len, p.num_splits);
+  const int splits = MlaAttentionNumSplits(p.num_queries, p.num_heads, p.max_context_len, p.num_splits, p.head_block);
   const size_t need = MlaAttentionWorkspaceBytes(p.num_queries, p.num_heads, kRank, splits);
   DMOE_CUDA_CHECK_ARG(p.workspace_bytes >= need && (need == 0 || p.workspace != nullptr),
                       absl::StrCat("MlaAttention: workspace needs ", need, " bytes for ", splits, " splits"));
-  static const cudaError_t attr_err =
-      cudaFuncSetAttribute(MlaAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  const bool small = p.head_block == 16;
+  const int rows = small ? 16 : 64;
+  static const cudaError_t attr64 = cudaFuncSetAttribute(
+      MlaAttentionKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(MlaCfg<64>::kSmemBytes));
+  static const cudaError_t attr16 = cudaFuncSetAttribute(
+      MlaAttentionKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(MlaCfg<16>::kSmemBytes));
+  const cudaError_t attr_err = small ? attr16 : attr64;
   if (attr_err != cudaSuccess) return CudaStatus(attr_err, "cudaFuncSetAttribute(MlaAttentionKernel)");
-  const Grid grid{static_cast<int>(CeilDiv(p.num_heads, kRows)), splits};
+  const Grid grid{static_cast<int>(CeilDiv(p.num_heads, rows)), splits};
   const int64_t blocks = p.num_queries * grid.head_blocks * splits;
   DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
-  MlaAttentionKernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, AsStream(stream)>>>(p, grid);
+  if (small) {
+    MlaAttentionKernel<16>
+        <<<static_cast<unsigned>(blocks), MlaCfg<16>::kThreads, MlaCfg<16>::kSmemBytes, AsStream(stream)>>>(p, grid);
+  } else {
+    MlaAttentionKernel<64>
+        <<<static_cast<unsigned>(blocks), MlaCfg<64>::kThreads, MlaCfg<64>::kSmemBytes, AsStream(stream)>>>(p, grid);
+  }
   if (absl::Status st = LaunchStatus("MlaAttentionKernel"); !st.ok()) return st;
   if (splits > 1) {
     MlaCombineKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kRank / 4, 0, AsStream(stream)>>>(p, splits);
@@ -457,7 +485,7 @@ absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
 absl::Status MlaAttentionReference(const MlaAttentionParams& p, Stream stream) {
   if (absl::Status st = CheckParams(p); !st.ok()) return st;
   if (p.num_queries <= 0) return absl::OkStatus();
-  MlaReferenceKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kThreads, 0, AsStream(stream)>>>(p);
+  MlaReferenceKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kRefThreads, 0, AsStream(stream)>>>(p);
   return LaunchStatus("MlaReferenceKernel");
 }
 

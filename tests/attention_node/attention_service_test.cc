@@ -295,7 +295,7 @@ TEST(AttentionServiceFailure, SilentExpertNodeIsUnavailableAndPagesComeBack) {
   ASSERT_TRUE(service.ok());
   auto r = (*service)->RunStep(Step(7, {Seq(1, {5, 6, 7}, true)}));
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
-  EXPECT_THAT(r.status().message(), HasSubstr("step 7: expert node 0 (transport node 1) did not answer layer 1"));
+  EXPECT_THAT(r.status().message(), HasSubstr("step 7: transport node 1 did not answer layer 1"));
   EXPECT_EQ((*service)->GetCacheStatus().pages_free(), 4);
   EXPECT_TRUE((*service)->GetCacheStatus().sequence_ids().empty());
 }

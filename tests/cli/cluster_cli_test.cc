@@ -30,10 +30,12 @@
 #include <vector>
 
 #include "cli/bench_stats.h"
+#include "dmoe/v1/control.grpc.pb.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/core/model_test_util.h"
+#include "tests/expert_node/node_test_util.h"
 #include "tests/test_util.h"
 
 extern char** environ;
@@ -110,6 +112,20 @@ class FakeGeneration final : public v1::Generation::Service {
   const std::string balance_;
 };
 
+// The control port's stats, as far as `dmoe up` reads them.
+class FakeCoordinator final : public v1::Coordinator::Service {
+ public:
+  explicit FakeCoordinator(std::string balance) : balance_(std::move(balance)) {}
+  grpc::Status GetClusterStats(grpc::ServerContext*, const v1::GetClusterStatsRequest*,
+                               v1::GetClusterStatsResponse* stats) override {
+    stats->set_balance_mode(balance_);
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::string balance_;
+};
+
 // Runs a fake server for `role` ("scheduler", "attention", "expert") until
 // SIGTERM; returns its exit code.
 int RunFake(const std::string& role, const std::vector<std::string>& argv) {
@@ -131,6 +147,7 @@ int RunFake(const std::string& role, const std::vector<std::string>& argv) {
 
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<FakeGeneration> service;
+  std::unique_ptr<FakeCoordinator> coordinator;
   if (role == "scheduler") {
     grpc::EnableDefaultHealthCheckService(true);
     service = std::make_unique<FakeGeneration>(std::stoi(flags["attention-nodes"]), std::stoi(flags["expert-nodes"]),
@@ -140,9 +157,14 @@ int RunFake(const std::string& role, const std::vector<std::string>& argv) {
     builder.AddListeningPort(flags["host"] + ":" + flags["port"], grpc::InsecureServerCredentials(), &port);
     builder.AddListeningPort(flags["host"] + ":" + flags["control-port"], grpc::InsecureServerCredentials(),
                              &control_port);
+    coordinator = std::make_unique<FakeCoordinator>(flags.contains("balance") ? flags["balance"] : "off");
     builder.RegisterService(service.get());
+    builder.RegisterService(coordinator.get());
     server = builder.BuildAndStart();
     if (server == nullptr) return 4;
+    // Like the real scheduler: the client API's status under its name too
+    // (`dmoe up` asks the control port for it).
+    server->GetHealthCheckService()->SetServingStatus(v1::Generation::service_full_name(), false);
     server->GetHealthCheckService()->SetServingStatus(false);
     AppendEvent("control_port " + std::to_string(control_port));
     WritePortFile(flags["port-file"], {{"port", port}, {"control_port", control_port}});
@@ -776,6 +798,74 @@ TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
   ASSERT_EQ(b.exit_code, 0) << b.err;
   EXPECT_EQ(json::parse(b.out)["errors"], 0);
   EXPECT_EQ(json::parse(b.out)["output_tokens"], 16);
+  up.Signal(SIGTERM);
+  const std::optional<int> status = up.Wait(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
+  EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
+}
+
+TEST_F(RealCluster, UpRestartsAKilledExpertNodeAndServesGoldenAgain) {
+  const std::string marker = "DMOE_CLUSTER_TEST_MARKER=real-restart-" + std::to_string(::getpid());
+  DmoeProcess up(
+      {"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", "2", "--timeout", "60"},
+      {{"DMOE_CLUSTER_TEST_MARKER", marker.substr(marker.find('=') + 1)}});
+  const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
+  ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*line, m, std::regex("on 127\\.0\\.0\\.1:([0-9]+) "))) << *line;
+  const std::string server = "127.0.0.1:" + m[1].str();
+  pid_t expert = -1;
+  for (pid_t pid : ProcessesWithEnv(marker)) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+    const std::string cmdline(std::istreambuf_iterator<char>(in), {});
+    if (cmdline.find("dmoe-expert-node") != std::string::npos) expert = pid;
+  }
+  ASSERT_GT(expert, 0);
+  ASSERT_EQ(::kill(expert, SIGKILL), 0);
+  // The scheduler turns NOT_SERVING, then SERVING once the restarted node is back.
+  EXPECT_TRUE(testing::AwaitHealthStatus(server, false, absl::Seconds(20)).ok());
+  const absl::Status back = testing::AwaitHealthStatus(server, true, absl::Seconds(30));
+  ASSERT_TRUE(back.ok()) << back << "\n" << up.err();
+  EXPECT_NE(up.err().find("was killed by signal 9 (Killed); restarting it"), std::string::npos) << up.err();
+  for (const auto& gc : testing::LoadGoldenCases(testing::GoldenModelDir())) {
+    const Result r =
+        RunDmoe({"generate", "--server", server, "--ids", Ids(gc.prompt_ids), "--max-tokens", "16", "--json"}, {},
+                std::chrono::seconds(30));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(json::parse(r.out)["ids"].get<std::vector<int32_t>>(), gc.greedy_ids);
+  }
+  up.Signal(SIGTERM);
+  const std::optional<int> status = up.Wait(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
+  EXPECT_TRUE(LeftoverProcesses(marker, std::chrono::seconds(2)).empty());
+}
+
+// TLS flags reach the scheduler; `dmoe up` itself gets ready without a
+// certificate (it asks the control port).
+TEST_F(RealCluster, UpServesTheClientApiOverTlsWhenGivenACertificate) {
+  const testing::TestPki& pki = testing::TestCertificates();
+  ASSERT_FALSE(pki.ca.empty());
+  const std::string marker_value = "real-tls-" + std::to_string(::getpid());
+  DmoeProcess up({"up", "--model", kModel, "--port", "0", "--timeout", "60", "--tls-cert", pki.server_cert.string(),
+                  "--tls-key", pki.server_key.string()},
+                 {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
+  const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
+  ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(*line, m, std::regex("on 127\\.0\\.0\\.1:([0-9]+) "))) << *line;
+  const std::string server = "127.0.0.1:" + m[1].str();
+  const auto gc = testing::LoadGoldenCases(testing::GoldenModelDir())[0];
+  const Result r = RunDmoe({"generate", "--server", server, "--ids", Ids(gc.prompt_ids), "--max-tokens", "16", "--json",
+                            "--tls-ca", pki.ca.string()},
+                           {}, std::chrono::seconds(30));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["ids"].get<std::vector<int32_t>>(), gc.greedy_ids);
+  const Result plain = RunDmoe({"generate", "--server", server, "--ids", "1,2", "--max-tokens", "2"}, {},
+                               std::chrono::seconds(30));
+  EXPECT_EQ(plain.exit_code, 1);
+  EXPECT_NE(plain.err.find("UNAVAILABLE"), std::string::npos) << plain.err;
   up.Signal(SIGTERM);
   const std::optional<int> status = up.Wait(std::chrono::seconds(30));
   ASSERT_TRUE(status.has_value());

@@ -586,5 +586,31 @@ TEST(ModelConfigRejectTest, BadWeightBlockSize) {
   ExpectInvalid(j, {"weight_block_size"});
 }
 
+// Found by tests/fuzz/config_fuzz: an integer written as a float beyond
+// int64 (1e107) was cast to int64_t, which is undefined behaviour.
+TEST(ModelConfigRejectTest, HugeFloatWhereIntExpected) {
+  json j = GoldenJson();
+  j["max_position_embeddings"] = 1.11e107;
+  ExpectInvalid(j, {"max_position_embeddings", "expected an integer"});
+  json k = GoldenJson();
+  k["hidden_size"] = -9.3e18;
+  ExpectInvalid(k, {"hidden_size"});
+  json m = GoldenJson();
+  m["vocab_size"] = 512.0;  // an integral float is still an integer
+  EXPECT_EQ(ParseOk(m).vocab_size, 512);
+}
+
+TEST(ModelConfigRejectTest, SizesBeyondAnyModel) {
+  json j = GoldenJson();
+  j["vocab_size"] = uint64_t{18446744073709551615u};
+  ExpectInvalid(j, {"vocab_size", "out of range"});
+  json k = GoldenJson();
+  k["hidden_size"] = int64_t{1} << 40;
+  ExpectInvalid(k, {"hidden_size", "exceeds the limit"});
+  json m = GoldenJson();
+  m["q_lora_rank"] = int64_t{1} << 40;
+  ExpectInvalid(m, {"q_lora_rank"});
+}
+
 }  // namespace
 }  // namespace dmoe

@@ -228,25 +228,37 @@ std::string NodeProcess::Log() const {
 }
 
 absl::Status AwaitServing(const std::string& address, absl::Duration timeout) {
+  return AwaitHealthStatus(address, true, timeout);
+}
+
+absl::Status AwaitHealthStatus(const std::string& address, bool serving, absl::Duration timeout) {
   auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext context;
-  context.set_wait_for_ready(true);
-  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  grpc::health::v1::HealthCheckRequest request;
-  std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader = stub->Watch(&context, request);
-  grpc::health::v1::HealthCheckResponse response;
-  std::string last = "nothing";
-  while (reader->Read(&response)) {
-    if (response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
-      context.TryCancel();
-      (void)reader->Finish();
-      return absl::OkStatus();
+  const absl::Time deadline = absl::Now() + timeout;
+  std::string last = "nothing", ended;
+  // A watch on a connection to a server that just died ends UNAVAILABLE
+  // (wait_for_ready covers only connecting): watch again until the deadline.
+  do {
+    grpc::ClientContext context;
+    context.set_wait_for_ready(true);
+    context.set_deadline(absl::ToChronoTime(deadline));
+    grpc::health::v1::HealthCheckRequest request;
+    std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader = stub->Watch(&context, request);
+    grpc::health::v1::HealthCheckResponse response;
+    while (reader->Read(&response)) {
+      if ((response.status() == grpc::health::v1::HealthCheckResponse::SERVING) == serving) {
+        context.TryCancel();
+        (void)reader->Finish();
+        return absl::OkStatus();
+      }
+      last = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
     }
-    last = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
-  }
-  const grpc::Status s = reader->Finish();
-  return absl::DeadlineExceededError(absl::StrCat(address, " not SERVING within ", absl::FormatDuration(timeout),
-                                                  ": last status ", last, ", stream ended with ", s.error_message()));
+    const grpc::Status s = reader->Finish();
+    ended = s.error_message();
+    if (s.error_code() != grpc::StatusCode::UNAVAILABLE) break;
+  } while (absl::Now() < deadline);
+  return absl::DeadlineExceededError(absl::StrCat(address, " not ", serving ? "SERVING" : "NOT_SERVING", " within ",
+                                                  absl::FormatDuration(timeout), ": last status ", last,
+                                                  ", stream ended with ", ended));
 }
 
 absl::StatusOr<int> ReadPortFile(const std::filesystem::path& path) {

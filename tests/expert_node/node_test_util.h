@@ -99,6 +99,8 @@ class NodeProcess {
 // Watches grpc.health.v1 of `address` (service "") until it reports SERVING;
 // the last status seen, or an error, after `timeout`.
 absl::Status AwaitServing(const std::string& address, absl::Duration timeout);
+// The same until it reports SERVING (`serving`) or anything else (!serving).
+absl::Status AwaitHealthStatus(const std::string& address, bool serving, absl::Duration timeout);
 
 // The port of a {"port": P} file.
 absl::StatusOr<int> ReadPortFile(const std::filesystem::path& path);

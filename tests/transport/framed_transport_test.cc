@@ -74,6 +74,8 @@ TEST_F(FramedTransportTest, ACorruptedFrameFailsThatPeersStreamOnly) {
   auto reply = node(0).ReceiveFrom({&one, 1}, 1, kAll, kTimeout);
   EXPECT_EQ(reply.status().code(), absl::StatusCode::kUnavailable) << reply.status();
   EXPECT_THAT(reply.status().message(), HasSubstr("its stream failed"));
+  EXPECT_EQ(node(0).PeerStatus(1).code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(node(0).PeerStatus(2).ok());
   // Node 2's stream to node 0 is untouched.
   ASSERT_TRUE(node(2).Send(0, 3, MakePayload(2, 0, 333)).ok());
   auto other = node(0).Receive(3, kAll, kTimeout);

@@ -238,6 +238,30 @@ TEST_P(TransportConformanceTest, IdleTransportsDoNotBurnCpu) {
   EXPECT_LT(used, idle / 10) << "CPU used by 3 idle nodes in " << idle;
 }
 
+// StopReceiving ends a Receive that would wait forever, and every later one, with CANCELLED.
+TEST_P(TransportConformanceTest, StopReceivingCancelsWaitingAndLaterReceives) {
+  absl::StatusOr<Message> waiting;
+  std::thread receiver([&] { waiting = nodes_[1]->Receive(0, 0, absl::InfiniteDuration()); });
+  nodes_[1]->StopReceiving();
+  receiver.join();
+  EXPECT_EQ(waiting.status().code(), absl::StatusCode::kCancelled) << waiting.status();
+  EXPECT_EQ(nodes_[1]->Receive(0, 0, absl::InfiniteDuration()).status().code(), absl::StatusCode::kCancelled);
+  const NodeId senders[] = {0};
+  EXPECT_EQ(nodes_[1]->ReceiveFrom(senders, 0, 0, absl::InfiniteDuration()).status().code(),
+            absl::StatusCode::kCancelled);
+}
+
+// ReceiveFrom takes a matching message like Receive, whoever sent it.
+TEST_P(TransportConformanceTest, ReceiveFromTakesMatchingMessages) {
+  ASSERT_TRUE(nodes_[0]->Send(2, 7, MakePayload(0, 1, 100)).ok());
+  const NodeId senders[] = {0, 1};
+  auto m = nodes_[2]->ReceiveFrom(senders, 7, kAll, kTimeout);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(CheckPayload(*m, 0, 1, 100), "");
+  EXPECT_EQ(nodes_[2]->ReceiveFrom(senders, 7, kAll, absl::Milliseconds(10)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+}
+
 INSTANTIATE_TEST_SUITE_P(AllTransports, TransportConformanceTest,
                          ::testing::Values(testing::InProcessKind(), testing::UcxKind(true),
                                            testing::UcxKind(false), testing::FramedFakeKind()

@@ -255,6 +255,21 @@ TEST_P(UcxMultiProcessTest, KilledPeerBecomesUnavailableAndReceiveTimesOut) {
             absl::StatusCode::kDeadlineExceeded);
 }
 
+// A reply expected from a peer that dies: ReceiveFrom returns UNAVAILABLE naming it as soon as
+// the transport knows, long before its timeout (with peer failure detection; without it the
+// transport learns nothing, so the wait runs to its end).
+TEST_P(UcxMultiProcessTest, ReceiveFromADeadPeerFailsFast) {
+  ASSERT_TRUE(Echo(MakePayload(kTestNode, 0, 4096)).ok());
+  if (!GetParam()) GTEST_SKIP() << "needs peer failure detection";
+  peer_.Kill();
+  const NodeId senders[] = {kPeerNode};
+  const absl::Time start = absl::Now();
+  auto m = transport_->ReceiveFrom(senders, kEchoTag, kAll, absl::Seconds(60));
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable) << m.status();
+  EXPECT_THAT(m.status().message(), HasSubstr("peer 1 unavailable"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
+}
+
 // A node restarts with a new address: Connect replaces the old endpoint and traffic resumes.
 TEST_P(UcxMultiProcessTest, RestartedPeerIsReachableAfterConnect) {
   ASSERT_TRUE(Echo(MakePayload(kTestNode, 0, 4096)).ok());

@@ -44,7 +44,8 @@ class CudaElementwiseTest : public CudaTest {};
 
 TEST_F(CudaElementwiseTest, RmsNormMatchesCpu) {
   std::mt19937 rng(11);
-  for (auto [n, d, ldx] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 512, 576}, {7, 2048, 2048}, {3, 7168, 7200}}) {
+  for (auto [n, d, ldx] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 512, 576}, {7, 2048, 2048}, {3, 7168, 7200}}) {
     const auto x = Random(n * ldx, rng, -3, 3);
     const auto w = Random(d, rng, 0.5, 1.5);
     std::vector<float> ref(n * d);
@@ -147,7 +148,7 @@ TEST_F(CudaElementwiseTest, ArgmaxLowestIndexOnTiesAndIgnoresNan) {
       row[777] = 50.f;
       row[90000] = 50.f;
     }
-    if (t == 2) row[5] = NAN, row[vocab - 1] = 42.f;  // NaN never wins
+    if (t == 2) row[5] = NAN, row[vocab - 1] = 42.f;     // NaN never wins
     if (t == 3) std::fill(row, row + vocab, -INFINITY);  // all -inf: token 0
     int32_t best = 0;
     for (int64_t v = 1; v < vocab; ++v) {
@@ -211,7 +212,7 @@ TEST_P(CudaGateTest, MatchesMoeGate) {
   p.n_group = gc.G;
   p.topk_group = gc.kg;
   p.scoring = gc.type == ModelType::kDeepseekV3 ? GateScoring::kSigmoid : GateScoring::kSoftmax;
-  p.topk_method = gc.method == TopkMethod::kGreedy           ? GateTopk::kGreedy
+  p.topk_method = gc.method == TopkMethod::kGreedy               ? GateTopk::kGreedy
                   : gc.method == TopkMethod::kGroupLimitedGreedy ? GateTopk::kGroupLimitedGreedy
                                                                  : GateTopk::kNoauxTc;
   p.renormalize = gc.type == ModelType::kDeepseekV3 && gc.norm;
@@ -223,19 +224,26 @@ TEST_P(CudaGateTest, MatchesMoeGate) {
   ASSERT_TRUE(MoeGateRoute(p, nullptr).ok());
   EXPECT_EQ(Download<int32_t>(idx, n * gc.k), ref_idx) << gc.name;
   const auto got_w = Download<float>(w, n * gc.k);
-  for (int64_t i = 0; i < n * gc.k; ++i) EXPECT_NEAR(got_w[i], ref_w[i], 1e-5 * std::abs(ref_w[i]) + 1e-7) << gc.name << " " << i;
+  for (int64_t i = 0; i < n * gc.k; ++i)
+    EXPECT_NEAR(got_w[i], ref_w[i], 1e-5 * std::abs(ref_w[i]) + 1e-7) << gc.name << " " << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, CudaGateTest,
-    ::testing::Values(
-        GateCase{"v3_noaux_tc_norm", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 256, 8, 8, 4, true, 2.5, true, false},
-        GateCase{"v3_noaux_tc_nonorm_serving", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 64, 6, 8, 3, false, 1.0, true, true},
-        GateCase{"v3_noaux_tc_one_group", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 16, 4, 1, 1, true, 2.5, true, false},
-        GateCase{"v2_greedy", ModelType::kDeepseekV2, TopkMethod::kGreedy, 64, 6, 1, 1, false, 1.0, false, false},
-        GateCase{"v2_greedy_serving", ModelType::kDeepseekV2, TopkMethod::kGreedy, 160, 6, 1, 1, false, 16.0, false, true},
-        GateCase{"v2_group_limited", ModelType::kDeepseekV2, TopkMethod::kGroupLimitedGreedy, 160, 6, 8, 3, false, 16.0, false, false},
-        GateCase{"v2_group_limited_512", ModelType::kDeepseekV2, TopkMethod::kGroupLimitedGreedy, 512, 16, 16, 5, false, 1.0, false, false}),
+    ::testing::Values(GateCase{"v3_noaux_tc_norm", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 256, 8, 8, 4, true,
+                               2.5, true, false},
+                      GateCase{"v3_noaux_tc_nonorm_serving", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 64, 6, 8, 3,
+                               false, 1.0, true, true},
+                      GateCase{"v3_noaux_tc_one_group", ModelType::kDeepseekV3, TopkMethod::kNoauxTc, 16, 4, 1, 1, true,
+                               2.5, true, false},
+                      GateCase{"v2_greedy", ModelType::kDeepseekV2, TopkMethod::kGreedy, 64, 6, 1, 1, false, 1.0, false,
+                               false},
+                      GateCase{"v2_greedy_serving", ModelType::kDeepseekV2, TopkMethod::kGreedy, 160, 6, 1, 1, false,
+                               16.0, false, true},
+                      GateCase{"v2_group_limited", ModelType::kDeepseekV2, TopkMethod::kGroupLimitedGreedy, 160, 6, 8,
+                               3, false, 16.0, false, false},
+                      GateCase{"v2_group_limited_512", ModelType::kDeepseekV2, TopkMethod::kGroupLimitedGreedy, 512, 16,
+                               16, 5, false, 1.0, false, false}),
     [](const ::testing::TestParamInfo<GateCase>& i) { return std::string(i.param.name); });
 
 TEST_F(CudaElementwiseTest, GateRejectsUnsupportedShapes) {
@@ -269,7 +277,8 @@ TEST_F(CudaGemmTest, DenseGemmMatchesFloat64) {
   auto blas = BlasHandle::Create();
   ASSERT_TRUE(blas.ok()) << blas.status();
   std::mt19937 rng(21);
-  for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 136, 264}, {5, 2048, 512}, {64, 576, 2048}}) {
+  for (auto [m, n, k] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 136, 264}, {5, 2048, 512}, {64, 576, 2048}}) {
     const auto a = RandomBf16(m * k, rng), b = RandomBf16(n * k, rng);
     const auto ref = RefGemm(a, b.data(), m, n, k);
     DeviceBuffer da = Upload(a), db = Upload(b), dc = Poisoned<float>(m * n), dc16 = Poisoned<uint16_t>(m * n);

@@ -61,7 +61,8 @@ class MlaWorld {
         rows.resize(base + ld);
         for (int64_t i = 0; i < ld; ++i) rows[base + i] = u(rng_);
         for (int64_t i = 0; i < kRank; ++i) host_cache_[slot * kWidth + i] = FloatToBf16(rows[base + i]);
-        for (int64_t i = 0; i < kRope; ++i) host_cache_[slot * kWidth + kRank + i] = FloatToBf16(rows[base + kRank + 16 + i]);
+        for (int64_t i = 0; i < kRope; ++i)
+          host_cache_[slot * kWidth + kRank + i] = FloatToBf16(rows[base + kRank + 16 + i]);
       }
     }
     cache_ = Poisoned<uint16_t>(shape_.layer_elements());
@@ -84,7 +85,7 @@ class MlaWorld {
 
   // Runs the kernel (or the reference kernel) and compares with float64.
   void Check(const std::vector<Query>& queries, int64_t H, float scale, float q_scale, int num_splits,
-             bool reference_kernel, const std::string& what) {
+             bool reference_kernel, const std::string& what, int head_block = 0) {
     const int64_t nq = queries.size();
     std::vector<uint16_t> q_lat(nq * H * kRank), q_pe(nq * H * kRope);
     std::uniform_real_distribution<float> u(-q_scale, q_scale);
@@ -141,7 +142,8 @@ class MlaWorld {
     p.out = out.as<float>();
     p.lse = lse.as<float>();
     p.num_splits = num_splits;
-    const int splits = MlaAttentionNumSplits(nq, H, max_ctx, num_splits);
+    p.head_block = head_block;
+    const int splits = MlaAttentionNumSplits(nq, H, max_ctx, num_splits, head_block);
     const size_t ws_bytes = MlaAttentionWorkspaceBytes(nq, H, kRank, splits);
     DeviceBuffer ws = Poisoned<char>(std::max<size_t>(ws_bytes, 16));
     p.workspace = ws.data();
@@ -150,7 +152,8 @@ class MlaWorld {
     ASSERT_TRUE(StreamSynchronize(nullptr).ok()) << what;
     const auto got = Download<float>(out, nq * H * kRank);
     const auto got_lse = Download<float>(lse, nq * H);
-    const std::string label = what + " splits=" + std::to_string(splits) + (reference_kernel ? " (reference kernel)" : "");
+    const std::string label = what + " splits=" + std::to_string(splits) + " head_block=" + std::to_string(head_block) +
+                              (reference_kernel ? " (reference kernel)" : "");
     EXPECT_LT(RelL2(got, ref), reference_kernel ? 1e-4 : 8e-3) << label;
     for (int64_t i = 0; i < nq * H; ++i) {
       if (std::isinf(ref_lse[i])) {
@@ -179,7 +182,8 @@ class MlaWorld {
 
 std::vector<Query> DecodeQueries(const std::vector<int64_t>& lengths) {
   std::vector<Query> q;
-  for (size_t s = 0; s < lengths.size(); ++s) q.push_back({static_cast<int32_t>(s), static_cast<int32_t>(lengths[s] - 1)});
+  for (size_t s = 0; s < lengths.size(); ++s)
+    q.push_back({static_cast<int32_t>(s), static_cast<int32_t>(lengths[s] - 1)});
   return q;
 }
 
@@ -213,6 +217,24 @@ TEST_F(CudaMlaTest, HeadCountsNotAMultipleOfTheHeadBlock) {
   }
 }
 
+// 16-head blocks (V2-Lite's H = 16 without padding to 64): the same checks.
+TEST_F(CudaMlaTest, SixteenHeadBlocks) {
+  for (int64_t L : {1, 33, 64, 65, 1000, 4097}) {
+    MlaWorld world({L}, static_cast<uint32_t>(100 + L));
+    world.Check(DecodeQueries(world.lengths()), 16, 0.1f, 1.0f, 0, false, "L=" + std::to_string(L), 16);
+  }
+  MlaWorld world({4097, 1, 65, 200, 64, 1000, 63, 2, 130}, 11);
+  const auto q = DecodeQueries(world.lengths());
+  for (int64_t H : {16, 20, 128})
+    for (int splits : {0, 1, 5}) world.Check(q, H, kScaleV3, 1.0f, splits, false, "H=" + std::to_string(H), 16);
+  MlaWorld prefill({300, 70}, 12);
+  std::vector<Query> pq;
+  for (int32_t pos = 0; pos < 300; pos += 5) pq.push_back({0, pos});
+  pq.push_back({1, 69});
+  pq.push_back({1, -1});
+  prefill.Check(pq, 16, 0.1f, 1.0f, 0, false, "prefill", 16);
+}
+
 TEST_F(CudaMlaTest, PrefillCausalQueriesAndPadding) {
   MlaWorld world({300, 70}, 10);
   std::vector<Query> q;
@@ -238,6 +260,9 @@ TEST_F(CudaMlaTest, RejectsUnsupportedShapes) {
   EXPECT_EQ(MlaAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument);
   p.shape.page_size = 64;
   p.max_context_len = 65;  // more than one page
+  EXPECT_EQ(MlaAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  p.max_context_len = 64;
+  p.head_block = 32;
   EXPECT_EQ(MlaAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
