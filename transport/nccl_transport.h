@@ -30,9 +30,9 @@
 //     (a few CTAs each; NcclOptions::max_ctas bounds them). The host threads sleep
 //     (cudaEventBlockingSync).
 //   - because those kernels never finish while the transport lives, nothing else in the process
-//     may wait for the whole device: no cudaDeviceSynchronize, no work on the legacy default
-//     stream (use streams created with cudaStreamNonBlocking), no cudaFree of memory while
-//     this transport lives (use cudaFreeAsync or free after destroying the transport).
+//     may wait for the whole device: no cudaDeviceSynchronize, no cudaFree while this transport
+//     lives (it may synchronize the device: use cudaFreeAsync or free after destroying the
+//     transport). The transport's streams are non-blocking, so legacy-stream work is fine.
 //   - a Send that does not complete within send_timeout (the peer died or stopped receiving)
 //     revokes the communicator: NCCL cannot cancel one peer's operation, so every later Send of
 //     this node fails with UNAVAILABLE and the cluster must be restarted.
