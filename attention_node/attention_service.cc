@@ -21,7 +21,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/cpu/cpu_backend.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 
@@ -52,7 +54,14 @@ bool SameParams(const SamplingParams& a, const SamplingParams& b) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::shared_ptr<const ModelWeights> weights,
-                                                                           RemoteExperts& experts,
+                                                                           ExpertBackend& experts,
+                                                                           const AttentionServiceOptions& options) {
+  if (weights == nullptr) return absl::InvalidArgumentError("attention service needs weights");
+  return Create(std::make_shared<CpuBackend>(std::move(weights)), experts, options);
+}
+
+absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::shared_ptr<ComputeBackend> backend,
+                                                                           ExpertBackend& experts,
                                                                            const AttentionServiceOptions& options) {
   if (options.ping_pong_min_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -60,14 +69,13 @@ absl::StatusOr<std::unique_ptr<AttentionService>> AttentionService::Create(std::
   }
   DMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<Engine> engine,
-      Engine::Create(std::move(weights), EngineOptions{MlaForm::kAuto, options.ping_pong_min_tokens}));
-  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache,
-                        LatentCache::Create(engine->CacheOptions(options.cache_pages, options.page_size)));
+      Engine::Create(std::move(backend), EngineOptions{MlaForm::kAuto, options.ping_pong_min_tokens}));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, engine->CreateCache(options.cache_pages, options.page_size));
   return std::unique_ptr<AttentionService>(new AttentionService(std::move(engine), std::move(cache), experts));
 }
 
 AttentionService::AttentionService(std::unique_ptr<Engine> engine, std::unique_ptr<LatentCache> cache,
-                                   RemoteExperts& experts)
+                                   ExpertBackend& experts)
     : engine_(std::move(engine)), cache_(std::move(cache)), experts_(experts) {}
 
 absl::StatusOr<v1::StepResult> AttentionService::RunStep(const v1::StepRequest& request) {
@@ -105,7 +113,12 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
                          " outside [0, max_position_embeddings = ", c.max_position_embeddings, "]"));
       }
     }
-    batch.push_back({s.sequence_id(), std::vector<int32_t>(s.tokens().begin(), s.tokens().end()), false});
+    // Greedy samples without top log-probabilities need no logits here: the
+    // backend picks the token where it computes (one id per sequence back
+    // from a GPU, not vocab_size floats).
+    const bool greedy_only = s.sample() && params[i].temperature == 0.0f && params[i].top_logprobs == 0;
+    batch.push_back(
+        {s.sequence_id(), std::vector<int32_t>(s.tokens().begin(), s.tokens().end()), false, greedy_only});
   }
 
   v1::StepResult result;
@@ -154,9 +167,14 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
       const v1::StepSequence& s = request.sequences(i);
       if (!s.sample()) continue;
       SequenceSampler& sampler = SamplerFor(s.sequence_id(), params[i], s.sample_index());
-      const std::vector<float>& l = (*logits)[i].logits;  // the last position's [vocab_size]
-      const SampleResult sample =
-          sampler.sampler.Sample(absl::MakeConstSpan(l.data() + l.size() - c.vocab_size, c.vocab_size));
+      SampleResult sample;
+      if (batch[i].greedy_only) {  // what the sampler gives at temperature 0 (it draws nothing)
+        sample.token = (*logits)[i].greedy_token;
+        sample.logprob = (*logits)[i].greedy_logprob;
+      } else {
+        const std::vector<float>& l = (*logits)[i].logits;  // the last position's [vocab_size]
+        sample = sampler.sampler.Sample(absl::MakeConstSpan(l.data() + l.size() - c.vocab_size, c.vocab_size));
+      }
       ++sampler.next_index;
       v1::SampledTokenResult* t = result.add_tokens();
       t->set_sequence_id(s.sequence_id());
@@ -174,6 +192,7 @@ absl::StatusOr<v1::StepResult> AttentionService::RunStepLocked(const v1::StepReq
   times->set_attention_seconds(std::max(0.0, engine_seconds - expert_wait_seconds));
   times->set_expert_wait_seconds(expert_wait_seconds);
   times->set_other_seconds(std::max(0.0, total_seconds - engine_seconds));
+  metrics::AttentionNode().StepFinished(*times, request);
   return result;
 }
 

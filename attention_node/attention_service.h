@@ -71,9 +71,14 @@ struct AttentionServiceOptions {
 // time. Holds `experts` (which must outlive it) and owns its engine and cache.
 class AttentionService {
  public:
-  // INVALID_ARGUMENT for a non-positive cache size.
+  // INVALID_ARGUMENT for a non-positive cache size. On the CPU backend.
   static absl::StatusOr<std::unique_ptr<AttentionService>> Create(std::shared_ptr<const ModelWeights> weights,
-                                                                  RemoteExperts& experts,
+                                                                  ExpertBackend& experts,
+                                                                  const AttentionServiceOptions& options = {});
+  // On `backend` (its latent cache in the backend's memory); `experts`:
+  // remote expert nodes, or the backend's own routed experts.
+  static absl::StatusOr<std::unique_ptr<AttentionService>> Create(std::shared_ptr<ComputeBackend> backend,
+                                                                  ExpertBackend& experts,
                                                                   const AttentionServiceOptions& options = {});
 
   absl::StatusOr<v1::StepResult> RunStep(const v1::StepRequest& request);
@@ -87,7 +92,7 @@ class AttentionService {
     Sampler sampler;
     int64_t next_index = 0;  // sample_index of the next token
   };
-  AttentionService(std::unique_ptr<Engine> engine, std::unique_ptr<LatentCache> cache, RemoteExperts& experts);
+  AttentionService(std::unique_ptr<Engine> engine, std::unique_ptr<LatentCache> cache, ExpertBackend& experts);
   absl::StatusOr<v1::StepResult> RunStepLocked(const v1::StepRequest& request) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SetServingBiasLocked(const google::protobuf::RepeatedField<float>& bias)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -100,7 +105,7 @@ class AttentionService {
   const std::unique_ptr<Engine> engine_;
   absl::Mutex mu_;
   std::unique_ptr<LatentCache> cache_ ABSL_GUARDED_BY(mu_);
-  RemoteExperts& experts_;                               // used under mu_
+  ExpertBackend& experts_;                               // used under mu_
   std::set<SequenceId> sequences_ ABSL_GUARDED_BY(mu_);  // those holding cache entries
   absl::flat_hash_map<SequenceId, std::unique_ptr<SequenceSampler>> samplers_ ABSL_GUARDED_BY(mu_);
   // [layer][n_routed_experts]; empty rows for dense layers; empty: no bias.

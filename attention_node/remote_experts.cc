@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 
@@ -59,6 +60,7 @@ absl::Status RemoteExperts::BeginRoutedExperts(int64_t layer, int micro_batch, c
   f.tag = router::DispatchTag(step_id_, layer, micro_batch);
   f.layer = layer;
   f.sent.clear();
+  f.sent_at = absl::Now();
   const absl::Span<const float> hidden(x, n * hidden_size_);
   for (int32_t node = 0; node < plan.num_nodes(); ++node) {
     if (plan.tokens(node).empty()) continue;  // nothing routed there
@@ -128,6 +130,7 @@ absl::Status RemoteExperts::FinishRoutedExperts(int64_t layer, int micro_batch, 
     DMOE_ASSIGN_OR_RETURN(router::PartialSumsMessage reply, router::DecodePartialSums(m->payload));
     sums[from->node] = std::move(reply.partial_sums);
     from->replied = true;
+    metrics::AttentionNode().ExpertReply(from->node, absl::Now() - f.sent_at);
   }
   wait_seconds_ += absl::ToDoubleSeconds(absl::Now() - start);
   std::vector<absl::Span<const float>> spans(sums.begin(), sums.end());

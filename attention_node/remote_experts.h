@@ -42,7 +42,7 @@ class RemoteExperts : public ExpertBackend {
   void SetNodeNames(std::map<transport::NodeId, std::string> names) { names_ = std::move(names); }
 
   // Tags the next step's messages; call before Engine::Step.
-  void BeginStep(uint64_t step_id) { step_id_ = step_id; }
+  void BeginStep(uint64_t step_id) override { step_id_ = step_id; }
 
   absl::Status BeginRoutedExperts(int64_t layer, int micro_batch, const float* x, int64_t n, int64_t k,
                                   const int32_t* topk_idx, const float* topk_weights) override;
@@ -51,7 +51,7 @@ class RemoteExperts : public ExpertBackend {
   absl::Status FinishRoutedExperts(int64_t layer, int micro_batch, float* out) override;
 
   // Seconds spent waiting for replies in FinishRoutedExperts since the last call.
-  double TakeWaitSeconds();
+  double TakeWaitSeconds() override;
 
  private:
   // One placement node's dispatch of a layer, kept until its reply for a
@@ -68,6 +68,7 @@ class RemoteExperts : public ExpertBackend {
     uint64_t tag = 0;
     int64_t layer = 0;
     std::vector<Sent> sent;
+    absl::Time sent_at = absl::InfinitePast();  // for the round-trip metric
   };
   // Sends s.payload to its replica, moving on to the next one while a send
   // fails; UNAVAILABLE naming them all when none is left.

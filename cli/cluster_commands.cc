@@ -2,6 +2,7 @@
 // expert nodes) as child processes of this command, until SIGINT/SIGTERM.
 // Flags and output: docs/cli.md.
 #include <grpcpp/client_context.h>
+#include <sys/eventfd.h>
 #include <sys/inotify.h>
 #include <unistd.h>
 
@@ -14,11 +15,14 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_format.h"
 #include "cli/child_processes.h"
+#include "core/backends.h"
 #include "cli/commands.h"
 #include "flags/flags.h"
 #include "cli/grpc_client.h"
@@ -39,8 +43,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 constexpr absl::Duration kProgressEvery = absl::Seconds(5);
-constexpr absl::Duration kHealthPollEvery = absl::Milliseconds(200);
-constexpr absl::Duration kHealthCallTimeout = absl::Seconds(1);
 // Stop stages: the scheduler drains first, while the nodes still run.
 constexpr int kSchedulerStage = 0;
 constexpr int kNodeStage = 1;
@@ -54,15 +56,22 @@ struct UpOptions {
   std::string balance;      // empty: the scheduler's default (or --config)
   std::string config;       // empty: none
   int64_t cache_pages = 0;  // 0: the attention node's default
+  // Passed to every node: --device, --load-format; to the attention nodes
+  // --gpu-memory-fraction (empty: the node's default).
   std::string device = "cpu";
-  int64_t gpus = 0;             // --device cuda: one node per GPU, node i on GPU i
-  std::string transport = "ucx";  // the data plane: ucx, or nccl (the default with --gpus)
+  std::string load_format;
+  std::string gpu_memory_fraction;
+  int64_t gpus = 0;               // --device cuda: one node per GPU, node i on GPU i (--gpu i)
+  std::string transport = "ucx";  // the data plane: ucx, or nccl (the default with --gpus >= 2)
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
   bool restart_on_exit = true;  // --on-node-exit restart|stop
   int64_t expert_replicas = 1;  // expert nodes per expert shard
   // Passed to dmoe-scheduler as given (TLS and size limits of the client API).
   std::vector<std::string> scheduler_flags;
+  // -1: no metrics endpoints; 0: each process on any free port; P > 0: the
+  // scheduler on P, attention node i on P+1+i, expert node j on P+1+N+j.
+  int64_t metrics_port = -1;
 };
 
 constexpr const char* kSchedulerPassThroughFlags[] = {"tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"};
@@ -72,25 +81,17 @@ constexpr const char* kSchedulerPassThroughFlags[] = {"tls-cert", "tls-key", "tl
 constexpr int kMaxQuickExits = 3;
 constexpr absl::Duration kCrashWindow = absl::Seconds(10);
 
-// --device, --gpus and --transport together (before anything starts).
-absl::Status CheckDeviceFlags(const UpOptions& o) {
-  if (o.device != "cpu" && o.device != "cuda") {
-    return absl::InvalidArgumentError(absl::StrCat("--device = '", o.device, "' must be cpu or cuda"));
-  }
+// --gpus and --transport with the node counts (before anything starts).
+absl::Status CheckGpuFlags(const UpOptions& o) {
   if (o.transport != "ucx" && o.transport != "nccl") {
     return absl::InvalidArgumentError(absl::StrCat("--transport = '", o.transport, "' must be ucx or nccl"));
   }
+  if (o.gpus < 0) return absl::InvalidArgumentError(absl::StrCat("--gpus = ", o.gpus, " must be >= 0"));
   if (o.gpus != 0 && o.device != "cuda") return absl::InvalidArgumentError("--gpus needs --device cuda");
-  if (o.device == "cuda" && o.gpus < 2) {
-    // The one-GPU deployment (attention and experts in one process) is the CUDA compute path's.
-    return absl::UnimplementedError(
-        "--device cuda runs one node per GPU here: give --gpus N (N >= 2, one per node); one GPU for the whole "
-        "cluster is not served yet");
-  }
   if (o.transport == "nccl" && o.gpus < 2) {
-    return absl::InvalidArgumentError("--transport nccl needs --device cuda --gpus N (one GPU per node)");
+    return absl::InvalidArgumentError("--transport nccl needs --device cuda --gpus N (one GPU per node, N >= 2)");
   }
-  if (o.gpus >= 2 && o.gpus != o.attention_nodes + o.expert_nodes) {
+  if (o.gpus > 0 && o.gpus != o.attention_nodes + o.expert_nodes) {
     return absl::InvalidArgumentError(absl::StrCat("--gpus ", o.gpus, " puts one node on each GPU: --attention-nodes + ",
                                                    "--expert-nodes is ", o.attention_nodes + o.expert_nodes));
   }
@@ -128,23 +129,33 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
                                                    "on-node-exit", "expert-replicas", "tls-cert", "tls-key",
-                                                   "tls-client-ca", "max-request-bytes", "device", "gpus",
-                                                   "transport"},
+                                                   "tls-client-ca", "max-request-bytes", "metrics-port", "device",
+                                                   "load-format", "gpu-memory-fraction", "gpus", "transport"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(o.attention_nodes, flags.GetInt("attention-nodes", o.attention_nodes));
-  DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.expert_nodes));
+  o.device = flags.Get("device").value_or("cpu");
+  o.load_format = flags.Get("load-format").value_or("");
+  o.gpu_memory_fraction = flags.Get("gpu-memory-fraction").value_or("");
+  DMOE_RETURN_IF_ERROR(ParseBackendOptions(o.device, o.load_format.empty() ? "auto" : o.load_format).status());
+  if (!o.gpu_memory_fraction.empty() && o.device != "cuda") {
+    return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
+  }
+  DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
+  o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
+  // On one GPU the default is one process: the attention node holds the
+  // routed experts too (no expert nodes). With --gpus >= 2, one expert node.
+  DMOE_ASSIGN_OR_RETURN(o.expert_nodes,
+                        flags.GetInt("expert-nodes", o.device == "cuda" && o.gpus < 2 ? 0 : o.expert_nodes));
   DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
   DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
+  DMOE_ASSIGN_OR_RETURN(o.metrics_port, flags.GetInt("metrics-port", o.metrics_port));
   DMOE_ASSIGN_OR_RETURN(double timeout_s, flags.GetDouble("timeout", absl::ToDoubleSeconds(o.timeout)));
   DMOE_ASSIGN_OR_RETURN(double grace_s, flags.GetDouble("grace", absl::ToDoubleSeconds(o.grace)));
   o.balance = flags.Get("balance").value_or("");
   o.config = flags.Get("config").value_or("");
   o.host = flags.Get("host").value_or(o.host);
-  o.device = flags.Get("device").value_or(o.device);
-  DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
-  o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
   for (const char* name : kSchedulerPassThroughFlags) {
     if (auto value = flags.Get(name)) o.scheduler_flags.insert(o.scheduler_flags.end(), {absl::StrCat("--", name), *value});
   }
@@ -153,19 +164,33 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--on-node-exit = '", on_exit, "' must be restart or stop"));
   }
   o.restart_on_exit = on_exit == "restart";
+  if (o.transport == "nccl") {
+    // A restarted node cannot rejoin the NCCL communicator of the others.
+    if (flags.Has("on-node-exit") && o.restart_on_exit) {
+      return absl::InvalidArgumentError("--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
+    }
+    o.restart_on_exit = false;
+  }
   DMOE_ASSIGN_OR_RETURN(o.expert_replicas, flags.GetInt("expert-replicas", o.expert_replicas));
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
   }
-  if (o.expert_nodes < 1 || o.expert_nodes > 256) {
-    return absl::InvalidArgumentError(absl::StrCat("--expert-nodes = ", o.expert_nodes, " must be in 1..256"));
+  if (o.expert_nodes < 0 || o.expert_nodes > 256) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--expert-nodes = ", o.expert_nodes, " must be in 0..256 (0: the attention nodes run the experts)"));
   }
   if (o.expert_replicas < 1 || o.expert_nodes % o.expert_replicas != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-replicas = ", o.expert_replicas,
                                                    " must be at least 1 and divide --expert-nodes = ", o.expert_nodes));
   }
+  DMOE_RETURN_IF_ERROR(CheckGpuFlags(o));
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
+  }
+  if (o.metrics_port < -1 || o.metrics_port + o.attention_nodes + o.expert_nodes > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics-port = ", o.metrics_port,
+                                                   " must be -1 (off), 0 (any free ports) or a first port such that "
+                                                   "one port per process stays below 65536"));
   }
   if (flags.Has("balance") && o.balance != "off" && o.balance != "bias") {
     return absl::InvalidArgumentError(absl::StrCat("--balance = '", o.balance, "' must be off or bias"));
@@ -179,14 +204,6 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   }
   o.timeout = absl::Seconds(timeout_s);
   o.grace = absl::Seconds(grace_s);
-  DMOE_RETURN_IF_ERROR(CheckDeviceFlags(o));
-  if (o.transport == "nccl") {
-    // A restarted node cannot rejoin the NCCL communicator of the others.
-    if (flags.Has("on-node-exit") && o.restart_on_exit) {
-      return absl::InvalidArgumentError("--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
-    }
-    o.restart_on_exit = false;
-  }
   if (o.host.empty()) return absl::InvalidArgumentError("--host is empty");
   // Fail here, not in a child a few seconds later.
   std::error_code ec;
@@ -273,6 +290,7 @@ class Launcher {
     std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s%s)\n",
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
                 en == 1 ? "" : "s", BalanceMode(*ports).c_str(), gpus.c_str());
+    if (opts_.metrics_port >= 0) PrintMetricsEndpoints();
     std::fflush(stdout);
     (void)children_.TakeExits();  // none: startup stops on any exit
     std::map<std::string, int> quick_exits;
@@ -320,6 +338,11 @@ class Launcher {
     } else if (std::optional<json> j = ReadJsonFile(get("--port-file")); j.has_value() && (*j)["port"].is_number_integer()) {
       set("--port", std::to_string((*j)["port"].get<int>()));
     }
+    // The same /metrics port too, so that Prometheus keeps its target.
+    if (std::optional<json> j = ReadJsonFile(get("--port-file"));
+        j.has_value() && (*j)["metrics_port"].is_number_integer() && (*j)["metrics_port"].get<int>() > 0) {
+      set("--metrics-port", std::to_string((*j)["metrics_port"].get<int>()));
+    }
     return args;
   }
 
@@ -362,6 +385,7 @@ class Launcher {
     if (opts_.expert_replicas > 1) args.insert(args.end(), {"--expert-replicas", std::to_string(opts_.expert_replicas)});
     if (!opts_.config.empty()) args.insert(args.end(), {"--config", opts_.config});
     args.insert(args.end(), opts_.scheduler_flags.begin(), opts_.scheduler_flags.end());
+    if (opts_.metrics_port >= 0) args.insert(args.end(), {"--metrics-port", std::to_string(opts_.metrics_port)});
     DMOE_RETURN_IF_ERROR(children_.Start("scheduler", (bin_dir_ / "dmoe-scheduler").string(), args, kSchedulerStage));
 
     const absl::Time start = absl::Now();
@@ -402,15 +426,39 @@ class Launcher {
           "--host",      opts_.host,
           "--port",      "0",
           "--port-file", PortFile(absl::StrCat(attention ? "attention-" : "expert-", index)).string()};
+      if (opts_.metrics_port >= 0) {
+        const int64_t metrics_port = opts_.metrics_port == 0 ? 0 : opts_.metrics_port + 1 + i;
+        args.insert(args.end(), {"--metrics-port", std::to_string(metrics_port)});
+      }
       if (attention && opts_.cache_pages > 0) {
         args.insert(args.end(), {"--cache-pages", std::to_string(opts_.cache_pages)});
       }
+      args.insert(args.end(), {"--device", opts_.device});
+      if (!opts_.load_format.empty()) args.insert(args.end(), {"--load-format", opts_.load_format});
+      if (attention && !opts_.gpu_memory_fraction.empty()) {
+        args.insert(args.end(), {"--gpu-memory-fraction", opts_.gpu_memory_fraction});
+      }
+      if (attention && opts_.expert_nodes == 0) args.insert(args.end(), {"--experts", "local"});
       if (opts_.transport != "ucx") args.insert(args.end(), {"--transport", opts_.transport});
       if (opts_.gpus > 0) args.insert(args.end(), {"--gpu", std::to_string(i)});  // node i on GPU i
       DMOE_RETURN_IF_ERROR(children_.Start(
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }
     return absl::OkStatus();
+  }
+
+  // One line: every process's /metrics port, from the port files.
+  void PrintMetricsEndpoints() const {
+    std::string line = "dmoe: metrics on";
+    auto add = [&](const std::string& name) {
+      const std::optional<json> j = ReadJsonFile(PortFile(name));
+      const int port = j.has_value() && (*j)["metrics_port"].is_number_integer() ? (*j)["metrics_port"].get<int>() : -1;
+      absl::StrAppend(&line, " ", name, "=", connect_host_, ":", port);
+    };
+    add("scheduler");
+    for (int64_t i = 0; i < opts_.attention_nodes; ++i) add(absl::StrCat("attention-", i));
+    for (int64_t i = 0; i < opts_.expert_nodes; ++i) add(absl::StrCat("expert-", i));
+    std::printf("%s\n", line.c_str());
   }
 
   int NodesListening() const {
@@ -421,40 +469,95 @@ class Launcher {
     return n;
   }
 
-  // Polls the scheduler's health until SERVING (every node registered and
-  // ready); false on a stop request. Asked on the control port, where the
-  // scheduler mirrors the client API's status (which may need TLS).
+  // Watches the scheduler's health until SERVING (every node registered and
+  // ready), on a thread that wakes this one through an eventfd; false on a
+  // stop request. Asked on the control port, where the scheduler mirrors the
+  // client API's status (which may need TLS).
   absl::StatusOr<bool> WaitServing(const SchedulerPorts& ports) {
     const std::string address = absl::StrCat(connect_host_, ":", ports.control_port);
-    std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
     const int64_t nodes = opts_.attention_nodes + opts_.expert_nodes;
     DMOE_LOG(kInfo, "up") << "waiting for " << nodes << " nodes to register and the scheduler to turn SERVING";
-    const absl::Time start = absl::Now();
-    absl::Time next_progress = start + kProgressEvery;
-    std::string last_state;
-    while (true) {
+    const int woken = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (woken < 0) return absl::InternalError(absl::StrCat("eventfd: ", std::strerror(errno)));
+    struct Watch {
+      absl::Mutex mu;
+      std::string state ABSL_GUARDED_BY(mu) = "nothing yet";
+      bool serving ABSL_GUARDED_BY(mu) = false;
+      bool ended ABSL_GUARDED_BY(mu) = false;
+      bool ended_by_deadline ABSL_GUARDED_BY(mu) = false;
+      std::string error ABSL_GUARDED_BY(mu);
       grpc::ClientContext context;
-      context.set_deadline(absl::ToChronoTime(absl::Now() + kHealthCallTimeout));
+    } watch;
+    watch.context.set_wait_for_ready(true);
+    watch.context.set_deadline(absl::ToChronoTime(deadline_));
+    std::thread watcher([&] {
+      std::unique_ptr<grpc::health::v1::Health::Stub> health = grpc::health::v1::Health::NewStub(DialScheduler(address));
       grpc::health::v1::HealthCheckRequest request;
       request.set_service(v1::Generation::service_full_name());
+      auto reader = health->Watch(&watch.context, request);
       grpc::health::v1::HealthCheckResponse response;
-      const grpc::Status status = health->Check(&context, request, &response);
-      if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) return true;
-      last_state = status.ok()
-                       ? grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
-                       : absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())),
-                                      ": ", status.error_message());
+      while (reader->Read(&response)) {
+        absl::MutexLock lock(&watch.mu);
+        watch.state = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+        if (response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+          watch.serving = true;
+          break;
+        }
+      }
+      watch.context.TryCancel();
+      const grpc::Status status = reader->Finish();
+      {
+        absl::MutexLock lock(&watch.mu);
+        watch.ended_by_deadline = status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+        watch.error = absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())), ": ",
+                                   status.error_message());
+        watch.ended = true;
+      }
+      const uint64_t one = 1;
+      (void)!::write(woken, &one, sizeof one);
+    });
+    struct Stop {
+      grpc::ClientContext& context;
+      std::thread& watcher;
+      int fd;
+      ~Stop() {
+        context.TryCancel();
+        watcher.join();
+        ::close(fd);
+      }
+    } stop{watch.context, watcher, woken};
+    const absl::Time start = absl::Now();
+    absl::Time next_progress = start + kProgressEvery;
+    while (true) {
+      std::string state, error;
+      bool ended, by_deadline;
+      {
+        absl::MutexLock lock(&watch.mu);
+        if (watch.serving) return true;
+        state = watch.state;
+        ended = watch.ended;
+        by_deadline = watch.ended_by_deadline;
+        error = watch.error;
+      }
       if (children_.stop_requested()) return false;
       DMOE_RETURN_IF_ERROR(ChildrenStatus());
       const absl::Time now = absl::Now();
-      const std::string state = absl::StrCat(NodesListening(), " of ", nodes, " nodes listening, health ", last_state);
-      if (now >= deadline_) return PastDeadline(state);
+      const std::string progress = absl::StrCat(NodesListening(), " of ", nodes, " nodes listening, health ", state);
+      if (now >= deadline_ || (ended && by_deadline)) return PastDeadline(progress);
+      if (ended) {
+        // The stream broke while the scheduler runs (or just exited: reap it first).
+        children_.Wait(absl::ZeroDuration());
+        DMOE_RETURN_IF_ERROR(ChildrenStatus());
+        return absl::UnavailableError(absl::StrCat("the scheduler's health watch ended (", error, "); stopped it"));
+      }
       if (now >= next_progress) {
         DMOE_LOG(kInfo, "up") << "waiting for the cluster to be ready ("
-                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << "): " << state;
+                              << absl::FormatDuration(absl::Trunc(now - start, absl::Seconds(1))) << "): " << progress;
         next_progress += kProgressEvery;
       }
-      children_.Wait(std::min(kHealthPollEvery, deadline_ - now));
+      // Wakes on the watch's answer, a signal or a child's exit; the
+      // timeout is only for the progress line and the deadline.
+      children_.Wait(std::min(next_progress, deadline_) - now, woken);
     }
   }
 

@@ -8,7 +8,7 @@
 namespace dmoe::cli {
 
 absl::Status RunMakeModel(const std::vector<std::string>& args) {
-  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"preset", "out", "layers", "dtype", "seed"}, {}));
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"preset", "out", "layers", "dtype", "seed"}, {"config-only"}));
   SyntheticModelOptions o;
   DMOE_ASSIGN_OR_RETURN(o.preset, flags.Require("preset"));
   DMOE_ASSIGN_OR_RETURN(std::string out, flags.Require("out"));
@@ -18,6 +18,7 @@ absl::Status RunMakeModel(const std::vector<std::string>& args) {
   }
   DMOE_ASSIGN_OR_RETURN(int64_t seed, flags.GetInt("seed", 0));
   o.seed = static_cast<uint64_t>(seed);
+  o.config_only = flags.Has("config-only");
   const std::string dtype = flags.Get("dtype").value_or("bf16");
   if (dtype == "f32") {
     o.dtype = DType::kF32;

@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "flags/flags.h"
 #include "cli/generate_flags.h"
+#include "core/backends.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/status_macros.h"
@@ -22,21 +23,36 @@ using json = nlohmann::ordered_json;
 
 // The one-process deployment: the cluster's step code with one expert node
 // on a thread behind the in-process transport (LocalExperts for models
-// without routed experts).
+// without routed experts). On a GPU the routed experts run on the compute
+// backend itself, on its device buffers (BackendExperts).
 struct LoadedModel {
   std::unique_ptr<Engine> engine;
   std::unique_ptr<in_process::InProcessExperts> in_process;
-  std::unique_ptr<LocalExperts> local;
+  std::unique_ptr<ExpertBackend> local;
   ExpertBackend& experts() { return in_process ? static_cast<ExpertBackend&>(in_process->backend()) : *local; }
 };
 
-absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
-  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<const ModelWeights> weights, ModelWeights::Load(dir));
+// The flags every one-process command takes for its backend.
+const std::set<std::string> kBackendFlags = {"device", "load-format"};
+
+std::set<std::string> WithBackendFlags(std::set<std::string> flags) {
+  flags.insert(kBackendFlags.begin(), kBackendFlags.end());
+  return flags;
+}
+
+absl::StatusOr<LoadedModel> LoadModel(const std::string& dir, const Flags& flags) {
+  DMOE_ASSIGN_OR_RETURN(BackendOptions options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
+                                                                    flags.Get("load-format").value_or("auto")));
+  DMOE_ASSIGN_OR_RETURN(std::shared_ptr<ComputeBackend> backend,
+                        LoadComputeBackend(dir, WeightSelection::All(), options));
   LoadedModel m;
-  DMOE_ASSIGN_OR_RETURN(m.engine, Engine::Create(weights));
-  if (weights->config.has_moe()) {
+  DMOE_ASSIGN_OR_RETURN(m.engine, Engine::Create(backend));
+  const ModelWeights& weights = m.engine->weights();
+  if (backend->memory() != MemorySpace::kHost) {
+    m.local = std::make_unique<BackendExperts>(*backend);
+  } else if (weights.config.has_moe()) {
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement placement,
-                          router::ExpertPlacement::Contiguous(weights->config.n_routed_experts, 1));
+                          router::ExpertPlacement::Contiguous(weights.config.n_routed_experts, 1));
     DMOE_ASSIGN_OR_RETURN(m.in_process, in_process::InProcessExperts::Create(m.engine->weights(), placement));
   } else {
     m.local = std::make_unique<LocalExperts>(m.engine->weights());
@@ -47,7 +63,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
 // Enough pages for `tokens` positions.
 absl::StatusOr<std::unique_ptr<LatentCache>> CacheFor(const Engine& engine, int64_t tokens) {
   const int64_t page = 64;
-  return LatentCache::Create(engine.CacheOptions(std::max<int64_t>(1, (tokens + page - 1) / page), page));
+  return engine.CreateCache(std::max<int64_t>(1, (tokens + page - 1) / page), page);
 }
 
 void PrintJson(const json& j) { std::cout << j.dump() << "\n"; }
@@ -55,10 +71,10 @@ void PrintJson(const json& j) { std::cout << j.dump() << "\n"; }
 }  // namespace
 
 absl::Status RunForward(const std::vector<std::string>& args) {
-  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"model", "ids"}, {"all-positions"}));
+  DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, WithBackendFlags({"model", "ids"}), {"all-positions"}));
   DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, flags.GetIds("ids"));
-  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir));
+  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir, flags));
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, CacheFor(*m.engine, static_cast<int64_t>(ids.size())));
   StepSequence seq{0, ids, flags.Has("all-positions")};
   DMOE_ASSIGN_OR_RETURN(std::vector<SequenceLogits> out, m.engine->Step({seq}, *cache, m.experts()));
@@ -73,8 +89,9 @@ absl::Status RunForward(const std::vector<std::string>& args) {
 
 absl::Status RunGenerate(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
-                                                  {"model", "prompt", "ids", "max-tokens", "temperature", "top-p",
-                                                   "top-k", "min-p", "seed", "prefill-chunk"},
+                                                  WithBackendFlags({"model", "prompt", "ids", "max-tokens",
+                                                                    "temperature", "top-p", "top-k", "min-p", "seed",
+                                                                    "prefill-chunk"}),
                                                   {"json", "ignore-eos"}));
   DMOE_ASSIGN_OR_RETURN(std::string dir, flags.Require("model"));
   if (flags.Has("prompt") == flags.Has("ids")) {
@@ -97,7 +114,7 @@ absl::Status RunGenerate(const std::vector<std::string>& args) {
       prompt.insert(prompt.begin(), *tokenizer->bos_token_id());
     }
   }
-  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir));
+  DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModel(dir, flags));
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache,
                         CacheFor(*m.engine, static_cast<int64_t>(prompt.size()) + opts.max_tokens));
   const bool as_json = flags.Has("json");

@@ -4,21 +4,31 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "core/cpu/matmul.h"
-#include "core/cpu/ops.h"
+#include "core/cpu/cpu_backend.h"
+#include "core/cpu/parallel.h"
 #include "core/status_macros.h"
 
 namespace dmoe {
 
-Engine::Engine(std::shared_ptr<const ModelWeights> weights, const EngineOptions& options)
-    : weights_(std::move(weights)), options_(options), rope_(weights_->config), gate_(weights_->config) {}
+Engine::Engine(std::shared_ptr<ComputeBackend> backend, const EngineOptions& options)
+    : backend_(std::move(backend)), options_(options), gate_(backend_->config()) {}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const ModelWeights> weights,
                                                        const EngineOptions& options) {
-  if (weights == nullptr || weights->embed_tokens.empty()) {
+  if (weights == nullptr) return absl::InvalidArgumentError("engine needs weights");
+  return Create(std::make_shared<CpuBackend>(std::move(weights)), options);
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<ComputeBackend> backend,
+                                                       const EngineOptions& options) {
+  if (backend == nullptr || !backend->has_non_expert_weights()) {
     return absl::FailedPreconditionError("engine needs the non-expert weights (embeddings, attention, head)");
   }
-  return std::unique_ptr<Engine>(new Engine(std::move(weights), options));
+  return std::unique_ptr<Engine>(new Engine(std::move(backend), options));
+}
+
+absl::StatusOr<std::unique_ptr<LatentCache>> Engine::CreateCache(int64_t num_pages, int64_t page_size) const {
+  return backend_->CreateCache(CacheOptions(num_pages, page_size));
 }
 
 LatentCacheOptions Engine::CacheOptions(int64_t num_pages, int64_t page_size) const {
@@ -65,8 +75,12 @@ absl::Status Engine::Validate(const std::vector<StepSequence>& batch, const Late
 // One micro-batch of a step: a contiguous run of the batch's sequences.
 struct Engine::MicroBatch {
   std::vector<MlaSequence> seqs;  // row_begin relative to this micro-batch
+  std::unique_ptr<AttentionPlan> plan;
   int64_t n = 0;
-  std::vector<float> x, h, delta, shared;
+  Buffer x, h, delta, shared;  // [n, D] each, in the backend's memory
+  // Host copies of h and the routed experts' output, for an ExpertBackend
+  // that takes host arrays while the backend computes on a device.
+  std::vector<float> host_h, host_delta;
   std::vector<int32_t> topk_idx;
   std::vector<int32_t> unbiased_topk_idx;  // only while a serving bias is measured
   int64_t pending_layer = -1;  // MoE layer whose routed experts are in flight
@@ -75,58 +89,89 @@ struct Engine::MicroBatch {
 absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCache& cache, ExpertBackend& experts,
                                 const StepRouting& routing) const {
   const ModelConfig& c = config();
-  const LayerWeights& lw = weights_->layers[l];
+  ComputeBackend& be = *backend_;
   const int64_t D = c.hidden_size, n = mb.n;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  cpu::RmsNorm(mb.x.data(), n, D, lw.input_layernorm.data(), eps, mb.h.data());
-  MlaForward(c, lw.attn, rope_, l, mb.seqs, options_.mla_form, mb.h.data(), n, cache, mb.delta.data());
-  for (int64_t i = 0; i < n * D; ++i) mb.x[i] += mb.delta[i];
-  cpu::RmsNorm(mb.x.data(), n, D, lw.post_attention_layernorm.data(), eps, mb.h.data());
+  float *x = mb.x.data(), *h = mb.h.data(), *delta = mb.delta.data();
+  DMOE_RETURN_IF_ERROR(be.RmsNorm(l, NormKind::kInputLayernorm, x, n, h));
+  DMOE_RETURN_IF_ERROR(be.Attention(l, *mb.plan, options_.mla_form, h, n, cache, delta));
+  DMOE_RETURN_IF_ERROR(be.AddTo(x, delta, nullptr, n * D));
+  DMOE_RETURN_IF_ERROR(be.RmsNorm(l, NormKind::kPostAttentionLayernorm, x, n, h));
   if (!c.is_moe_layer(l)) {
-    MlpForward(lw.mlp, mb.h.data(), n, mb.delta.data());
-    for (int64_t i = 0; i < n * D; ++i) mb.x[i] += mb.delta[i];
-    return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(be.DenseMlp(l, h, n, delta));
+    return be.AddTo(x, delta, nullptr, n * D);
   }
-  const MoeWeights& moe = lw.moe;
+  const MoeWeights& moe = weights().layers[l].moe;
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
+  if (mb.shared.empty()) {
+    DMOE_ASSIGN_OR_RETURN(mb.shared, be.Allocate(n * D));
+  }
+  // The shared experts run while the routed ones are in flight (on expert
+  // nodes, or on the CPU in Begin); on a device whose own buffers the
+  // experts read, they are queued behind the router instead, so the device
+  // computes them while the host waits for the logits and runs the gate.
+  const bool shared_first = be.memory() != MemorySpace::kHost && experts.takes_backend_buffers();
   std::vector<float> logits(n * E);
-  cpu::MatMul(mb.h.data(), n, moe.router, logits.data());  // float32 router
+  DMOE_RETURN_IF_ERROR(be.RouterLogits(l, h, n, logits.data(),  // float32 router
+                                       shared_first ? std::function<absl::Status()>([&] {
+                                         return be.SharedExperts(l, h, n, mb.shared.data());
+                                       })
+                                                    : nullptr));
   mb.topk_idx.resize(n * k);
   std::vector<float> topk_weights(n * k);
   absl::Span<const float> serving_bias;
   if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
     serving_bias = (*routing.serving_bias)[l];
   }
-  for (int64_t t = 0; t < n; ++t) {
-    gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
-                mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
-  }
+  // Tokens route independently (MoeGate is immutable): in parallel, which
+  // matters for large decode batches on a GPU, where this is host time the
+  // device waits for.
+  constexpr int64_t kRouteGrain = 32;
+  cpu::ParallelFor(n, kRouteGrain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, serving_bias,
+                  mb.topk_idx.data() + t * k, topk_weights.data() + t * k);
+    }
+  });
   mb.unbiased_topk_idx.clear();
   if (routing.unbiased_topk_idx_out != nullptr && !serving_bias.empty()) {
     mb.unbiased_topk_idx.resize(n * k);
-    std::vector<float> unused(k);
-    for (int64_t t = 0; t < n; ++t) {
-      gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, {},
-                  mb.unbiased_topk_idx.data() + t * k, unused.data());
-    }
+    cpu::ParallelFor(n, kRouteGrain, [&](int64_t b, int64_t e) {
+      std::vector<float> unused(k);
+      for (int64_t t = b; t < e; ++t) {
+        gate_.Route(absl::MakeConstSpan(logits.data() + t * E, E), moe.e_score_correction_bias, {},
+                    mb.unbiased_topk_idx.data() + t * k, unused.data());
+      }
+    });
+  }
+  const float* expert_input = h;
+  if (StagesExperts(experts)) {
+    mb.host_h.resize(n * D);
+    DMOE_RETURN_IF_ERROR(be.Download(h, n * D, mb.host_h.data()));
+    expert_input = mb.host_h.data();
   }
   DMOE_RETURN_IF_ERROR(
-      experts.BeginRoutedExperts(l, index, mb.h.data(), n, k, mb.topk_idx.data(), topk_weights.data()));
+      experts.BeginRoutedExperts(l, index, expert_input, n, k, mb.topk_idx.data(), topk_weights.data()));
   mb.pending_layer = l;
-  // The shared experts run while the routed ones are in flight.
-  mb.shared.assign(n * D, 0.0f);
-  if (moe.shared_experts.loaded()) MlpForward(moe.shared_experts, mb.h.data(), n, mb.shared.data());
-  return absl::OkStatus();
+  return shared_first ? absl::OkStatus() : be.SharedExperts(l, h, n, mb.shared.data());
 }
 
 absl::Status Engine::FinishLayer(int index, MicroBatch& mb, ExpertBackend& experts) const {
   if (mb.pending_layer < 0) return absl::OkStatus();
   const int64_t layer = mb.pending_layer;
   mb.pending_layer = -1;
-  DMOE_RETURN_IF_ERROR(experts.FinishRoutedExperts(layer, index, mb.delta.data()));
   const int64_t count = mb.n * config().hidden_size;
-  for (int64_t i = 0; i < count; ++i) mb.x[i] += mb.delta[i] + mb.shared[i];
-  return absl::OkStatus();
+  if (StagesExperts(experts)) {
+    mb.host_delta.resize(count);
+    DMOE_RETURN_IF_ERROR(experts.FinishRoutedExperts(layer, index, mb.host_delta.data()));
+    DMOE_RETURN_IF_ERROR(backend_->Upload(mb.host_delta.data(), count, mb.delta.data()));
+  } else {
+    DMOE_RETURN_IF_ERROR(experts.FinishRoutedExperts(layer, index, mb.delta.data()));
+  }
+  return backend_->AddTo(mb.x.data(), mb.delta.data(), mb.shared.data(), count);
+}
+
+bool Engine::StagesExperts(const ExpertBackend& experts) const {
+  return backend_->memory() != MemorySpace::kHost && !experts.takes_backend_buffers();
 }
 
 absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepSequence>& batch,
@@ -134,7 +179,7 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
                                                          const StepRouting& routing) const {
   DMOE_RETURN_IF_ERROR(Validate(batch, cache));
   const ModelConfig& c = config();
-  const ModelWeights& w = *weights_;
+  ComputeBackend& be = *backend_;
   const int64_t D = c.hidden_size, V = c.vocab_size;
 
   int64_t total = 0;
@@ -173,17 +218,31 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     }
   };
 
-  for (size_t b = 0, row = 0; b < batch.size(); ++b) {
-    MicroBatch& mb = mbs[b < split ? 0 : 1];
-    if (b == split) row = 0;
-    if (mb.x.empty()) {
-      mb.x.resize(mb.n * D);
-      mb.h.resize(mb.n * D);
-      mb.delta.resize(mb.n * D);
+  for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
+    MicroBatch& mb = mbs[i];
+    std::vector<int32_t> tokens;
+    tokens.reserve(mb.n);
+    for (size_t b = (i == 0 ? 0 : split); b < (i == 0 ? split : batch.size()); ++b) {
+      tokens.insert(tokens.end(), batch[b].tokens.begin(), batch[b].tokens.end());
     }
-    for (int32_t t : batch[b].tokens) {
-      for (int64_t i = 0; i < D; ++i) mb.x[row * D + i] = w.embed_tokens.at(t, i);
-      ++row;
+    absl::Status st;
+    for (Buffer* buf : {&mb.x, &mb.h, &mb.delta}) {
+      absl::StatusOr<Buffer> allocated = be.Allocate(mb.n * D);
+      if (!allocated.ok()) {
+        st = allocated.status();
+        break;
+      }
+      *buf = *std::move(allocated);
+    }
+    if (st.ok()) st = be.Embed(tokens, mb.x.data());
+    if (st.ok()) {
+      absl::StatusOr<std::unique_ptr<AttentionPlan>> plan = be.PlanAttention(mb.seqs, mb.n, cache);
+      st = plan.status();
+      if (st.ok()) mb.plan = *std::move(plan);
+    }
+    if (!st.ok()) {
+      rollback();
+      return st;
     }
   }
   // Layer by layer, alternating micro-batches: while one micro-batch's routed
@@ -221,25 +280,57 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     }
   }
 
-  // Head: only the positions asked for.
+  // Head: only the positions asked for, in one pass over both micro-batches
+  // (rows of the second follow the first's); greedy_only sequences get their
+  // token instead of logits.
   std::vector<SequenceLogits> result(batch.size());
-  std::vector<const float*> rows;
+  std::vector<int64_t> rows, greedy_rows;
+  std::vector<size_t> greedy_of;  // batch index of each greedy row
   for (size_t b = 0; b < batch.size(); ++b) {
-    const MicroBatch& mb = mbs[b < split ? 0 : 1];
-    const MlaSequence& m = mb.seqs[b < split ? b : b - split];
+    const MlaSequence& m = mbs[b < split ? 0 : 1].seqs[b < split ? b : b - split];
+    const int64_t base = b < split ? 0 : mbs[0].n;
+    if (batch[b].greedy_only && !batch[b].all_logits) {
+      greedy_rows.push_back(base + m.row_begin + m.num_tokens - 1);
+      greedy_of.push_back(b);
+      result[b].positions.push_back(m.start_pos + m.num_tokens - 1);
+      continue;
+    }
     const int64_t first = batch[b].all_logits ? 0 : m.num_tokens - 1;
-    for (int64_t i = first; i < m.num_tokens; ++i) {
-      rows.push_back(mb.x.data() + (m.row_begin + i) * D);
-      result[b].positions.push_back(m.start_pos + i);
+    for (int64_t t = first; t < m.num_tokens; ++t) {
+      rows.push_back(base + m.row_begin + t);
+      result[b].positions.push_back(m.start_pos + t);
     }
   }
-  const int64_t nr = static_cast<int64_t>(rows.size());
-  std::vector<float> normed(nr * D), logits(nr * V);
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  for (int64_t i = 0; i < nr; ++i) cpu::RmsNorm(rows[i], 1, D, w.norm.data(), eps, normed.data() + i * D);
-  cpu::MatMul(normed.data(), nr, w.lm_head, logits.data());
+  const float* hidden = mbs[0].x.data();
+  Buffer joined;
+  absl::Status st;
+  if (mbs.size() == 2) {
+    absl::StatusOr<Buffer> allocated = be.Allocate((mbs[0].n + mbs[1].n) * D);
+    st = allocated.status();
+    if (st.ok()) joined = *std::move(allocated);
+    if (st.ok()) st = be.Copy(mbs[0].x.data(), mbs[0].n * D, joined.data());
+    if (st.ok()) st = be.Copy(mbs[1].x.data(), mbs[1].n * D, joined.data() + mbs[0].n * D);
+    hidden = joined.data();
+  }
+  std::vector<float> logits(rows.size() * V);
+  if (st.ok() && !rows.empty()) st = be.Logits(hidden, rows, logits.data());
+  std::vector<int32_t> greedy_tokens(greedy_rows.size());
+  std::vector<float> greedy_logprobs(greedy_rows.size());
+  if (st.ok() && !greedy_rows.empty()) {
+    st = be.GreedyTokens(hidden, greedy_rows, greedy_tokens.data(), greedy_logprobs.data());
+  }
+  if (!st.ok()) {
+    rollback();
+    return st;
+  }
+  for (size_t i = 0; i < greedy_of.size(); ++i) {
+    result[greedy_of[i]].greedy_token = greedy_tokens[i];
+    result[greedy_of[i]].greedy_logprob = greedy_logprobs[i];
+  }
   int64_t offset = 0;
-  for (SequenceLogits& r : result) {
+  for (size_t b = 0; b < batch.size(); ++b) {
+    SequenceLogits& r = result[b];
+    if (batch[b].greedy_only && !batch[b].all_logits) continue;
     const int64_t count = static_cast<int64_t>(r.positions.size());
     r.logits.assign(logits.begin() + offset * V, logits.begin() + (offset + count) * V);
     offset += count;

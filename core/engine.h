@@ -1,7 +1,9 @@
 // The forward pass of a DeepSeek-V2/V3 model over a batch of sequences
-// (MODEL_SPEC.md 3), on the CPU backend. The single-process CLI and the
-// cluster's attention nodes run this same step; only the ExpertBackend
-// differs (in-process experts, or expert nodes over the transport).
+// (MODEL_SPEC.md 3), on a compute backend (core/compute_backend.h: CPU or
+// CUDA). The single-process CLI and the cluster's attention nodes run this
+// same step; only the ComputeBackend and the ExpertBackend differ
+// (in-process experts, expert nodes over the transport, or the compute
+// backend's own resident experts).
 #ifndef DMOE_CORE_ENGINE_H_
 #define DMOE_CORE_ENGINE_H_
 
@@ -11,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/compute_backend.h"
 #include "core/latent_cache.h"
 #include "core/mla.h"
 #include "core/mlp.h"
@@ -36,11 +39,19 @@ struct StepSequence {
   SequenceId seq = 0;
   std::vector<int32_t> tokens;
   bool all_logits = false;  // logits of every position, else only the last
+  // Only the last position's greedy token and its log-probability, no
+  // logits (ignored with all_logits): a GPU backend then sends back one id
+  // per sequence instead of vocab_size floats.
+  bool greedy_only = false;
 };
 
 struct SequenceLogits {
   std::vector<int64_t> positions;
-  std::vector<float> logits;  // [positions.size(), vocab_size]
+  std::vector<float> logits;  // [positions.size(), vocab_size]; empty for greedy_only
+  // greedy_only: what Sampler gives at temperature 0 for the last position
+  // (the token exactly; the log-probability up to float rounding on a GPU).
+  int32_t greedy_token = -1;
+  float greedy_logprob = 0.0f;
 };
 
 // Per-step hooks into the MoE layers, e.g. the balancer's serving bias.
@@ -55,18 +66,25 @@ struct StepRouting {
   std::vector<std::vector<int32_t>>* unbiased_topk_idx_out = nullptr;
 };
 
-// Holds the weights (shared, immutable) and derived tables. Step() may be
-// called from one thread at a time per LatentCache.
+// Holds the compute backend (which holds the weights) and derived tables.
+// Step() may be called from one thread at a time per LatentCache on the CPU
+// backend, and from one thread at a time on others.
 class Engine {
  public:
+  // On the CPU backend.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(std::shared_ptr<const ModelWeights> weights,
                                                         const EngineOptions& options = {});
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(std::shared_ptr<ComputeBackend> backend,
+                                                        const EngineOptions& options = {});
 
-  const ModelConfig& config() const { return weights_->config; }
-  const ModelWeights& weights() const { return *weights_; }
+  const ModelConfig& config() const { return backend_->config(); }
+  const ModelWeights& weights() const { return backend_->weights(); }
+  ComputeBackend& backend() const { return *backend_; }
 
   // LatentCacheOptions sized for this model with `num_pages` pages.
   LatentCacheOptions CacheOptions(int64_t num_pages, int64_t page_size = 64) const;
+  // A latent cache of `num_pages` pages in the backend's memory.
+  absl::StatusOr<std::unique_ptr<LatentCache>> CreateCache(int64_t num_pages, int64_t page_size = 64) const;
 
   // Runs one forward step: extends each sequence's cache by its tokens,
   // runs every layer, returns logits in input order. INVALID_ARGUMENT for a
@@ -77,7 +95,7 @@ class Engine {
                                                    ExpertBackend& experts, const StepRouting& routing = {}) const;
 
  private:
-  Engine(std::shared_ptr<const ModelWeights> weights, const EngineOptions& options);
+  Engine(std::shared_ptr<ComputeBackend> backend, const EngineOptions& options);
   absl::Status Validate(const std::vector<StepSequence>& batch, const LatentCache& cache) const;
   struct MicroBatch;
   // Runs attention and starts the FFN of `layer` for one micro-batch.
@@ -85,10 +103,12 @@ class Engine {
                           const StepRouting& routing) const;
   // Adds the routed experts' output of the pending MoE layer, if any.
   absl::Status FinishLayer(int index, MicroBatch& mb, ExpertBackend& experts) const;
+  // Whether routed-expert activations go through host copies (a device
+  // backend with experts that take host arrays).
+  bool StagesExperts(const ExpertBackend& experts) const;
 
-  std::shared_ptr<const ModelWeights> weights_;
+  std::shared_ptr<ComputeBackend> backend_;
   EngineOptions options_;
-  Rope rope_;
   MoeGate gate_;
 };
 

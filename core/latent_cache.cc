@@ -72,8 +72,9 @@ LatentCache::LatentCache(const LatentCacheOptions& options)
       // attending to zeros, which look like a plausible (and wrong) key.
       // Pages that are freed and handed out again keep the previous owner's
       // values; the poisoning covers never-written storage only.
-      pool_(static_cast<size_t>(options.num_pages * options.num_layers * options.page_size *
-                                (options.kv_lora_rank + options.qk_rope_head_dim)),
+      pool_(options.host_pool ? static_cast<size_t>(options.num_pages * options.num_layers * options.page_size *
+                                                    (options.kv_lora_rank + options.qk_rope_head_dim))
+                              : 0,
             std::numeric_limits<float>::quiet_NaN()) {
   // LIFO free list: pop_back hands out page 0 first, then 1, 2, ...
   free_pages_.reserve(static_cast<size_t>(options.num_pages));
@@ -147,6 +148,7 @@ void LatentCache::Free(SequenceId seq) {
 }
 
 const float* LatentCache::Entry(SequenceId seq, int64_t layer, int64_t pos) const {
+  DMOE_LC_CHECK(options_.host_pool, "Entry of a cache without a host pool (its entries live on a device)");
   auto it = sequences_.find(seq);
   DMOE_LC_CHECK(it != sequences_.end(), absl::StrCat("Entry of unknown sequence ", seq));
   const Sequence& sequence = it->second;

@@ -13,7 +13,9 @@
 // written poisons the attention output instead of silently using zeros
 // (pages freed and handed out again keep their previous owner's values).
 // Allocation is deterministic (LIFO free list; a fresh cache hands out pages
-// 0, 1, 2, ...).
+// 0, 1, 2, ...). A GPU compute backend creates the cache without a host pool
+// (host_pool = false) and attaches its device pool, laid out by the same
+// page indices; the block tables stay here.
 #ifndef DMOE_CORE_LATENT_CACHE_H_
 #define DMOE_CORE_LATENT_CACHE_H_
 
@@ -33,6 +35,9 @@ struct LatentCacheOptions {
   int64_t qk_rope_head_dim = 0;   // dr
   int64_t page_size = 64;         // tokens per page
   int64_t num_pages = 0;          // pool size
+  // false: no host pool; the entries live in storage a compute backend
+  // attaches (a device pool), and Entry() may not be called.
+  bool host_pool = true;
 };
 
 using SequenceId = int64_t;
@@ -75,6 +80,17 @@ class LatentCache {
   // The sequence's pages in position order (empty for an unknown sequence).
   const std::vector<int64_t>& BlockTable(SequenceId seq) const;
 
+  bool has_host_pool() const { return options_.host_pool; }
+  // Entry storage owned by a compute backend (e.g. a GPU pool laid out by
+  // page index), kept alive with the cache; `owner` identifies the backend
+  // that may read it.
+  void AttachStorage(std::shared_ptr<void> storage, const void* owner) {
+    storage_ = std::move(storage);
+    storage_owner_ = owner;
+  }
+  void* storage() const { return storage_.get(); }
+  const void* storage_owner() const { return storage_owner_; }
+
  private:
   explicit LatentCache(const LatentCacheOptions& options);
   struct Sequence {
@@ -86,6 +102,8 @@ class LatentCache {
   std::vector<float> pool_;  // [num_pages][num_layers][page_size][entry_width]
   std::vector<int64_t> free_pages_;
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
+  std::shared_ptr<void> storage_;
+  const void* storage_owner_ = nullptr;
 };
 
 }  // namespace dmoe

@@ -20,6 +20,15 @@ void MlpForward(const MlpWeights& mlp, const float* x, int64_t n, float* out);
 class ExpertBackend {
  public:
   virtual ~ExpertBackend() = default;
+  // false: x and out of Begin/Finish are host arrays (the engine stages
+  // device activations through the host). true: they are pointers into the
+  // engine's compute-backend buffers (BackendExperts, core/compute_backend.h).
+  virtual bool takes_backend_buffers() const { return false; }
+  // Tags the next step's work (the cluster's step id); call before Engine::Step.
+  virtual void BeginStep(uint64_t step_id) {}
+  // Seconds spent waiting for remote results since the last call (0 when
+  // computed locally).
+  virtual double TakeWaitSeconds() { return 0; }
   // x: [n, D] normalized hidden states; topk_idx, topk_weights: [n, k]
   // (an index < 0 marks a slot to skip). `micro_batch` (0 or 1) tells
   // concurrent Begin calls of one layer apart. The inputs may be reused once

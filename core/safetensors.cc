@@ -219,4 +219,13 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::filesy
                                           ": no model.safetensors or model.safetensors.index.json"));
 }
 
+std::unique_ptr<TensorStore> TensorStore::FromTensors(std::vector<TensorInfo> tensors) {
+  auto store = std::unique_ptr<TensorStore>(new TensorStore());
+  for (TensorInfo& t : tensors) {
+    std::string name = t.name;
+    store->tensors_[name] = std::move(t);
+  }
+  return store;
+}
+
 }  // namespace dmoe

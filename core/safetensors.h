@@ -40,6 +40,10 @@ class TensorStore {
   // Opens one .safetensors file.
   static absl::StatusOr<std::unique_ptr<TensorStore>> OpenFile(const std::filesystem::path& file);
 
+  // A store over tensors held in memory (each keeps its bytes alive
+  // through `mapping`), e.g. random weights for --load-format dummy.
+  static std::unique_ptr<TensorStore> FromTensors(std::vector<TensorInfo> tensors);
+
   const TensorInfo* Find(const std::string& name) const;
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   int64_t total_bytes() const;

@@ -64,6 +64,16 @@ json V3Config() {
     "num_nextn_predict_layers": 1})");
 }
 
+}  // namespace
+
+uint64_t RandomTensorKey(const std::string& name, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull ^ seed;
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+namespace {
+
 uint64_t SplitMix(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -71,18 +81,12 @@ uint64_t SplitMix(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
-uint64_t HashName(const std::string& name, uint64_t seed) {
-  uint64_t h = 1469598103934665603ull ^ seed;
-  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
 // Uniform values in center ± half_width, deterministic per (seed, name),
 // generated in parallel chunks.
 std::vector<float> RandomValues(const std::string& name, int64_t n, uint64_t seed, float center, float half_width) {
   std::vector<float> v(n);
-  constexpr int64_t kChunk = 1 << 16;
-  const uint64_t base = HashName(name, seed);
+  constexpr int64_t kChunk = kRandomTensorChunk;
+  const uint64_t base = RandomTensorKey(name, seed);
   cpu::ParallelFor((n + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       uint64_t state = base ^ (static_cast<uint64_t>(c) * 0xd1b54a32d192ed03ull);
@@ -96,13 +100,17 @@ std::vector<float> RandomValues(const std::string& name, int64_t n, uint64_t see
   return v;
 }
 
-struct Spec {
-  std::string name;
-  std::vector<int64_t> shape;
-  float center, half_width;
-};
+using Spec = RandomTensorSpec;
 
-std::vector<Spec> TensorSpecs(const ModelConfig& c) {
+}  // namespace
+
+std::vector<float> RandomTensorValues(const RandomTensorSpec& spec, uint64_t seed) {
+  int64_t numel = 1;
+  for (int64_t d : spec.shape) numel *= d;
+  return RandomValues(spec.name, numel, seed, spec.center, spec.half_width);
+}
+
+std::vector<RandomTensorSpec> RandomTensorSpecs(const ModelConfig& c) {
   const int64_t D = c.hidden_size, H = c.num_attention_heads, dq = c.qk_head_dim();
   const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim;
   auto proj = [](int64_t in) { return std::sqrt(3.0f / static_cast<float>(in)); };
@@ -144,6 +152,8 @@ std::vector<Spec> TensorSpecs(const ModelConfig& c) {
   }
   return specs;
 }
+
+namespace {
 
 std::vector<uint8_t> Bytes(const void* p, size_t n) {
   const auto* b = static_cast<const uint8_t*>(p);
@@ -281,6 +291,17 @@ absl::StatusOr<std::string> SyntheticConfigJson(const SyntheticModelOptions& o) 
 
 absl::Status WriteSyntheticModel(const SyntheticModelOptions& o, const std::filesystem::path& out_dir) {
   DMOE_ASSIGN_OR_RETURN(std::string config_text, SyntheticConfigJson(o));
+  if (o.config_only) {
+    std::error_code ec;
+    std::filesystem::create_directories(out_dir, ec);
+    if (ec) return absl::PermissionDeniedError(absl::StrCat(out_dir.string(), ": cannot create: ", ec.message()));
+    DMOE_RETURN_IF_ERROR(WriteText(out_dir / "config.json", config_text));
+    DMOE_RETURN_IF_ERROR(WriteText(out_dir / "tokenizer.json", BundledTokenizerJson()));
+    DMOE_RETURN_IF_ERROR(WriteText(out_dir / "tokenizer_config.json", BundledTokenizerConfigJson()));
+    DMOE_LOG(kInfo, "make-model") << "preset " << o.preset << ": config and tokenizer only (for --load-format dummy) in "
+                                  << out_dir.string();
+    return absl::OkStatus();
+  }
   DMOE_LOG(kInfo, "make-model") << "preset " << o.preset << ", " << DTypeName(o.dtype) << ", seed " << o.seed;
   return WriteRandomModel(config_text, o.dtype, o.seed, out_dir, o.shard_bytes);
 }
@@ -301,7 +322,7 @@ absl::Status WriteRandomModel(const std::string& config_text, DType model_dtype,
   std::vector<TensorToWrite> tensors;
   int64_t total = 0;
   const std::array<int64_t, 2> block = config.fp8_weight_block_size.value_or(std::array<int64_t, 2>{128, 128});
-  for (const Spec& spec : TensorSpecs(config)) {
+  for (const Spec& spec : RandomTensorSpecs(config)) {
     const DType dtype = model_dtype == DType::kF8E4M3
                             ? (IsFp8Projection(spec.name) ? DType::kF8E4M3 : DType::kBF16)
                         : spec.shape.size() == 1 ? DType::kF32  // norms and biases stay float32

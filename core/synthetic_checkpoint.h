@@ -31,6 +31,9 @@ struct SyntheticModelOptions {
   DType dtype = DType::kBF16;
   uint64_t seed = 0;
   int64_t shard_bytes = 4ll << 30;
+  // Only config.json and the tokenizer, no weights: a model directory for
+  // --load-format dummy (the weights are generated where they are used).
+  bool config_only = false;
 };
 
 // The preset's config.json text. INVALID_ARGUMENT for an unknown preset.
@@ -44,6 +47,25 @@ absl::Status WriteSyntheticModel(const SyntheticModelOptions& options, const std
 // as the presets) plus config.json and the bundled tokenizer.
 absl::Status WriteRandomModel(const std::string& config_json, DType dtype, uint64_t seed,
                               const std::filesystem::path& out_dir, int64_t shard_bytes = 4ll << 30);
+
+// One tensor of a random model: its hub name and shape, and the uniform
+// distribution center ± half_width its values are drawn from.
+struct RandomTensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  float center = 0.f, half_width = 0.f;
+};
+// Every tensor of a random model of `config` (WriteRandomModel's and
+// --load-format dummy's), in a fixed order.
+std::vector<RandomTensorSpec> RandomTensorSpecs(const ModelConfig& config);
+// The values of a tensor: element i of chunk c = i / kRandomTensorChunk is
+// center + half_width * (2u - 1) with u = (z >> 11) * 2^-53 in double, z the
+// (i % kRandomTensorChunk + 1)-th SplitMix64 output from the state
+// RandomTensorKey(name, seed) ^ (c * 0xd1b54a32d192ed03). Stated exactly so
+// that a GPU generates the same values (core/cuda).
+inline constexpr int64_t kRandomTensorChunk = 1 << 16;
+uint64_t RandomTensorKey(const std::string& name, uint64_t seed);
+std::vector<float> RandomTensorValues(const RandomTensorSpec& spec, uint64_t seed);
 
 // True for the weights DeepSeek-V3's FP8 release stores block-scaled: every
 // attention and MLP/expert projection ("*_proj.weight", "*_proj_with_mqa.weight").

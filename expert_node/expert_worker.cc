@@ -3,14 +3,21 @@
 #include <map>
 #include <tuple>
 
+#include "core/cpu/cpu_backend.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 
 namespace dmoe::expert {
 ExpertWorker::ExpertWorker(const ModelWeights& weights, transport::Transport& transport)
-    : weights_(weights), transport_(transport), experts_(weights) {
-  load_.assign(weights.config.num_hidden_layers * weights.config.n_routed_experts, 0);
+    // The caller keeps `weights` alive: a non-owning pointer.
+    : ExpertWorker(std::make_shared<CpuBackend>(std::shared_ptr<const ModelWeights>(std::shared_ptr<void>(), &weights)),
+                   transport) {}
+
+ExpertWorker::ExpertWorker(std::shared_ptr<ComputeBackend> backend, transport::Transport& transport)
+    : backend_(std::move(backend)), weights_(backend_->weights()), transport_(transport) {
+  load_.assign(weights_.config.num_hidden_layers * weights_.config.n_routed_experts, 0);
 }
 
 std::vector<int64_t> ExpertWorker::TakeLoad(int64_t* dispatches) {
@@ -84,11 +91,13 @@ void ExpertWorker::Serve(std::vector<transport::Message> batch) {
       std::copy(it.dispatch.topk_idx.begin(), it.dispatch.topk_idx.end(), idx.begin() + it.row_begin * k);
       std::copy(it.dispatch.topk_weights.begin(), it.dispatch.topk_weights.end(), w.begin() + it.row_begin * k);
     }
-    absl::Status st = experts_.Compute(layer, x.data(), n, k, idx.data(), w.data(), out.data());
+    const absl::Time compute_start = absl::Now();
+    absl::Status st = RoutedExpertsOnHost(*backend_, layer, x.data(), n, k, idx.data(), w.data(), out.data());
     if (!st.ok()) {
       DMOE_LOG(kWarning, "expert-node") << "layer " << layer << ": " << st << "; not answering";
       continue;
     }
+    metrics::ExpertNode().LayerServed(n, static_cast<int64_t>(items.size()), absl::Now() - compute_start);
     {
       absl::MutexLock lock(&mu_);
       for (int32_t e : idx) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "core/compute_backend.h"
 #include "core/mlp.h"
 #include "core/model_weights.h"
 #include "transport/transport.h"
@@ -21,7 +22,10 @@ namespace dmoe::expert {
 // called from one thread; Stop(), TakeLoad() and the counters from any.
 class ExpertWorker {
  public:
+  // Experts on the CPU, from `weights`.
   ExpertWorker(const ModelWeights& weights, transport::Transport& transport);
+  // Experts resident where `backend` computes (CPU or GPU).
+  ExpertWorker(std::shared_ptr<ComputeBackend> backend, transport::Transport& transport);
 
   // Serves until Stop(). Messages that arrive together are grouped, so every
   // local expert runs once over all their tokens. A malformed message is
@@ -40,9 +44,9 @@ class ExpertWorker {
  private:
   void Serve(std::vector<transport::Message> batch);
 
+  std::shared_ptr<ComputeBackend> backend_;
   const ModelWeights& weights_;
   transport::Transport& transport_;
-  LocalExperts experts_;
   std::atomic<int64_t> messages_served_{0};
   absl::Mutex mu_;
   std::vector<int64_t> load_ ABSL_GUARDED_BY(mu_);

@@ -17,9 +17,11 @@
 #include "transport/node_transport.h"
 #include "flags/flags.h"
 #include "core/config.h"
+#include "core/backends.h"
 #include "core/log.h"
 #include "core/model_weights.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "expert_node/expert_service.h"
 #include "expert_node/expert_worker.h"
 
@@ -28,25 +30,33 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
-    "                        [--report-interval-ms 200] [--port-file FILE] [--transport ucx|nccl] [--gpu 0]\n";
+    "                        [--report-interval-ms 200] [--port-file FILE] [--metrics-port -1]\n"
+    "                        [--advertise-address HOST] [--device cpu|cuda] [--load-format auto|dummy]\n"
+    "                        [--transport ucx|nccl] [--gpu 0 (the GPU of the cuda backend and NCCL)]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(
       Flags flags,
-      Flags::Parse(args, {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "transport", "gpu"}, {}));
+      Flags::Parse(args,
+                   {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "metrics-port",
+                    "advertise-address", "device", "load-format", "transport", "gpu"},
+                   {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
   DMOE_ASSIGN_OR_RETURN(const int64_t port, flags.GetInt("port", 0));
   DMOE_ASSIGN_OR_RETURN(const int64_t report_ms, flags.GetInt("report-interval-ms", 200));
+  if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
+  if (report_ms <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
+  DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
+                                                                            flags.Get("load-format").value_or("auto")));
   DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
                         transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
   DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
   if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
-  if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
-  if (report_ms <= 0)
-    return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
+  backend_options.cuda_device = static_cast<int>(gpu);
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
@@ -56,30 +66,35 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.host = host;
   join.port = static_cast<int>(port);
   join.port_file = flags.Get("port-file").value_or("");
+  join.advertise_host = flags.Get("advertise-address").value_or("");
+  DMOE_ASSIGN_OR_RETURN(const int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  join.metrics_port = metrics_server ? metrics_server->port() : -1;
   join.log_component = kLog;
   join.transport = transport_choice;
   join.gpu = static_cast<int>(gpu);
-  std::shared_ptr<const ModelWeights> weights;
+  std::shared_ptr<ComputeBackend> backend;
   join.load = [&](const node::Registration& reg) -> absl::StatusOr<int64_t> {
     const absl::Time load_start = absl::Now();
     DMOE_ASSIGN_OR_RETURN(WeightSelection selection, ShardSelection(config, reg.expert_shard));
-    DMOE_ASSIGN_OR_RETURN(weights, ModelWeights::Load(model, selection));
+    DMOE_ASSIGN_OR_RETURN(backend, LoadComputeBackend(model, selection, backend_options));
     int64_t moe_layers = 0;
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers += config.is_moe_layer(l) ? 1 : 0;
     DMOE_LOG(kInfo, kLog) << "loaded " << reg.expert_shard.size() << " experts x " << moe_layers << " layers, "
-                          << weights->total_bytes << " bytes in " << absl::ToDoubleSeconds(absl::Now() - load_start)
-                          << " s";
-    return weights->total_bytes;
+                          << backend->weights().total_bytes << " bytes on " << backend->name() << " in "
+                          << absl::ToDoubleSeconds(absl::Now() - load_start) << " s";
+    return backend->weights().total_bytes;
   };
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
 
-  ExpertWorker worker(*weights, member->transport());
+  ExpertWorker worker(backend, member->transport());
   std::thread worker_thread([&worker] { worker.Run(); });
   absl::Cleanup stop_worker = [&] {
     member->Leave();
     worker.Stop();
     worker_thread.join();
-    transport::LogSendTimesPerLayer(member->transport(), kLog);
+    transport::LogSendTimesPerLayer(member->unmetered_transport(), kLog);
   };
   DMOE_RETURN_IF_ERROR(member->Serve());
 

@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 #include "transport/ucx_transport.h"
@@ -262,11 +263,11 @@ void SetServing(grpc::Server& server, bool serving) {
   if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) health->SetServingStatus(serving);
 }
 
-absl::Status WritePortFile(const std::string& path, int port) {
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
-    out << "{\"port\": " << port << "}\n";
+    out << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port << "}\n";
     out.close();
     if (!out) return absl::UnavailableError(absl::StrCat("cannot write port file ", tmp));
   }
@@ -300,11 +301,14 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
   const char* log = options.log_component;
   DMOE_ASSIGN_OR_RETURN(NodeServer server, StartNodeServer(options.host, options.port, options.services,
                                                                    options.max_receive_bytes));
-  const std::string grpc_address = absl::StrCat(options.host, ":", server.port);
+  const std::string grpc_address =
+      absl::StrCat(options.advertise_host.empty() ? options.host : options.advertise_host, ":", server.port);
   auto member = std::unique_ptr<ClusterMember>(new ClusterMember(options, grpc_address));
   member->server_ = std::move(server);
   DMOE_LOG(kInfo, log) << "listening on " << grpc_address << " (not serving until connected)";
-  if (!options.port_file.empty()) DMOE_RETURN_IF_ERROR(WritePortFile(options.port_file, member->server_.port));
+  if (!options.port_file.empty()) {
+    DMOE_RETURN_IF_ERROR(WritePortFile(options.port_file, member->server_.port, options.metrics_port));
+  }
 
   v1::RegisterNodeRequest request;
   request.set_kind(options.kind);
@@ -318,11 +322,14 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
                                                                                      : v1::TRANSPORT_KIND_UCX);
   DMOE_ASSIGN_OR_RETURN(member->registration_,
                         member->coordinator_.Register(request, [&](const v1::RegisterNodeResponse& r) {
-                          return transport::CreateNodeTransport({.choice = options.transport,
-                                                                 .node_id = r.node_id(),
-                                                                 .num_nodes = r.num_nodes(),
-                                                                 .nccl_unique_id = r.nccl_unique_id(),
-                                                                 .gpu = options.gpu});
+                          absl::StatusOr<std::unique_ptr<transport::Transport>> t = transport::CreateNodeTransport(
+                              {.choice = options.transport,
+                               .node_id = r.node_id(),
+                               .num_nodes = r.num_nodes(),
+                               .nccl_unique_id = r.nccl_unique_id(),
+                               .gpu = options.gpu});
+                          if (t.ok()) member->unmetered_transport_ = t->get();
+                          return metrics::Metered(std::move(t));
                         }));
   const Registration& reg = member->registration_;
   DMOE_LOG(kInfo, log) << "registered with " << options.scheduler << " as node " << reg.node_id

@@ -100,16 +100,22 @@ absl::StatusOr<NodeServer> StartNodeServer(const std::string& host, int port,
                                            const std::vector<grpc::Service*>& services, int max_receive_bytes = 0);
 // Sets grpc.health.v1's status of every service ("" included).
 void SetServing(grpc::Server& server, bool serving);
-// Writes {"port": P} to `path` atomically (a temporary file, then rename).
-absl::Status WritePortFile(const std::string& path, int port);
+// Writes {"port": P, "metrics_port": M} to `path` atomically (a temporary
+// file, then rename); M is -1 when the metrics endpoint is off.
+absl::Status WritePortFile(const std::string& path, int port, int metrics_port = -1);
 
 struct JoinOptions {
   v1::NodeKind kind = v1::NODE_KIND_UNSPECIFIED;
   std::string scheduler;  // the scheduler's control address, host:port
-  std::string host = "127.0.0.1";
+  std::string host = "127.0.0.1";  // where the server binds
+  // How the scheduler reaches this node (registered as advertise_host:port):
+  // a name that resolves to it, e.g. its pod's DNS name when host is
+  // 0.0.0.0. Empty: host.
+  std::string advertise_host;
   int port = 0;
   std::vector<grpc::Service*> services;  // served besides health; must outlive the member
-  std::string port_file;                 // {"port": P} once listening; empty: none
+  std::string port_file;                 // {"port": P, "metrics_port": M} once listening; empty: none
+  int metrics_port = -1;                 // for the port file: the /metrics port, -1 when off
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
   int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)
@@ -131,6 +137,9 @@ class ClusterMember {
   const std::vector<int32_t>& expert_shard() const { return registration_.expert_shard; }
   int32_t expert_node_index() const { return registration_.expert_node_index; }
   transport::Transport& transport() { return *registration_.transport; }
+  // The transport inside the metrics wrapper (for what only it reports, e.g. the NCCL transport's
+  // send records: transport::LogSendTimesPerLayer).
+  transport::Transport& unmetered_transport() { return *unmetered_transport_; }
   CoordinatorClient& coordinator() { return coordinator_; }
   // The complete cluster the node connected to (step 6).
   const v1::GetClusterResponse& cluster() const { return cluster_; }
@@ -163,6 +172,7 @@ class ClusterMember {
   CoordinatorClient coordinator_;
   NodeServer server_;
   Registration registration_;
+  transport::Transport* unmetered_transport_ = nullptr;  // owned by registration_.transport
   v1::GetClusterResponse cluster_;
   int64_t weight_bytes_ = 0;
   std::thread watch_thread_;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/grpc_status.h"
 
@@ -226,6 +227,7 @@ absl::Status Coordinator::NodeReady(const v1::NodeReadyRequest& request) {
     }
     Node& n = nodes_[id];
     n.state = v1::NODE_STATE_READY;
+    metrics::Scheduler().NodeUp(n.kind, id, true);
     n.applied_epoch = std::max(n.applied_epoch, request.cluster_epoch());
     ++epoch_;
     DMOE_LOG(kInfo, "scheduler") << NameLocked(id) << " ready (" << request.weight_bytes() / (1 << 20)
@@ -242,6 +244,7 @@ void Coordinator::MarkDown(int id, uint64_t incarnation, const std::string& reas
     Node& n = nodes_[id];
     if ((incarnation != 0 && n.incarnation != incarnation) || !Alive(n.state)) return;
     n.state = v1::NODE_STATE_DOWN;
+    metrics::Scheduler().NodeUp(n.kind, id, false);
     n.down_reason = reason;
     ++epoch_;
     DMOE_LOG(kWarning, "scheduler") << NameLocked(id) << " is down: " << reason;

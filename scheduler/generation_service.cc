@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/sampling.h"
+#include "metrics/metrics.h"
 #include "proto/grpc_status.h"
 
 namespace dmoe::scheduler {
@@ -110,24 +111,35 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
       : RequestStream(arrival),
         request_id_(std::move(request_id)),
         prompt_tokens_(prompt_tokens),
-        want_logprobs_(want_logprobs) {}
+        want_logprobs_(want_logprobs),
+        request_metrics_(prompt_tokens) {}
 
   // Starts serving `id` on `loop` (self-owned from here), or ends the call
   // with the error.
   static GenerateCall* Begin(std::shared_ptr<GenerateCall> call, ServingLoop* loop, Request request) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
-    raw->loop_ = loop;
-    raw->id_ = request.id;
+    {
+      absl::MutexLock lock(&raw->mu_);  // before the loop or gRPC can call back
+      raw->self_ = call;
+      raw->loop_ = loop;
+      raw->id_ = request.id;
+    }
     if (absl::Status st = loop->Submit(std::move(request), call); !st.ok()) {
+      metrics::Scheduler().RequestRejected(absl::StatusCodeToString(st.code()));
       raw->FinishWith(ToGrpcStatus(st));
+    } else {
+      raw->request_metrics_.Admitted();
     }
     return raw;
   }
 
   static GenerateCall* Refuse(std::shared_ptr<GenerateCall> call, const grpc::Status& status) {
     GenerateCall* raw = call.get();
-    raw->self_ = call;
+    {
+      absl::MutexLock lock(&raw->mu_);
+      raw->self_ = call;
+    }
+    metrics::Scheduler().RequestRejected(absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())));
     raw->FinishWith(status);
     return raw;
   }
@@ -151,7 +163,9 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
     response.set_text(e.text_delta);
     absl::MutexLock lock(&mu_);
     completion_tokens_ += static_cast<int>(e.new_tokens.size());
+    request_metrics_.Tokens(static_cast<int64_t>(e.new_tokens.size()));
     if (e.finished) {
+      request_metrics_.Finished(FinishReasonName(e.reason), arrival(), first_scheduled(), first_token());
       finished_ = true;
       if (e.reason == FinishReason::kError) {
         // An error is the call's status, not text in an OK stream; the
@@ -233,9 +247,9 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   const std::string request_id_;
   const int prompt_tokens_;
   const bool want_logprobs_;
-  ServingLoop* loop_ = nullptr;
-  RequestId id_ = 0;
   absl::Mutex mu_;
+  ServingLoop* loop_ ABSL_GUARDED_BY(mu_) = nullptr;
+  RequestId id_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<GenerateCall> self_ ABSL_GUARDED_BY(mu_);
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
@@ -245,6 +259,7 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   bool done_ ABSL_GUARDED_BY(mu_) = false;          // OnDone
   int completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+  metrics::RequestMetrics request_metrics_ ABSL_GUARDED_BY(mu_);  // Admitted() needs no lock
 };
 
 }  // namespace

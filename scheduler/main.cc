@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +15,7 @@
 #include "flags/flags.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
 #include "proto/grpc_credentials.h"
 #include "proto/message_limits.h"
@@ -76,7 +78,8 @@ absl::Status Serve(const std::vector<std::string>& args) {
                                           {"model", "host", "port", "control-port", "attention-nodes", "expert-nodes",
                                            "balance", "config", "port-file", "max-batch-tokens", "max-waiting",
                                            "page-size", "drain-grace-s", "ready-timeout-s", "balance-window-steps",
-                                           "expert-replicas", "tls-cert", "tls-key", "tls-client-ca", "max-request-bytes"},
+                                           "expert-replicas", "tls-cert", "tls-key", "tls-client-ca", "max-request-bytes",
+                                           "metrics-port"},
                                           {}));
   DMOE_ASSIGN_OR_RETURN(std::string model_dir, flags.Require("model"));
   const std::string host = flags.Get("host").value_or("127.0.0.1");
@@ -88,8 +91,11 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t drain_grace_s, flags.GetInt("drain-grace-s", 30));
   DMOE_ASSIGN_OR_RETURN(int64_t ready_timeout_s, flags.GetInt("ready-timeout-s", 600));
   DMOE_ASSIGN_OR_RETURN(int64_t replicas, flags.GetInt("expert-replicas", 1));
-  if (num_attention < 1 || num_expert < 1) {
-    return absl::InvalidArgumentError("--attention-nodes and --expert-nodes must be at least 1");
+  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port, flags.GetInt("metrics-port", -1));
+  // --expert-nodes 0: the attention nodes hold every routed expert
+  // themselves (dmoe-attention-node --experts local, e.g. one GPU).
+  if (num_attention < 1 || num_expert < 0) {
+    return absl::InvalidArgumentError("--attention-nodes must be at least 1 and --expert-nodes at least 0");
   }
   if (replicas < 1 || num_expert % replicas != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-replicas ", replicas,
@@ -115,9 +121,15 @@ absl::Status Serve(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(cluster.balancer.window_steps,
                         flags.GetInt("balance-window-steps", cluster.balancer.window_steps));
   if (!config.has_moe()) return absl::InvalidArgumentError("the model has no routed experts to serve on expert nodes");
+  if (num_expert == 0 && cluster.placement.has_value()) {
+    return absl::InvalidArgumentError("--config places experts on expert nodes, but --expert-nodes is 0");
+  }
   if (!cluster.placement.has_value()) {
+    // With no expert nodes no shard is ever handed out; a one-node
+    // placement stands in.
     DMOE_ASSIGN_OR_RETURN(router::ExpertPlacement p,
-                          router::ExpertPlacement::Contiguous(config.n_routed_experts, num_expert / replicas));
+                          router::ExpertPlacement::Contiguous(config.n_routed_experts,
+                                                              std::max<int64_t>(num_expert / replicas, 1)));
     cluster.placement = std::move(p);
   } else if (cluster.placement->num_nodes() * replicas != num_expert) {
     return absl::InvalidArgumentError(absl::StrCat("--config places experts on ", cluster.placement->num_nodes(),
@@ -167,9 +179,14 @@ absl::Status Serve(const std::vector<std::string>& args) {
   };
   control_server->GetHealthCheckService()->SetServingStatus(true);
   set_client_serving(false);
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<metrics::MetricsServer> metrics_server,
+                        metrics::MetricsServer::Start(host, metrics_port));
+  const int bound_metrics = metrics_server ? metrics_server->port() : -1;
   if (auto file = flags.Get("port-file")) {
     const std::string tmp = *file + ".tmp";
-    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}}.dump() << "\n";
+    std::ofstream(tmp) << json{{"port", bound_port}, {"control_port", bound_control}, {"metrics_port", bound_metrics}}
+                                  .dump()
+                           << "\n";
     std::filesystem::rename(tmp, *file);
   }
   DMOE_LOG(kInfo, "scheduler") << "client API on " << host << ":" << bound_port

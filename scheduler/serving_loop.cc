@@ -11,6 +11,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
+#include "metrics/metrics.h"
 #include "proto/grpc_status.h"
 #include "proto/message_limits.h"
 
@@ -95,6 +96,7 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
   for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
+  metrics::Scheduler().SetClusterStatsSource([l = loop.get()] { return l->Stats(); });
   return loop;
 }
 
@@ -104,6 +106,7 @@ void ServingLoop::Bump() {
 }
 
 ServingLoop::~ServingLoop() {
+  metrics::Scheduler().SetClusterStatsSource(nullptr);
   coordinator_.SetListener(nullptr);
   {
     absl::MutexLock lock(&mu_);
@@ -437,6 +440,7 @@ void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
     }
   }
   ++bias_version_;
+  metrics::Scheduler().ServingBiasChanged(serving_bias_flat_, E);
   absl::MutexLock lock(&mu_);
   max_abs_bias_ = max_abs;
 }
@@ -502,6 +506,8 @@ void ServingLoop::Run() {
     }
     Deliver(events);
     Balance(step_load_);
+    metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
+                                      coordinator_.placement());
     absl::MutexLock lock(&mu_);
     rpc_s_ += absl::ToDoubleSeconds(t2 - t1);
     scheduler_s_ += absl::ToDoubleSeconds((t1 - t0) + (absl::Now() - t2));

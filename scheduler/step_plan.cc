@@ -14,4 +14,10 @@ int64_t StepPlan::num_tokens() const {
   return n;
 }
 
+int64_t StepPlan::num_sequences() const {
+  int64_t n = 0;
+  for (const NodeStep& node : nodes) n += static_cast<int64_t>(node.sequences.size());
+  return n;
+}
+
 }  // namespace dmoe::scheduler

@@ -51,6 +51,7 @@ struct StepPlan {
   std::vector<RequestId> preempted;
 
   int64_t num_tokens() const;
+  int64_t num_sequences() const;
   // Whether some node has tokens to run (otherwise no sample will come back;
   // frees may still have to be sent).
   bool has_tokens() const { return num_tokens() > 0; }

@@ -12,6 +12,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libucx-dev ucx-utils
   clang libclang-rt-14-dev openssl
+  prometheus python3-yaml   # tests/metrics (real Prometheus), tests/deploy (promtool)
 )
 
 missing=()

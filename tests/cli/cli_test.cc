@@ -2,6 +2,7 @@
 // (docs/cli.md), and one-line errors with a non-zero exit for bad input.
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <fstream>
@@ -158,6 +159,8 @@ TEST(Cli, ErrorsAreOneLineAndNameTheProblem) {
   ExpectError({"generate", "--model", kModel, "--prompt", "\xff\xfe bad"}, "UTF-8");
   ExpectError({"make-model", "--preset", "huge", "--out", "/tmp/x"}, "unknown preset 'huge'");
   ExpectError({"make-model", "--preset", "tiny", "--out", "/tmp/x", "--dtype", "int4"}, "--dtype");
+  ExpectError({"forward", "--model", kModel, "--ids", "1", "--device", "tpu"}, "--device 'tpu' must be cpu or cuda");
+  ExpectError({"forward", "--model", kModel, "--ids", "1", "--load-format", "pt"}, "--load-format 'pt'");
 
   // A corrupt checkpoint: the golden config beside a truncated weights file.
   const auto dir = testing::ScratchDir("cli_corrupt");
@@ -171,6 +174,20 @@ TEST(Cli, ErrorsAreOneLineAndNameTheProblem) {
   // An unsupported config value.
   std::ofstream(dir / "config.json") << R"({"model_type": "deepseek_v3", "scoring_func": "softmax"})";
   ExpectError({"forward", "--model", dir.string(), "--ids", "1"}, "scoring_func");
+}
+
+// This machine has no GPU (CI): --device cuda fails with one line naming
+// CUDA, exit 1, no crash. On a GPU machine it must give the golden ids.
+TEST(Cli, DeviceCudaWithoutAGpuIsAnErrorNotACrash) {
+  const auto cases = testing::LoadGoldenCases(testing::GoldenModelDir());
+  const CliRun r = Dmoe({"generate", "--model", kModel, "--ids", Ids(cases[0].prompt_ids), "--max-tokens", "4",
+                         "--ignore-eos", "--json", "--device", "cuda"});
+  ASSERT_FALSE(r.signaled) << r.err;
+  if (r.exit_code == 0) GTEST_SKIP() << "this machine has a GPU: " << r.out;
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("dmoe generate: error: "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("cuda"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
 }
 
 TEST(Cli, UnknownCommandAndUsage) {

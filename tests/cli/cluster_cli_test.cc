@@ -432,7 +432,9 @@ TEST(ClusterCli, FlagErrorsAreOneLineAndNameTheProblem) {
   ExpectError({"up", "--model", kModel, "--cache-pages", "0"}, "--cache-pages = 0");
   ExpectError({"up", "--model", kModel, "--config", "/nonexistent.json"}, "--config /nonexistent.json");
   ExpectError({"up", "--model", kModel, "--bogus"}, "unknown flag --bogus");
-  ExpectError({"up", "--model", kModel, "--device", "tpu"}, "--device = 'tpu' must be cpu or cuda");
+  ExpectError({"up", "--model", kModel, "--expert-nodes", "-1"}, "--expert-nodes = -1 must be in 0..256");
+  ExpectError({"up", "--model", kModel, "--device", "tpu"}, "--device 'tpu' must be cpu or cuda");
+  ExpectError({"up", "--model", kModel, "--gpu-memory-fraction", "0.5"}, "--gpu-memory-fraction needs --device cuda");
   ExpectError({"up", "--model", kModel, "--gpus", "2"}, "--gpus needs --device cuda");
   ExpectError({"up", "--model", kModel, "--transport", "nccl"}, "--transport nccl needs --device cuda --gpus N");
   ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "2", "--transport", "rdma"},
@@ -775,11 +777,14 @@ TEST_F(RealCluster, ACorruptCheckpointFailsCleanly) {
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
 }
 
-TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
-  const std::string marker_value = "real-" + std::to_string(::getpid());
-  DmoeProcess up(
-      {"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", "2", "--timeout", "60"},
-      {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
+// `dmoe up` with `expert_nodes` expert nodes (0: one process, the
+// attention node running the routed experts on its own backend) serves the
+// golden greedy ids.
+void ExpectGoldenOverUp(const std::string& expert_nodes) {
+  const std::string marker_value = "real-" + expert_nodes + "-" + std::to_string(::getpid());
+  DmoeProcess up({"up", "--model", kModel, "--port", "0", "--attention-nodes", "1", "--expert-nodes", expert_nodes,
+                  "--timeout", "60"},
+                 {{"DMOE_CLUSTER_TEST_MARKER", marker_value}});
   const std::optional<std::string> line = up.ReadLine(std::chrono::seconds(70));
   ASSERT_TRUE(line.has_value()) << "no endpoint line; stderr: " << up.err();
   std::smatch m;
@@ -804,6 +809,10 @@ TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) {
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << up.err();
   EXPECT_TRUE(LeftoverProcesses("DMOE_CLUSTER_TEST_MARKER=" + marker_value, std::chrono::seconds(2)).empty());
 }
+
+TEST_F(RealCluster, GenerateOverTheClusterEqualsGoldenGreedy) { ExpectGoldenOverUp("2"); }
+
+TEST_F(RealCluster, OneProcessWithoutExpertNodesEqualsGoldenGreedy) { ExpectGoldenOverUp("0"); }
 
 TEST_F(RealCluster, UpRestartsAKilledExpertNodeAndServesGoldenAgain) {
   const std::string marker = "DMOE_CLUSTER_TEST_MARKER=real-restart-" + std::to_string(::getpid());

@@ -72,6 +72,9 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
                                    "--attention-nodes", std::to_string(o.attention_nodes),
                                    "--expert-nodes", std::to_string(o.expert_nodes), "--port-file", port_file};
   args.insert(args.end(), o.scheduler_flags.begin(), o.scheduler_flags.end());
+  const std::vector<std::string> metrics_flags =
+      o.metrics ? std::vector<std::string>{"--metrics-port", "0"} : std::vector<std::string>{};
+  args.insert(args.end(), metrics_flags.begin(), metrics_flags.end());
   c->attention_nodes_ = o.attention_nodes;
   auto add = [&](const std::string& binary, const std::vector<std::string>& a, const std::string& pf) {
     c->binaries_.push_back(binary);
@@ -90,15 +93,23 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
   }
   c->client_port_ = port;
   const std::string scheduler = absl::StrCat("127.0.0.1:", control);
+  auto node_args = [&](std::vector<std::string> args, const std::string& pf) {
+    args.insert(args.end(), {"--port-file", pf});
+    args.insert(args.end(), metrics_flags.begin(), metrics_flags.end());
+    return args;
+  };
   for (int i = 0; i < o.attention_nodes; ++i) {
     const std::string pf = absl::StrCat(c->dir_, "/attention-", i, ".json");
-    add("dmoe-attention-node", {"--model", o.model_dir, "--scheduler", scheduler, "--port", "0", "--cache-pages",
-                                std::to_string(o.cache_pages), "--port-file", pf},
+    add("dmoe-attention-node",
+        node_args({"--model", o.model_dir, "--scheduler", scheduler, "--port", "0", "--cache-pages",
+                   std::to_string(o.cache_pages)},
+                  pf),
         pf);
   }
   for (int i = 0; i < o.expert_nodes; ++i) {
     const std::string pf = absl::StrCat(c->dir_, "/expert-", i, ".json");
-    add("dmoe-expert-node", {"--model", o.model_dir, "--scheduler", scheduler, "--port", "0", "--port-file", pf}, pf);
+    add("dmoe-expert-node",
+        node_args({"--model", o.model_dir, "--scheduler", scheduler, "--port", "0"}, pf), pf);
   }
   c->client_address_ = absl::StrCat("127.0.0.1:", port);
   c->client_ = v1::Generation::NewStub(grpc::CreateChannel(c->client_address_, grpc::InsecureChannelCredentials()));
@@ -106,7 +117,15 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& o)
   // Ready when the stats RPC answers (the serving loop exists).
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < end) {
-    if (c->Stats().ok()) return c;
+    if (c->Stats().ok()) {
+      // Serving: every node wrote its port file long before it was ready.
+      for (size_t i = 0; o.metrics && i < c->port_files_.size(); ++i) {
+        const int metrics_port = ReadPort(c->port_files_[i], "metrics_port", c->pids_[i], 5000);
+        if (metrics_port <= 0) return absl::UnavailableError(absl::StrCat(c->port_files_[i], ": no metrics_port"));
+        c->metrics_ports_.push_back(metrics_port);
+      }
+      return c;
+    }
     for (pid_t pid : c->pids_) {
       int status;
       if (waitpid(pid, &status, WNOHANG) == pid) return absl::UnavailableError(absl::StrCat("process ", pid, " exited early"));

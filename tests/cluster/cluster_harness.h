@@ -25,6 +25,8 @@ struct ClusterOptions {
   int expert_nodes = 1;
   int64_t cache_pages = 64;  // per attention node
   std::vector<std::string> scheduler_flags;
+  // Every process serves /metrics on a free port (--metrics-port 0).
+  bool metrics = false;
 };
 
 // The processes of a cluster: the scheduler, attention node i, expert node i.
@@ -41,9 +43,14 @@ class Cluster {
   int client_port() const { return client_port_; }
   v1::Coordinator::Stub& coordinator() { return *coordinator_; }
   pid_t scheduler_pid() const { return pids_.empty() ? -1 : pids_[0]; }
+  // Every process, in start order (scheduler, attention nodes, expert nodes).
+  const std::vector<pid_t>& pids() const { return pids_; }
   // Waits for the scheduler to exit; returns its exit code (-1 on timeout or signal).
   int WaitScheduler(int timeout_ms);
   absl::StatusOr<v1::GetClusterStatsResponse> Stats();
+  // With ClusterOptions::metrics: each process's /metrics port on
+  // 127.0.0.1, in start order (scheduler, attention nodes, expert nodes).
+  const std::vector<int>& metrics_ports() const { return metrics_ports_; }
 
   // The process of `role` (index: among the nodes of that kind, in start order).
   pid_t pid(Role role, int index = 0) const;
@@ -81,6 +88,7 @@ class Cluster {
   std::vector<std::string> port_files_;
   int attention_nodes_ = 0;
   int client_port_ = 0;
+  std::vector<int> metrics_ports_;
   std::string dir_;
   std::string client_address_;
   std::unique_ptr<v1::Generation::Stub> client_;

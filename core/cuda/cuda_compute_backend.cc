@@ -1,0 +1,1090 @@
+#include "core/cuda/cuda_compute_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/cuda/backend_kernels.h"
+#include "core/cuda/kernels.h"
+#include "core/log.h"
+#include "core/rope.h"
+#include "core/status_macros.h"
+#include "core/synthetic_checkpoint.h"
+
+namespace dmoe::cuda {
+namespace {
+
+constexpr char kLog[] = "cuda";
+// The inner norms of MLA always use eps 1e-6 (MODEL_SPEC.md 3.2).
+constexpr float kInnerNormEps = 1e-6f;
+
+absl::Status CudaCall(cudaError_t err, const char* call) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("cuda: ", call, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+absl::Status CublasCall(cublasStatus_t st, const char* call) {
+  if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("cuda: ", call, ": ", cublasGetStatusString(st)));
+}
+#define DMOE_CUDA_CALL(expr) DMOE_RETURN_IF_ERROR(CudaCall((expr), #expr))
+#define DMOE_CUBLAS_CALL(expr) DMOE_RETURN_IF_ERROR(CublasCall((expr), #expr))
+
+Stream AsStream(cudaStream_t s) { return static_cast<Stream>(s); }
+
+// Long-lived device allocations (weights), freed with the backend.
+class DeviceArena {
+ public:
+  DeviceArena() = default;
+  DeviceArena(const DeviceArena&) = delete;
+  DeviceArena& operator=(const DeviceArena&) = delete;
+  ~DeviceArena() {
+    for (void* p : ptrs_) (void)cudaFree(p);
+  }
+  template <typename T>
+  absl::StatusOr<T*> Alloc(int64_t count) {
+    if (count <= 0) return static_cast<T*>(nullptr);
+    void* p = nullptr;
+    DMOE_CUDA_CALL(cudaMalloc(&p, static_cast<size_t>(count) * sizeof(T)));
+    ptrs_.push_back(p);
+    bytes_ += count * static_cast<int64_t>(sizeof(T));
+    return static_cast<T*>(p);
+  }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<void*> ptrs_;
+  int64_t bytes_ = 0;
+};
+
+// Working buffers of one operation, stream-ordered: freed (queued after
+// the operation's kernels) when it goes out of scope.
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    for (void* p : ptrs_) (void)cudaFreeAsync(p, stream_);
+  }
+  template <typename T>
+  absl::StatusOr<T*> Get(int64_t count) {
+    void* p = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&p, static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T), stream_));
+    ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+  absl::StatusOr<void*> Bytes(size_t bytes) {
+    void* p = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_));
+    ptrs_.push_back(p);
+    return p;
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<void*> ptrs_;
+};
+
+struct DevMat {
+  uint16_t* p = nullptr;  // bf16 [rows, cols]
+  int64_t rows = 0, cols = 0;
+};
+
+struct DevLayer {
+  float* input_norm = nullptr;  // [D]
+  float* post_norm = nullptr;   // [D]
+  DevMat q_proj;                // [H*dq, D] without q_lora
+  // q_lora: q_a_proj rows then kv_a_proj_with_mqa rows [rq + r + dr, D]
+  // (one GEMM for both); else kv_a_proj_with_mqa alone [r + dr, D].
+  DevMat a_proj;
+  float* q_a_norm = nullptr;  // [rq]
+  DevMat q_b;                 // [H*dq, rq]
+  float* kv_a_norm = nullptr; // [r]
+  DevMat kv_b;                // [H*(dn+dv), r]
+  DevMat w_uk_t;              // [H*r, dn]
+  DevMat o_proj;              // [D, H*dv]
+  DevMat mlp_gate_up;         // dense: gate rows then up rows [2I, D]
+  DevMat mlp_down;            // [D, I]
+  float* router = nullptr;    // [E, D] float32
+  DevMat shared_gate_up, shared_down;
+  uint16_t* experts_gate_up = nullptr;  // [local][2*Ie][D]
+  uint16_t* experts_down = nullptr;     // [local][D][Ie]
+  std::vector<int32_t> local_slot;      // [E]: slot in the stacks, -1 when not held
+  int64_t num_local = 0;
+};
+
+// Where the weights come from: the loaded host tensors, or the dummy
+// generator. `host` is null for the generator.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  // [rows, cols] into dst as `type`.
+  virtual absl::Status Matrix(const std::string& name, const dmoe::Matrix* host, int64_t rows, int64_t cols,
+                              void* dst, OutType type) = 0;
+  virtual absl::Status Vector(const std::string& name, const std::vector<float>* host, int64_t n, float* dst) = 0;
+};
+
+class HostSource : public WeightSource {
+ public:
+  explicit HostSource(cudaStream_t stream) : stream_(stream) {}
+  // Every copy is ordered on the backend's stream (the kernels that follow
+  // run there) and waited for before returning: the host bytes are the
+  // caller's, the temporaries this function's.
+  absl::Status Matrix(const std::string& name, const dmoe::Matrix* host, int64_t rows, int64_t cols, void* dst,
+                      OutType type) override {
+    if (host == nullptr || host->empty() || host->rows != rows || host->cols != cols) {
+      return absl::InternalError(absl::StrCat("cuda: ", name, ": host weight missing or not [", rows, ", ", cols, "]"));
+    }
+    const int64_t n = rows * cols;
+    const size_t bytes = static_cast<size_t>(host->bytes());
+    const bool same = (host->dtype == DType::kBF16 && type == OutType::kBF16) ||
+                      (host->dtype == DType::kF32 && type == OutType::kF32);
+    if (same) {
+      DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host->data, bytes, cudaMemcpyHostToDevice, stream_));
+      DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+      return absl::OkStatus();
+    }
+    void* tmp = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&tmp, bytes, stream_));
+    absl::Status st = CudaCall(cudaMemcpyAsync(tmp, host->data, bytes, cudaMemcpyHostToDevice, stream_),
+                               "cudaMemcpyAsync(weight)");
+    if (st.ok() && host->dtype == DType::kF32) {
+      st = ConvertF32ToBf16(static_cast<const float*>(tmp), n, static_cast<uint16_t*>(dst), AsStream(stream_));
+    } else if (st.ok()) {
+      st = ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), n, static_cast<float*>(dst), AsStream(stream_));
+    }
+    (void)cudaFreeAsync(tmp, stream_);
+    if (st.ok()) st = CudaCall(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return st;
+  }
+  absl::Status Vector(const std::string& name, const std::vector<float>* host, int64_t n, float* dst) override {
+    if (host == nullptr || static_cast<int64_t>(host->size()) != n) {
+      return absl::InternalError(absl::StrCat("cuda: ", name, ": host vector missing or not [", n, "]"));
+    }
+    DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host->data(), static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice,
+                                   stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaStream_t stream_;
+};
+
+// RandomModelWeights' values, generated on the device: matrices rounded to
+// bf16 (the router then widened to float32, as the CPU loader reads a bf16
+// router), vectors float32.
+class DummySource : public WeightSource {
+ public:
+  DummySource(const ModelConfig& config, uint64_t seed, cudaStream_t stream) : seed_(seed), stream_(stream) {
+    for (RandomTensorSpec& s : RandomTensorSpecs(config)) specs_.emplace(s.name, std::move(s));
+  }
+  absl::Status Matrix(const std::string& name, const dmoe::Matrix*, int64_t rows, int64_t cols, void* dst,
+                      OutType type) override {
+    DMOE_ASSIGN_OR_RETURN(const RandomTensorSpec* spec, Find(name, rows * cols));
+    const uint64_t key = RandomTensorKey(name, seed_);
+    if (type == OutType::kBF16) {
+      return FillRandom(dst, OutType::kBF16, rows * cols, 0, key, spec->center, spec->half_width, AsStream(stream_));
+    }
+    // A bf16 draw widened to float32, as the CPU loader reads a bf16 router.
+    void* tmp = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&tmp, static_cast<size_t>(rows * cols) * 2, stream_));
+    absl::Status st =
+        FillRandom(tmp, OutType::kBF16, rows * cols, 0, key, spec->center, spec->half_width, AsStream(stream_));
+    if (st.ok()) {
+      st = ConvertBf16ToF32(static_cast<const uint16_t*>(tmp), rows * cols, static_cast<float*>(dst),
+                            AsStream(stream_));
+    }
+    (void)cudaFreeAsync(tmp, stream_);
+    if (st.ok()) st = CudaCall(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return st;
+  }
+  absl::Status Vector(const std::string& name, const std::vector<float>*, int64_t n, float* dst) override {
+    DMOE_ASSIGN_OR_RETURN(const RandomTensorSpec* spec, Find(name, n));
+    return FillRandom(dst, OutType::kF32, n, 0, RandomTensorKey(name, seed_), spec->center, spec->half_width,
+                      AsStream(stream_));
+  }
+  // The host copy of a small vector (the score-correction bias).
+  absl::StatusOr<std::vector<float>> HostVector(const std::string& name, int64_t n) {
+    DMOE_ASSIGN_OR_RETURN(const RandomTensorSpec* spec, Find(name, n));
+    return RandomTensorValues(*spec, seed_);
+  }
+  bool Has(const std::string& name) const { return specs_.contains(name); }
+
+ private:
+  absl::StatusOr<const RandomTensorSpec*> Find(const std::string& name, int64_t numel) const {
+    auto it = specs_.find(name);
+    if (it == specs_.end()) return absl::InternalError(absl::StrCat("cuda: dummy weights have no tensor ", name));
+    int64_t n = 1;
+    for (int64_t d : it->second.shape) n *= d;
+    if (n != numel) {
+      return absl::InternalError(absl::StrCat("cuda: dummy tensor ", name, " has ", n, " values, not ", numel));
+    }
+    return &it->second;
+  }
+  std::map<std::string, RandomTensorSpec> specs_;
+  uint64_t seed_;
+  cudaStream_t stream_;
+};
+
+// The latent cache's device pool: [layer][page][row][r + dr] bf16, each
+// layer's part in kernels.h's layout.
+struct DevicePool {
+  uint16_t* base = nullptr;
+  LatentCacheShape shape;
+  ~DevicePool() {
+    if (base != nullptr) (void)cudaFree(base);
+  }
+  uint16_t* layer(int64_t l) const { return base + l * shape.layer_elements(); }
+};
+
+// Per micro-batch and step: positions, cache slots and block tables on the
+// device, one upload for all layers.
+class CudaAttentionPlan : public AttentionPlan {
+ public:
+  CudaAttentionPlan(std::vector<MlaSequence> sequences, cudaStream_t stream)
+      : AttentionPlan(std::move(sequences)), stream_(stream) {}
+  ~CudaAttentionPlan() override {
+    if (device_ != nullptr) (void)cudaFreeAsync(device_, stream_);
+  }
+  int32_t* device_ = nullptr;
+  const int32_t* pos = nullptr;       // [n]
+  const int32_t* slot = nullptr;      // [n]
+  const int32_t* query_seq = nullptr; // [n]
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_pages]
+  const int32_t* head_offsets = nullptr;  // [H + 1]: h * n, the per-head row groups of the absorbed projections
+  int64_t max_pages = 0;
+  int64_t max_context = 0;
+
+ private:
+  cudaStream_t stream_;
+};
+
+class CudaBackend : public ComputeBackend {
+ public:
+  ~CudaBackend() override {
+    blas_.reset();
+    if (router_staging_ != nullptr) (void)cudaFreeHost(router_staging_);
+    if (router_done_ != nullptr) (void)cudaEventDestroy(router_done_);
+    if (upload_staging_ != nullptr) (void)cudaFreeHost(upload_staging_);
+    if (upload_done_ != nullptr) (void)cudaEventDestroy(upload_done_);
+    if (sgemm_ != nullptr) (void)cublasDestroy(sgemm_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  static absl::StatusOr<std::shared_ptr<ComputeBackend>> Build(const ModelConfig& config,
+                                                              const WeightSelection& selection,
+                                                              std::shared_ptr<const ModelWeights> host,
+                                                              std::optional<uint64_t> dummy_seed,
+                                                              const CudaBackendOptions& options) {
+    auto b = std::shared_ptr<CudaBackend>(new CudaBackend(config, options));
+    DMOE_RETURN_IF_ERROR(b->Init());
+    DMOE_RETURN_IF_ERROR(b->LoadWeights(selection, host.get(), dummy_seed));
+    return std::shared_ptr<ComputeBackend>(std::move(b));
+  }
+
+  const char* name() const override { return "cuda"; }
+  MemorySpace memory() const override { return MemorySpace::kDevice; }
+  const ModelWeights& weights() const override { return *host_; }
+  bool has_non_expert_weights() const override { return embed_.p != nullptr; }
+
+  absl::StatusOr<Buffer> Allocate(int64_t floats) override {
+    if (floats < 0) return absl::InvalidArgumentError(absl::StrCat("cuda: Allocate(", floats, ")"));
+    if (floats == 0) return Buffer();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    void* p = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&p, static_cast<size_t>(floats) * sizeof(float), stream_));
+    cudaStream_t stream = stream_;
+    return Buffer(static_cast<float*>(p), floats, [stream](float* q) { (void)cudaFreeAsync(q, stream); });
+  }
+  absl::Status Upload(const float* host_src, int64_t count, float* dst) override {
+    if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    // Pageable source: returns once the bytes are staged, so the caller may reuse them.
+    DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host_src, static_cast<size_t>(count) * sizeof(float),
+                                   cudaMemcpyHostToDevice, stream_));
+    return absl::OkStatus();
+  }
+  absl::Status Download(const float* src, int64_t count, float* host_dst) override {
+    if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_CUDA_CALL(cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+  absl::Status Copy(const float* src, int64_t count, float* dst) override {
+    if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_CUDA_CALL(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                   stream_));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::unique_ptr<LatentCache>> CreateCache(const LatentCacheOptions& options) override {
+    LatentCacheOptions o = options;
+    o.host_pool = false;
+    if (o.page_size % 32 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda: page size ", o.page_size, " must be a multiple of 32 (the MLA kernels' tile)"));
+    }
+    DMOE_ASSIGN_OR_RETURN(std::unique_ptr<LatentCache> cache, LatentCache::Create(o));
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    auto pool = std::make_shared<DevicePool>();
+    pool->shape.kv_lora_rank = o.kv_lora_rank;
+    pool->shape.rope_dim = o.qk_rope_head_dim;
+    pool->shape.page_size = o.page_size;
+    pool->shape.num_pages = o.num_pages;
+    const size_t bytes = static_cast<size_t>(o.num_layers * pool->shape.layer_elements()) * sizeof(uint16_t);
+    if (const cudaError_t err = cudaMalloc(&pool->base, bytes); err != cudaSuccess) {
+      pool->base = nullptr;
+      return absl::ResourceExhaustedError(absl::StrCat("cuda: latent cache of ", o.num_pages, " pages (",
+                                                       bytes >> 20, " MiB): cudaMalloc: ", cudaGetErrorString(err)));
+    }
+    // Zeros, not the host pool's NaN poison: the tiled kernels load whole
+    // 32-token tiles and mask the positions past a query, and a masked NaN
+    // would still reach the output through 0 * NaN.
+    DMOE_CUDA_CALL(cudaMemsetAsync(pool->base, 0, bytes, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    DMOE_LOG(kInfo, kLog) << "latent cache: " << o.num_pages << " pages x " << o.page_size << " tokens x "
+                          << o.num_layers << " layers, " << (bytes >> 20) << " MiB of GPU memory";
+    cache->AttachStorage(std::move(pool), this);
+    return cache;
+  }
+
+  absl::StatusOr<int64_t> CachePagesForMemoryFraction(double fraction, int64_t page_size) override {
+    if (!(fraction > 0 && fraction <= 1) || page_size <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda: memory fraction ", fraction, " outside (0, 1] or page size ", page_size));
+    }
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    size_t free_bytes = 0, total_bytes = 0;
+    DMOE_CUDA_CALL(cudaMemGetInfo(&free_bytes, &total_bytes));
+    const double used = static_cast<double>(total_bytes - free_bytes);
+    const double budget = fraction * static_cast<double>(total_bytes) - used -
+                          static_cast<double>(options_.working_memory_bytes);
+    const ModelConfig& c = config();
+    const double page_bytes =
+        static_cast<double>(c.num_hidden_layers * page_size * c.latent_entry_width()) * sizeof(uint16_t);
+    const int64_t pages = budget > 0 ? static_cast<int64_t>(budget / page_bytes) : 0;
+    if (pages < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cuda: no room for a latent cache page in ", fraction, " of ", total_bytes >> 20, " MiB (", used / (1 << 20),
+          " MiB in use, ", options_.working_memory_bytes >> 20, " MiB kept for working buffers)"));
+    }
+    return pages;
+  }
+
+  absl::Status Embed(absl::Span<const int32_t> tokens, float* x) override {
+    if (tokens.empty()) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(int32_t* ids, UploadInts(scratch, tokens));
+    return EmbedRows(embed_.p, ids, static_cast<int64_t>(tokens.size()), config().hidden_size, x, S());
+  }
+
+  absl::Status RmsNorm(int64_t layer, NormKind which, const float* x, int64_t n, float* out) override {
+    if (n == 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const DevLayer& dl = layers_[layer];
+    RmsNormParams p;
+    p.x = x;
+    p.n = n;
+    p.d = config().hidden_size;
+    p.w = which == NormKind::kInputLayernorm ? dl.input_norm : dl.post_norm;
+    p.eps = static_cast<float>(config().rms_norm_eps);
+    p.out = out;
+    p.out_type = OutType::kF32;
+    return cuda::RmsNorm(p, S());
+  }
+
+  absl::Status AddTo(float* x, const float* a, const float* b, int64_t count) override {
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    return AddInPlace(x, a, b, count, S());
+  }
+
+  absl::StatusOr<std::unique_ptr<AttentionPlan>> PlanAttention(std::vector<MlaSequence> sequences, int64_t n,
+                                                               LatentCache& cache) override {
+    if (cache.storage_owner() != this || cache.storage() == nullptr) {
+      return absl::FailedPreconditionError("cuda: the latent cache was not created by this CUDA backend");
+    }
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const int64_t page = cache.options().page_size;
+    int64_t max_pages = 1, max_context = 0;
+    for (const MlaSequence& s : sequences) {
+      max_pages = std::max<int64_t>(max_pages, static_cast<int64_t>(cache.BlockTable(s.seq).size()));
+      max_context = std::max(max_context, s.start_pos + s.num_tokens);
+    }
+    const int64_t num_seqs = static_cast<int64_t>(sequences.size());
+    const int64_t H = config().num_attention_heads;
+    // One array: pos [n], slot [n], query_seq [n], block tables
+    // [num_seqs * max_pages], head offsets [H + 1].
+    const int64_t tables_at = 3 * n, offsets_at = tables_at + num_seqs * max_pages;
+    std::vector<int32_t> host(offsets_at + H + 1, -1);
+    for (int64_t h = 0; h <= H; ++h) host[offsets_at + h] = static_cast<int32_t>(h * n);
+    for (int64_t si = 0; si < num_seqs; ++si) {
+      const MlaSequence& s = sequences[si];
+      const std::vector<int64_t>& table = cache.BlockTable(s.seq);
+      for (size_t p = 0; p < table.size(); ++p) host[tables_at + si * max_pages + p] = static_cast<int32_t>(table[p]);
+      for (int64_t i = 0; i < s.num_tokens; ++i) {
+        const int64_t row = s.row_begin + i, pos = s.start_pos + i;
+        host[row] = static_cast<int32_t>(pos);
+        host[n + row] = static_cast<int32_t>(table[pos / page] * page + pos % page);
+        host[2 * n + row] = static_cast<int32_t>(si);
+      }
+    }
+    auto plan = std::make_unique<CudaAttentionPlan>(std::move(sequences), stream_);
+    void* dev = nullptr;
+    DMOE_CUDA_CALL(cudaMallocAsync(&dev, host.size() * sizeof(int32_t), stream_));
+    plan->device_ = static_cast<int32_t*>(dev);
+    DMOE_CUDA_CALL(
+        cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    plan->pos = plan->device_;
+    plan->slot = plan->device_ + n;
+    plan->query_seq = plan->device_ + 2 * n;
+    plan->block_tables = plan->device_ + tables_at;
+    plan->head_offsets = plan->device_ + offsets_at;
+    plan->max_pages = max_pages;
+    plan->max_context = max_context;
+    return std::unique_ptr<AttentionPlan>(std::move(plan));
+  }
+
+  absl::Status Attention(int64_t layer, const AttentionPlan& base_plan, MlaForm, const float* h, int64_t n,
+                         LatentCache& cache, float* out) override {
+    if (n == 0) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const auto& plan = static_cast<const CudaAttentionPlan&>(base_plan);
+    const DevicePool& pool = *static_cast<const DevicePool*>(cache.storage());
+    const ModelConfig& c = config();
+    const DevLayer& dl = layers_[layer];
+    const int64_t D = c.hidden_size, H = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
+    const int64_t dq = dn + dr, dv = c.v_head_dim, r = c.kv_lora_rank, rq = c.q_lora_rank;
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(uint16_t* hb, scratch.Get<uint16_t>(n * D));
+    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(h, n * D, hb, S()));
+
+    // q [n, H*dq] and kva [n, r + dr] (rows kva_ld apart).
+    DMOE_ASSIGN_OR_RETURN(float* q, scratch.Get<float>(n * H * dq));
+    const int64_t a_width = dl.a_proj.rows;
+    DMOE_ASSIGN_OR_RETURN(float* a, scratch.Get<float>(n * a_width));
+    DMOE_RETURN_IF_ERROR(Linear(hb, n, dl.a_proj, a, OutType::kF32));
+    float* kva = a;
+    if (rq > 0) {
+      DMOE_ASSIGN_OR_RETURN(uint16_t* qa, scratch.Get<uint16_t>(n * rq));
+      RmsNormParams np;
+      np.x = a;
+      np.n = n;
+      np.d = rq;
+      np.ldx = a_width;
+      np.w = dl.q_a_norm;
+      np.eps = kInnerNormEps;
+      np.out = qa;
+      np.out_type = OutType::kBF16;
+      DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
+      DMOE_RETURN_IF_ERROR(Linear(qa, n, dl.q_b, q, OutType::kF32));
+      kva = a + rq;
+    } else {
+      DMOE_RETURN_IF_ERROR(Linear(hb, n, dl.q_proj, q, OutType::kF32));
+    }
+    // Latent: RMSNorm in place; k_pe: the raw slice, roped.
+    RmsNormParams kp;
+    kp.x = kva;
+    kp.n = n;
+    kp.d = r;
+    kp.ldx = a_width;
+    kp.w = dl.kv_a_norm;
+    kp.eps = kInnerNormEps;
+    kp.out = kva;
+    kp.out_type = OutType::kF32;
+    kp.ldo = a_width;
+    DMOE_RETURN_IF_ERROR(cuda::RmsNorm(kp, S()));
+    RopeParams rk;
+    rk.x = kva + r;
+    rk.n = n;
+    rk.ld = a_width;
+    rk.num_heads = 1;
+    rk.rope_dim = dr;
+    rk.pos = plan.pos;
+    rk.inv_freq = inv_freq_;
+    rk.attention_factor = rope_.attention_factor();
+    rk.interleaved = c.rope_interleave;
+    DMOE_RETURN_IF_ERROR(ApplyRope(rk, S()));
+    RopeParams rqp = rk;
+    rqp.x = q;
+    rqp.ld = H * dq;
+    rqp.num_heads = H;
+    rqp.head_stride = dq;
+    rqp.offset = dn;
+    DMOE_RETURN_IF_ERROR(ApplyRope(rqp, S()));
+
+    LatentCacheWriteParams wp;
+    wp.shape = pool.shape;
+    wp.cache = pool.layer(layer);
+    wp.c = kva;
+    wp.c_ld = a_width;
+    wp.k_pe = kva + r;
+    wp.k_pe_ld = a_width;
+    wp.slot = plan.slot;
+    wp.n = n;
+    DMOE_RETURN_IF_ERROR(LatentCacheWrite(wp, S()));
+
+    // Absorbed queries: q_lat[t][h] = W_UK[h]^T q_nope[t][h], one grouped
+    // GEMM over head-major rows (group h: rows h*n .. h*n + n - 1), and q_pe.
+    DMOE_ASSIGN_OR_RETURN(uint16_t* q_nope, scratch.Get<uint16_t>(H * n * dn));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, H * dq, q_nope, OutType::kBF16, n * dn, dn, H, n, dn), S()));
+    DMOE_ASSIGN_OR_RETURN(float* q_lat_hm, scratch.Get<float>(H * n * r));
+    DMOE_RETURN_IF_ERROR(PerHead(q_nope, dl.w_uk_t.p, r * dn, q_lat_hm, r, dn, n, plan));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* q_lat, scratch.Get<uint16_t>(n * H * r));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q_lat_hm, r, n * r, q_lat, OutType::kBF16, H * r, r, n, H, r), S()));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* q_pe, scratch.Get<uint16_t>(n * H * dr));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, H * dq, dq, q_pe, OutType::kBF16, H * dr, dr, n, H, dr), S()));
+
+    DMOE_ASSIGN_OR_RETURN(float* u, scratch.Get<float>(n * H * r));
+    MlaAttentionParams mp;
+    mp.shape = pool.shape;
+    mp.cache = pool.layer(layer);
+    mp.q_lat = q_lat;
+    mp.q_pe = q_pe;
+    mp.num_queries = n;
+    mp.num_heads = H;
+    mp.query_seq = plan.query_seq;
+    mp.query_pos = plan.pos;
+    mp.block_tables = plan.block_tables;
+    mp.max_pages_per_seq = plan.max_pages;
+    mp.max_context_len = plan.max_context;
+    mp.scale = rope_.softmax_scale();
+    mp.out = u;
+    if (r == 512 && dr == 64) {
+      const int splits = MlaAttentionNumSplits(n, H, plan.max_context, 0);
+      mp.num_splits = splits;
+      mp.workspace_bytes = MlaAttentionWorkspaceBytes(n, H, r, splits);
+      DMOE_ASSIGN_OR_RETURN(mp.workspace, scratch.Bytes(mp.workspace_bytes));
+      DMOE_RETURN_IF_ERROR(MlaAttention(mp, S()));
+    } else {
+      // kernels.h's kernels take V2/V3's dims only; other shapes (tiny test
+      // models) take the generic kernel, the same function.
+      DMOE_RETURN_IF_ERROR(MlaAttentionAnyDims(mp, S()));
+    }
+
+    // o[t][h] = W_UV[h] u[t][h] (grouped by head, W_UV[h] = rows dn.. of
+    // head h's kv_b block), then o_proj over o [n, H*dv].
+    DMOE_ASSIGN_OR_RETURN(uint16_t* u_hm, scratch.Get<uint16_t>(H * n * r));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(u, r, H * r, u_hm, OutType::kBF16, n * r, r, H, n, r), S()));
+    DMOE_ASSIGN_OR_RETURN(float* o_hm, scratch.Get<float>(H * n * dv));
+    DMOE_RETURN_IF_ERROR(PerHead(u_hm, dl.kv_b.p + dn * r, (dn + dv) * r, o_hm, dv, r, n, plan));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* ob, scratch.Get<uint16_t>(n * H * dv));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(o_hm, dv, n * dv, ob, OutType::kBF16, H * dv, dv, n, H, dv), S()));
+    return Linear(ob, n, dl.o_proj, out, OutType::kF32);
+  }
+
+  absl::Status DenseMlp(int64_t layer, const float* h, int64_t n, float* out) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const DevLayer& dl = layers_[layer];
+    return Mlp(dl.mlp_gate_up, dl.mlp_down, h, n, out);
+  }
+
+  absl::Status SharedExperts(int64_t layer, const float* h, int64_t n, float* out) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const DevLayer& dl = layers_[layer];
+    if (dl.shared_gate_up.p == nullptr) {
+      DMOE_CUDA_CALL(cudaMemsetAsync(out, 0, static_cast<size_t>(n * config().hidden_size) * sizeof(float), stream_));
+      return absl::OkStatus();
+    }
+    return Mlp(dl.shared_gate_up, dl.shared_down, h, n, out);
+  }
+
+  absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
+                            const std::function<absl::Status()>& meanwhile) override {
+    if (n == 0) return meanwhile ? meanwhile() : absl::OkStatus();
+    const int64_t E = config().n_routed_experts, D = config().hidden_size;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      DMOE_RETURN_IF_ERROR(SetDevice());
+      const DevLayer& dl = layers_[layer];
+      if (dl.router == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("cuda: layer ", layer, " has no router"));
+      }
+      // Pinned staging, so that the copy back is asynchronous and work
+      // queued after it (meanwhile) overlaps the host's wait.
+      const size_t bytes = static_cast<size_t>(n * E) * sizeof(float);
+      if (router_staging_bytes_ < bytes) {
+        if (router_staging_ != nullptr) DMOE_CUDA_CALL(cudaFreeHost(router_staging_));
+        router_staging_ = nullptr;
+        router_staging_bytes_ = 0;
+        DMOE_CUDA_CALL(cudaMallocHost(&router_staging_, bytes));
+        router_staging_bytes_ = bytes;
+      }
+      Scratch scratch(stream_);
+      DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
+      // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
+      // column-major product router^T(op T) x h; float32 throughout.
+      const float one = 1.0f, zero = 0.0f;
+      DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
+                                   static_cast<int>(D), &one, dl.router, static_cast<int>(D), h,
+                                   static_cast<int>(D), &zero, logits, static_cast<int>(E)));
+      DMOE_CUDA_CALL(cudaMemcpyAsync(router_staging_, logits, bytes, cudaMemcpyDeviceToHost, stream_));
+      DMOE_CUDA_CALL(cudaEventRecord(router_done_, stream_));
+    }
+    absl::Status st = meanwhile ? meanwhile() : absl::OkStatus();  // takes the lock itself
+    DMOE_CUDA_CALL(cudaEventSynchronize(router_done_));
+    std::memcpy(host_logits, router_staging_, static_cast<size_t>(n * E) * sizeof(float));
+    return st;
+  }
+
+  bool HasRoutedExpert(int64_t layer, int64_t expert) const override {
+    if (layer < 0 || layer >= static_cast<int64_t>(layers_.size())) return false;
+    const std::vector<int32_t>& slots = layers_[layer].local_slot;
+    return expert >= 0 && expert < static_cast<int64_t>(slots.size()) && slots[expert] >= 0;
+  }
+
+  absl::Status RoutedExperts(int64_t layer, const float* x, int64_t n, int64_t k, const int32_t* host_topk_idx,
+                             const float* host_topk_weights, float* out) override {
+    const ModelConfig& c = config();
+    if (layer < 0 || layer >= c.num_hidden_layers || !c.is_moe_layer(layer)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not an MoE layer"));
+    }
+    const DevLayer& dl = layers_[layer];
+    const int64_t E = c.n_routed_experts, D = c.hidden_size, I = c.moe_intermediate_size;
+    std::vector<int32_t> local(n * k);
+    for (int64_t i = 0; i < n * k; ++i) {
+      const int32_t e = host_topk_idx[i];
+      if (e < 0) {
+        local[i] = -1;
+        continue;
+      }
+      if (e >= E) return absl::InvalidArgumentError(absl::StrCat("expert index ", e, " >= n_routed_experts ", E));
+      if (dl.local_slot[e] < 0) {
+        return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " expert ", e, " is not loaded here"));
+      }
+      local[i] = dl.local_slot[e];
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    if (n == 0) return absl::OkStatus();
+    if (dl.num_local == 0) {  // every slot skipped
+      DMOE_CUDA_CALL(cudaMemsetAsync(out, 0, static_cast<size_t>(n * D) * sizeof(float), stream_));
+      return absl::OkStatus();
+    }
+    Scratch scratch(stream_);
+    // The slots' experts and weights in one upload through pinned memory: a
+    // pageable copy may wait for the stream (the shared experts queued
+    // before it), an asynchronous one does not.
+    const size_t half = static_cast<size_t>(n * k) * 4;
+    DMOE_ASSIGN_OR_RETURN(void* packed, scratch.Bytes(2 * half));
+    DMOE_ASSIGN_OR_RETURN(char* staging, PinnedStaging(2 * half));
+    std::memcpy(staging, local.data(), half);
+    std::memcpy(staging + half, host_topk_weights, half);
+    DMOE_CUDA_CALL(cudaMemcpyAsync(packed, staging, 2 * half, cudaMemcpyHostToDevice, stream_));
+    DMOE_CUDA_CALL(cudaEventRecord(upload_done_, stream_));
+    const int32_t* idx = static_cast<const int32_t*>(packed);
+    const float* w = reinterpret_cast<const float*>(static_cast<const char*>(packed) + half);
+    MoeExpertsParams p;
+    p.x = x;
+    p.n = n;
+    p.top_k = k;
+    p.topk_idx = idx;
+    p.topk_weights = w;
+    p.num_experts = dl.num_local;
+    p.hidden = D;
+    p.intermediate = I;
+    p.w_gate_up = dl.experts_gate_up;
+    p.w_down = dl.experts_down;
+    p.out = out;
+    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, I);
+    DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
+    p.impl = GroupedGemmImpl::kOwn;
+    p.blas = blas_.get();
+    return MoeExperts(p, S());
+  }
+
+  absl::Status Logits(const float* x, absl::Span<const int64_t> rows, float* host_logits) override {
+    if (rows.empty()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
+    DMOE_CUDA_CALL(cudaMemcpyAsync(host_logits, logits, static_cast<size_t>(nr * V) * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
+                            float* host_logprobs) override {
+    if (rows.empty()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
+    // [tokens (int32) | logprobs (float32)], one copy back.
+    DMOE_ASSIGN_OR_RETURN(void* picked, scratch.Bytes(static_cast<size_t>(nr) * 8));
+    int32_t* tokens = static_cast<int32_t*>(picked);
+    float* logprobs = reinterpret_cast<float*>(tokens + nr);
+    DMOE_RETURN_IF_ERROR(ArgmaxRows(logits, nr, V, tokens, S()));
+    DMOE_RETURN_IF_ERROR(TokenLogprobs(logits, nr, V, tokens, logprobs, S()));
+    std::vector<int32_t> host(2 * nr);
+    DMOE_CUDA_CALL(cudaMemcpyAsync(host.data(), picked, static_cast<size_t>(nr) * 8, cudaMemcpyDeviceToHost, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    std::memcpy(host_tokens, host.data(), static_cast<size_t>(nr) * 4);
+    std::memcpy(host_logprobs, host.data() + nr, static_cast<size_t>(nr) * 4);
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override {
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+ private:
+  CudaBackend(const ModelConfig& config, const CudaBackendOptions& options)
+      : options_(options), rope_(config) {
+    auto host = std::make_shared<ModelWeights>();
+    host->config = config;
+    host->layers.resize(config.num_hidden_layers);
+    host_ = std::move(host);
+  }
+
+  Stream S() const { return AsStream(stream_); }
+  absl::Status SetDevice() const { return CudaCall(cudaSetDevice(options_.device), "cudaSetDevice"); }
+
+  absl::Status Init() {
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_CUDA_CALL(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&router_done_, cudaEventDisableTiming));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming));
+    // Keep freed working memory in the stream-ordered pool (steps allocate
+    // the same sizes over and over).
+    cudaMemPool_t pool;
+    DMOE_CUDA_CALL(cudaDeviceGetDefaultMemPool(&pool, options_.device));
+    uint64_t threshold = std::numeric_limits<uint64_t>::max();
+    DMOE_CUDA_CALL(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    DMOE_ASSIGN_OR_RETURN(blas_, BlasHandle::Create());
+    DMOE_CUBLAS_CALL(cublasCreate(&sgemm_));
+    DMOE_CUBLAS_CALL(cublasSetStream(sgemm_, stream_));
+    // The router stays true float32 (no TF32): top-k selection is discontinuous.
+    DMOE_CUBLAS_CALL(cublasSetMathMode(sgemm_, CUBLAS_PEDANTIC_MATH));
+    const std::vector<float>& inv = rope_.inv_freq();
+    DMOE_ASSIGN_OR_RETURN(inv_freq_, arena_.Alloc<float>(static_cast<int64_t>(inv.size())));
+    DMOE_CUDA_CALL(
+        cudaMemcpyAsync(inv_freq_, inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  // The pinned upload buffer, at least `bytes`, once the previous upload
+  // from it has been copied out (long done by then: it was queued before
+  // the router product whose result the caller has waited for).
+  absl::StatusOr<char*> PinnedStaging(size_t bytes) {
+    DMOE_CUDA_CALL(cudaEventSynchronize(upload_done_));
+    if (upload_staging_bytes_ < bytes) {
+      if (upload_staging_ != nullptr) DMOE_CUDA_CALL(cudaFreeHost(upload_staging_));
+      upload_staging_ = nullptr;
+      upload_staging_bytes_ = 0;
+      DMOE_CUDA_CALL(cudaMallocHost(&upload_staging_, bytes));
+      upload_staging_bytes_ = bytes;
+    }
+    return static_cast<char*>(upload_staging_);
+  }
+
+  absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {
+    DMOE_ASSIGN_OR_RETURN(int32_t* dev, scratch.Get<int32_t>(static_cast<int64_t>(values.size())));
+    if (!values.empty()) {
+      DMOE_CUDA_CALL(cudaMemcpyAsync(dev, values.data(), values.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                     stream_));
+    }
+    return dev;
+  }
+
+  // dst[a][b][c] = src[a][b][c] with the given strides (a < na, b < nb, c < nc).
+  static StridedCopyParams Permute(const float* src, int64_t src_a, int64_t src_b, void* dst, OutType type,
+                                   int64_t dst_a, int64_t dst_b, int64_t na, int64_t nb, int64_t nc) {
+    StridedCopyParams p;
+    p.src = src;
+    p.src_a = src_a;
+    p.src_b = src_b;
+    p.dst = dst;
+    p.dst_type = type;
+    p.dst_a = dst_a;
+    p.dst_b = dst_b;
+    p.na = na;
+    p.nb = nb;
+    p.nc = nc;
+    return p;
+  }
+
+  // The absorbed per-head products as one grouped GEMM: for head h, rows
+  // h*n .. h*n + n - 1 of out [H*n, n_out] (float32) = those rows of a
+  // [H*n, k] (bf16) · (b + h * b_stride)^T, a [n_out, k] block per head.
+  absl::Status PerHead(const uint16_t* a, const uint16_t* b, int64_t b_stride, float* out, int64_t n_out, int64_t k,
+                       int64_t n, const CudaAttentionPlan& plan) {
+    GroupedGemmParams g;
+    g.a = a;
+    g.b = b;
+    g.b_group_stride = b_stride;
+    g.c = out;
+    g.c_type = OutType::kF32;
+    g.num_groups = config().num_attention_heads;
+    g.n = n_out;
+    g.k = k;
+    g.offsets = plan.head_offsets;
+    g.max_rows = config().num_attention_heads * n;
+    g.impl = GroupedGemmImpl::kOwn;
+    return GroupedGemm(g, S());
+  }
+
+  // logits [rows.size(), V] (device, in `scratch`) = lm_head RmsNorm(x[row]).
+  absl::StatusOr<float*> DeviceLogits(Scratch& scratch, const float* x, absl::Span<const int64_t> rows) {
+    const ModelConfig& c = config();
+    const int64_t D = c.hidden_size, V = c.vocab_size, nr = static_cast<int64_t>(rows.size());
+    std::vector<int32_t> rows32(rows.begin(), rows.end());
+    DMOE_ASSIGN_OR_RETURN(int32_t* dev_rows, UploadInts(scratch, rows32));
+    DMOE_ASSIGN_OR_RETURN(float* picked, scratch.Get<float>(nr * D));
+    DMOE_RETURN_IF_ERROR(GatherRows(x, dev_rows, nr, D, picked, S()));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* normed, scratch.Get<uint16_t>(nr * D));
+    RmsNormParams np;
+    np.x = picked;
+    np.n = nr;
+    np.d = D;
+    np.w = final_norm_;
+    np.eps = static_cast<float>(c.rms_norm_eps);
+    np.out = normed;
+    np.out_type = OutType::kBF16;
+    DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
+    DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(nr * V));
+    DMOE_RETURN_IF_ERROR(Linear(normed, nr, lm_head_, logits, OutType::kF32));
+    return logits;
+  }
+
+  // out[n, w.rows] = a[n, w.cols] · w^T (a bf16).
+  absl::Status Linear(const uint16_t* a, int64_t n, const DevMat& w, void* out, OutType out_type) {
+    GemmParams g;
+    g.a = a;
+    g.b = w.p;
+    g.c = out;
+    g.c_type = out_type;
+    g.m = n;
+    g.n = w.rows;
+    g.k = w.cols;
+    return Gemm(*blas_, g, S());
+  }
+
+  // SwiGLU MLP with the fused gate_up weight [2I, D] and down [D, I].
+  absl::Status Mlp(const DevMat& gate_up, const DevMat& down, const float* h, int64_t n, float* out) {
+    if (n == 0) return absl::OkStatus();
+    const int64_t D = config().hidden_size, I = down.cols;
+    Scratch scratch(stream_);
+    DMOE_ASSIGN_OR_RETURN(uint16_t* hb, scratch.Get<uint16_t>(n * D));
+    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(h, n * D, hb, S()));
+    DMOE_ASSIGN_OR_RETURN(float* gu, scratch.Get<float>(n * 2 * I));
+    DMOE_RETURN_IF_ERROR(Linear(hb, n, gate_up, gu, OutType::kF32));
+    DMOE_ASSIGN_OR_RETURN(uint16_t* act, scratch.Get<uint16_t>(n * I));
+    DMOE_RETURN_IF_ERROR(SiluMul(gu, n, I, act, OutType::kBF16, S()));
+    return Linear(act, n, down, out, OutType::kF32);
+  }
+
+  absl::StatusOr<DevMat> NewMat(int64_t rows, int64_t cols) {
+    DevMat m;
+    m.rows = rows;
+    m.cols = cols;
+    DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<uint16_t>(rows * cols));
+    return m;
+  }
+  absl::StatusOr<float*> NewVec(WeightSource& src, const std::string& name, const std::vector<float>* host, int64_t n) {
+    DMOE_ASSIGN_OR_RETURN(float* v, arena_.Alloc<float>(n));
+    DMOE_RETURN_IF_ERROR(src.Vector(name, host, n, v));
+    return v;
+  }
+  absl::StatusOr<DevMat> LoadMat(WeightSource& src, const std::string& name, const dmoe::Matrix* host, int64_t rows,
+                                 int64_t cols) {
+    DMOE_ASSIGN_OR_RETURN(DevMat m, NewMat(rows, cols));
+    DMOE_RETURN_IF_ERROR(src.Matrix(name, host, rows, cols, m.p, OutType::kBF16));
+    return m;
+  }
+  // gate rows then up rows of an MLP into [2*width, D]; down [D, width].
+  absl::Status LoadMlp(WeightSource& src, const std::string& prefix, const MlpWeights* host, int64_t width,
+                       uint16_t* gate_up, uint16_t* down) {
+    const int64_t D = config().hidden_size;
+    DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "gate_proj.weight", host ? &host->gate_proj : nullptr, width, D, gate_up,
+                                    OutType::kBF16));
+    DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "up_proj.weight", host ? &host->up_proj : nullptr, width, D,
+                                    gate_up + width * D, OutType::kBF16));
+    return src.Matrix(prefix + "down_proj.weight", host ? &host->down_proj : nullptr, D, width, down, OutType::kBF16);
+  }
+
+  absl::Status LoadWeights(const WeightSelection& selection, const ModelWeights* host,
+                           std::optional<uint64_t> dummy_seed) {
+    const ModelConfig& c = config();
+    const int64_t D = c.hidden_size, V = c.vocab_size, H = c.num_attention_heads;
+    const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dq = dn + dr, dv = c.v_head_dim;
+    const int64_t r = c.kv_lora_rank, rq = c.q_lora_rank, E = c.n_routed_experts, Ie = c.moe_intermediate_size;
+    HostSource host_source(stream_);
+    std::unique_ptr<DummySource> dummy;
+    if (dummy_seed.has_value()) dummy = std::make_unique<DummySource>(c, *dummy_seed, stream_);
+    WeightSource& src = dummy ? static_cast<WeightSource&>(*dummy) : host_source;
+    ModelWeights& hw = const_cast<ModelWeights&>(*host_);
+    const bool non_expert = host != nullptr ? !host->embed_tokens.empty() : selection.non_expert;
+
+    if (non_expert) {
+      DMOE_ASSIGN_OR_RETURN(embed_, LoadMat(src, "model.embed_tokens.weight", host ? &host->embed_tokens : nullptr, V, D));
+      DMOE_ASSIGN_OR_RETURN(final_norm_, NewVec(src, "model.norm.weight", host ? &host->norm : nullptr, D));
+      const bool tied = host != nullptr ? host->lm_head.data == host->embed_tokens.data
+                                        : !dummy->Has("lm_head.weight");
+      if (tied) {
+        lm_head_ = embed_;
+      } else {
+        DMOE_ASSIGN_OR_RETURN(lm_head_, LoadMat(src, "lm_head.weight", host ? &host->lm_head : nullptr, V, D));
+      }
+    }
+    layers_.resize(c.num_hidden_layers);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      DevLayer& dl = layers_[l];
+      const LayerWeights* hl = host != nullptr ? &host->layers[l] : nullptr;
+      const std::string p = absl::StrCat("model.layers.", l, ".");
+      const std::string a = p + "self_attn.";
+      if (non_expert) {
+        DMOE_ASSIGN_OR_RETURN(dl.input_norm, NewVec(src, p + "input_layernorm.weight",
+                                                    hl ? &hl->input_layernorm : nullptr, D));
+        DMOE_ASSIGN_OR_RETURN(dl.post_norm, NewVec(src, p + "post_attention_layernorm.weight",
+                                                   hl ? &hl->post_attention_layernorm : nullptr, D));
+        DMOE_ASSIGN_OR_RETURN(dl.a_proj, NewMat((rq > 0 ? rq : 0) + r + dr, D));
+        if (rq > 0) {
+          DMOE_RETURN_IF_ERROR(src.Matrix(a + "q_a_proj.weight", hl ? &hl->attn.q_a_proj : nullptr, rq, D, dl.a_proj.p,
+                                          OutType::kBF16));
+          DMOE_ASSIGN_OR_RETURN(dl.q_a_norm, NewVec(src, a + "q_a_layernorm.weight",
+                                                    hl ? &hl->attn.q_a_layernorm : nullptr, rq));
+          DMOE_ASSIGN_OR_RETURN(dl.q_b, LoadMat(src, a + "q_b_proj.weight", hl ? &hl->attn.q_b_proj : nullptr, H * dq, rq));
+        } else {
+          DMOE_ASSIGN_OR_RETURN(dl.q_proj, LoadMat(src, a + "q_proj.weight", hl ? &hl->attn.q_proj : nullptr, H * dq, D));
+        }
+        DMOE_RETURN_IF_ERROR(src.Matrix(a + "kv_a_proj_with_mqa.weight", hl ? &hl->attn.kv_a_proj_with_mqa : nullptr,
+                                        r + dr, D, dl.a_proj.p + (rq > 0 ? rq : 0) * D, OutType::kBF16));
+        DMOE_ASSIGN_OR_RETURN(dl.kv_a_norm, NewVec(src, a + "kv_a_layernorm.weight",
+                                                   hl ? &hl->attn.kv_a_layernorm : nullptr, r));
+        DMOE_ASSIGN_OR_RETURN(dl.kv_b, LoadMat(src, a + "kv_b_proj.weight", hl ? &hl->attn.kv_b_proj : nullptr,
+                                               H * (dn + dv), r));
+        DMOE_ASSIGN_OR_RETURN(dl.w_uk_t, NewMat(H * r, dn));
+        DMOE_RETURN_IF_ERROR(TransposeUk(dl.kv_b.p, H, dn, dv, r, dl.w_uk_t.p, S()));
+        DMOE_ASSIGN_OR_RETURN(dl.o_proj, LoadMat(src, a + "o_proj.weight", hl ? &hl->attn.o_proj : nullptr, D, H * dv));
+        if (!c.is_moe_layer(l)) {
+          const int64_t I = c.intermediate_size;
+          DMOE_ASSIGN_OR_RETURN(dl.mlp_gate_up, NewMat(2 * I, D));
+          DMOE_ASSIGN_OR_RETURN(dl.mlp_down, NewMat(D, I));
+          DMOE_RETURN_IF_ERROR(LoadMlp(src, p + "mlp.", hl ? &hl->mlp : nullptr, I, dl.mlp_gate_up.p, dl.mlp_down.p));
+        } else {
+          DMOE_ASSIGN_OR_RETURN(dl.router, arena_.Alloc<float>(E * D));
+          DMOE_RETURN_IF_ERROR(src.Matrix(p + "mlp.gate.weight", hl ? &hl->moe.router : nullptr, E, D, dl.router,
+                                          OutType::kF32));
+          if (c.n_shared_experts > 0) {
+            const int64_t S = c.n_shared_experts * Ie;
+            DMOE_ASSIGN_OR_RETURN(dl.shared_gate_up, NewMat(2 * S, D));
+            DMOE_ASSIGN_OR_RETURN(dl.shared_down, NewMat(D, S));
+            DMOE_RETURN_IF_ERROR(LoadMlp(src, p + "mlp.shared_experts.", hl ? &hl->moe.shared_experts : nullptr, S,
+                                         dl.shared_gate_up.p, dl.shared_down.p));
+          }
+          // The gate's score-correction bias stays on the host (the gate runs there).
+          if (c.model_type == ModelType::kDeepseekV3) {
+            if (hl != nullptr) {
+              hw.layers[l].moe.e_score_correction_bias = hl->moe.e_score_correction_bias;
+            } else {
+              DMOE_ASSIGN_OR_RETURN(hw.layers[l].moe.e_score_correction_bias,
+                                    dummy->HostVector(p + "mlp.gate.e_score_correction_bias", E));
+            }
+          }
+        }
+      }
+      if (!c.is_moe_layer(l)) continue;
+      dl.local_slot.assign(E, -1);
+      for (int64_t e = 0; e < E; ++e) {
+        const bool held = hl != nullptr ? (static_cast<int64_t>(hl->moe.experts.size()) > e &&
+                                           hl->moe.experts[e].loaded())
+                                        : (!selection.routed_expert || selection.routed_expert(l, e));
+        if (held) dl.local_slot[e] = static_cast<int32_t>(dl.num_local++);
+      }
+      if (dl.num_local == 0) continue;
+      DMOE_ASSIGN_OR_RETURN(dl.experts_gate_up, arena_.Alloc<uint16_t>(dl.num_local * 2 * Ie * D));
+      DMOE_ASSIGN_OR_RETURN(dl.experts_down, arena_.Alloc<uint16_t>(dl.num_local * D * Ie));
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t s = dl.local_slot[e];
+        if (s < 0) continue;
+        DMOE_RETURN_IF_ERROR(LoadMlp(src, absl::StrCat(p, "mlp.experts.", e, "."), hl ? &hl->moe.experts[e] : nullptr,
+                                     Ie, dl.experts_gate_up + s * 2 * Ie * D, dl.experts_down + s * D * Ie));
+      }
+      hw.routed_experts_loaded += dl.num_local;
+      hw.routed_expert_bytes += dl.num_local * 3 * Ie * D * 2;
+    }
+    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    hw.total_bytes = arena_.bytes();
+    DMOE_LOG(kInfo, kLog) << (dummy ? "generated " : "uploaded ") << (arena_.bytes() >> 20) << " MiB of weights ("
+                          << hw.routed_experts_loaded << " routed experts) on GPU " << options_.device;
+    return absl::OkStatus();
+  }
+
+  const CudaBackendOptions options_;
+  Rope rope_;
+  std::shared_ptr<const ModelWeights> host_;  // config, score-correction biases; no matrices
+  std::mutex mu_;  // the cuBLAS handles are used by one thread at a time
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<BlasHandle> blas_;
+  cublasHandle_t sgemm_ = nullptr;
+  cudaEvent_t router_done_ = nullptr;  // the router logits' copy back
+  void* router_staging_ = nullptr;     // pinned host memory for them
+  size_t router_staging_bytes_ = 0;
+  cudaEvent_t upload_done_ = nullptr;  // the last upload from upload_staging_
+  void* upload_staging_ = nullptr;     // pinned host memory for the experts' slots
+  size_t upload_staging_bytes_ = 0;
+  DeviceArena arena_;
+  float* inv_freq_ = nullptr;
+  DevMat embed_, lm_head_;
+  float* final_norm_ = nullptr;
+  std::vector<DevLayer> layers_;
+};
+
+}  // namespace
+
+absl::Status CheckCudaDevice(int device) {
+  int count = 0;
+  if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
+    return absl::UnavailableError(absl::StrCat("--device cuda: no usable GPU: cudaGetDeviceCount: ",
+                                               cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+  }
+  if (device < 0 || device >= count) {
+    return absl::UnavailableError(
+        absl::StrCat("--device cuda: GPU ", device, " does not exist (", count, " CUDA devices)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<ComputeBackend>> CreateCudaBackend(std::shared_ptr<const ModelWeights> weights,
+                                                                  const CudaBackendOptions& options) {
+  if (weights == nullptr) return absl::InvalidArgumentError("cuda: no weights");
+  DMOE_RETURN_IF_ERROR(CheckCudaDevice(options.device));
+  return CudaBackend::Build(weights->config, WeightSelection::All(), weights, std::nullopt, options);
+}
+
+absl::StatusOr<std::shared_ptr<ComputeBackend>> CreateDummyCudaBackend(const ModelConfig& config,
+                                                                       const WeightSelection& selection,
+                                                                       uint64_t seed,
+                                                                       const CudaBackendOptions& options) {
+  DMOE_RETURN_IF_ERROR(CheckCudaDevice(options.device));
+  return CudaBackend::Build(config, selection, nullptr, seed, options);
+}
+
+}  // namespace dmoe::cuda
