@@ -1,5 +1,7 @@
 #include "metrics/metrics.h"
 
+#include <CivetServer.h>
+
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
@@ -133,11 +135,23 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
   }
   const std::string address = absl::StrCat(host, ":", port);
   std::unique_ptr<prometheus::Exposer> exposer;
+  // civetweb says why it could not start only through this callback.
+  static thread_local std::string civetweb_error;
+  civetweb_error.clear();
+  static const CivetCallbacks callbacks = [] {
+    CivetCallbacks c{};
+    c.log_message = [](const mg_connection*, const char* message) {
+      civetweb_error = message;
+      return 1;
+    };
+    return c;
+  }();
   try {
     // One thread: scrapes are rare and must not compete with serving.
-    exposer = std::make_unique<prometheus::Exposer>(address, 1);
+    exposer = std::make_unique<prometheus::Exposer>(address, 1, &callbacks);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address, ": ", e.what()));
+    return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address, ": ",
+                                               civetweb_error.empty() ? e.what() : civetweb_error));
   }
   const std::vector<int> ports = exposer->GetListeningPorts();
   if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on ", address));
