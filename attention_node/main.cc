@@ -1,7 +1,8 @@
 // dmoe-attention-node: one data-parallel attention node. Joins the cluster
 // through the scheduler's Coordinator (node::JoinCluster),
 // loads every weight but the routed experts, connects to the expert nodes
-// over UCX and serves dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
+// over UCX (or NCCL with --transport nccl, on GPU --gpu) and serves
+// dmoe.v1.AttentionNode, grpc.health.v1 and reflection.
 // Stops on SIGTERM or SIGINT.
 #include <algorithm>
 #include <cstdint>
@@ -22,6 +23,7 @@
 #include "core/status_macros.h"
 #include "proto/message_limits.h"
 #include "metrics/metrics.h"
+#include "transport/node_transport.h"
 
 namespace dmoe::attention {
 namespace {
@@ -33,7 +35,8 @@ constexpr char kUsage[] =
     "                           [--device cpu|cuda] [--load-format auto|dummy]\n"
     "                           [--gpu-memory-fraction F (cuda: size the cache by memory, default 0.9)]\n"
     "                           [--experts remote|local (local: every routed expert in this process, on its\n"
-    "                            device, for a cluster of no expert nodes)]\n";
+    "                            device, for a cluster of no expert nodes)]\n"
+    "                           [--transport ucx|nccl] [--gpu 0 (the GPU of the cuda backend and NCCL)]\n";
 constexpr char kLog[] = "attention-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
@@ -41,7 +44,8 @@ absl::Status Run(const std::vector<std::string>& args) {
                                                             {"model", "scheduler", "host", "port", "cache-pages",
                                                              "page-size", "ping-pong-min-tokens", "port-file",
                                                              "metrics-port", "advertise-address", "device",
-                                                             "load-format", "gpu-memory-fraction", "experts"},
+                                                             "load-format", "gpu-memory-fraction", "experts",
+                                                             "transport", "gpu"},
                                                             {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -58,6 +62,11 @@ absl::Status Run(const std::vector<std::string>& args) {
   }
   DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
                                                                             flags.Get("load-format").value_or("auto")));
+  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
+                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
+  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
+  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
+  backend_options.cuda_device = static_cast<int>(gpu);
   DMOE_ASSIGN_OR_RETURN(const double memory_fraction, flags.GetDouble("gpu-memory-fraction", 0.9));
   if (flags.Has("gpu-memory-fraction") && backend_options.device != Device::kCuda) {
     return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
@@ -112,6 +121,8 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.cache_pages = options.cache_pages;
   join.page_size = options.page_size;
   join.log_component = kLog;
+  join.transport = transport_choice;
+  join.gpu = static_cast<int>(gpu);
   // Loaded before joining: the cache's page count goes into the registration.
   join.load = [&](const node::Registration&) -> absl::StatusOr<int64_t> { return weights->total_bytes; };
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));
@@ -142,6 +153,7 @@ absl::Status Run(const std::vector<std::string>& args) {
 
   node::WaitForStopSignal(absl::InfiniteDuration());
   DMOE_LOG(kInfo, kLog) << "stopping";
+  transport::LogSendTimesPerLayer(member->unmetered_transport(), kLog);
   std::move(leave).Invoke();
   return member->status();
 }

@@ -83,7 +83,8 @@ absl::StatusOr<std::unique_ptr<ChildProcesses>> ChildProcesses::Create() {
     children->env_.emplace_back(*e);
     names.insert(children->env_.back().substr(0, children->env_.back().find('=')));
   }
-  for (const char* kv : {"UCX_NET_DEVICES=lo", "UCX_WARN_UNUSED_ENV_VARS=n"}) {
+  // Local clusters stay on loopback: UCX, and NCCL's bootstrap (whose root the scheduler hosts).
+  for (const char* kv : {"UCX_NET_DEVICES=lo", "UCX_WARN_UNUSED_ENV_VARS=n", "NCCL_SOCKET_IFNAME=lo"}) {
     const std::string entry(kv);
     if (!names.contains(entry.substr(0, entry.find('=')))) children->env_.push_back(entry);
   }

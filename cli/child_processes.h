@@ -30,7 +30,7 @@ class ChildProcesses {
   // Runs `path args...` as `name` ("attention node 0"). The child gets
   // stdin from /dev/null, stdout and stderr on our stderr, its own process
   // group (a terminal's Ctrl-C reaches only us, so we decide the order),
-  // SIGTERM when we die, and UCX_NET_DEVICES=lo and
+  // SIGTERM when we die, and UCX_NET_DEVICES=lo, NCCL_SOCKET_IFNAME=lo and
   // UCX_WARN_UNUSED_ENV_VARS=n unless our environment sets them. Stop()
   // stops lower `stop_stage`s first. Fails if exec fails.
   absl::Status Start(const std::string& name, const std::string& path, const std::vector<std::string>& args,
@@ -80,7 +80,7 @@ class ChildProcesses {
 
   const int signal_read_fd_;
   const int devnull_fd_;
-  std::vector<std::string> env_;  // our environment plus the UCX defaults
+  std::vector<std::string> env_;  // our environment plus the UCX and NCCL defaults
   std::vector<Child> children_;
   int stop_signals_ = 0;
   bool stopping_ = false;

@@ -32,6 +32,9 @@
 #include "dmoe/v1/control.grpc.pb.h"
 #include "dmoe/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#if DMOE_HAVE_CUDA
+#include "core/cuda/cuda_backend.h"
+#endif
 
 namespace dmoe::cli {
 namespace {
@@ -58,6 +61,8 @@ struct UpOptions {
   std::string device = "cpu";
   std::string load_format;
   std::string gpu_memory_fraction;
+  int64_t gpus = 0;               // --device cuda: one node per GPU, node i on GPU i (--gpu i)
+  std::string transport = "ucx";  // the data plane: ucx, or nccl (the default with --gpus >= 2)
   absl::Duration timeout = absl::Seconds(300);
   absl::Duration grace = absl::Seconds(10);
   bool restart_on_exit = true;  // --on-node-exit restart|stop
@@ -76,13 +81,56 @@ constexpr const char* kSchedulerPassThroughFlags[] = {"tls-cert", "tls-key", "tl
 constexpr int kMaxQuickExits = 3;
 constexpr absl::Duration kCrashWindow = absl::Seconds(10);
 
+// --gpus and --transport with the node counts (before anything starts).
+absl::Status CheckGpuFlags(const UpOptions& o) {
+  if (o.transport != "ucx" && o.transport != "nccl") {
+    return absl::InvalidArgumentError(absl::StrCat("--transport = '", o.transport, "' must be ucx or nccl"));
+  }
+  if (o.gpus < 0) return absl::InvalidArgumentError(absl::StrCat("--gpus = ", o.gpus, " must be >= 0"));
+  if (o.gpus != 0 && o.device != "cuda") return absl::InvalidArgumentError("--gpus needs --device cuda");
+  if (o.transport == "nccl" && o.gpus < 2) {
+    return absl::InvalidArgumentError("--transport nccl needs --device cuda --gpus N (one GPU per node, N >= 2)");
+  }
+  if (o.gpus > 0 && o.gpus != o.attention_nodes + o.expert_nodes) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpus ", o.gpus, " puts one node on each GPU: --attention-nodes + ",
+                                                   "--expert-nodes is ", o.attention_nodes + o.expert_nodes));
+  }
+  return absl::OkStatus();
+}
+
+// Enough GPUs for --gpus, and the transport built: FAILED_PRECONDITION or UNAVAILABLE naming what
+// is missing.
+absl::Status CheckGpusVisible(const UpOptions& o) {
+  if (o.gpus == 0) return absl::OkStatus();
+#if DMOE_HAVE_CUDA
+  absl::StatusOr<std::vector<cuda::CudaDeviceInfo>> devices = cuda::ListDevices();
+  if (!devices.ok()) {
+    return absl::UnavailableError(absl::StrCat("--gpus ", o.gpus, ": needs ", o.gpus,
+                                               " CUDA GPUs (one per node), none is visible: ",
+                                               devices.status().message()));
+  }
+  if (static_cast<int64_t>(devices->size()) < o.gpus) {
+    return absl::FailedPreconditionError(absl::StrCat("--gpus ", o.gpus, ": needs ", o.gpus,
+                                                      " CUDA GPUs (one per node), ", devices->size(), " visible"));
+  }
+#if !DMOE_HAVE_NCCL
+  if (o.transport == "nccl") {
+    return absl::FailedPreconditionError("--transport nccl: this dmoe was built without NCCL (nccl.h / libnccl)");
+  }
+#endif
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError(absl::StrCat("--gpus ", o.gpus, ": this dmoe was built without CUDA (-DDMOE_CUDA=OFF)"));
+#endif
+}
+
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
                                                   {"model", "attention-nodes", "expert-nodes", "balance", "port",
                                                    "config", "cache-pages", "host", "timeout", "grace",
                                                    "on-node-exit", "expert-replicas", "tls-cert", "tls-key",
                                                    "tls-client-ca", "max-request-bytes", "metrics-port", "device",
-                                                   "load-format", "gpu-memory-fraction"},
+                                                   "load-format", "gpu-memory-fraction", "gpus", "transport"},
                                                   {}));
   UpOptions o;
   DMOE_ASSIGN_OR_RETURN(o.model, flags.Require("model"));
@@ -94,9 +142,12 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   if (!o.gpu_memory_fraction.empty() && o.device != "cuda") {
     return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
   }
-  // On a GPU the default is one process: the attention node holds the
-  // routed experts too (no expert nodes).
-  DMOE_ASSIGN_OR_RETURN(o.expert_nodes, flags.GetInt("expert-nodes", o.device == "cuda" ? 0 : o.expert_nodes));
+  DMOE_ASSIGN_OR_RETURN(o.gpus, flags.GetInt("gpus", o.gpus));
+  o.transport = flags.Get("transport").value_or(o.gpus >= 2 ? "nccl" : "ucx");
+  // On one GPU the default is one process: the attention node holds the
+  // routed experts too (no expert nodes). With --gpus >= 2, one expert node.
+  DMOE_ASSIGN_OR_RETURN(o.expert_nodes,
+                        flags.GetInt("expert-nodes", o.device == "cuda" && o.gpus < 2 ? 0 : o.expert_nodes));
   DMOE_ASSIGN_OR_RETURN(o.port, flags.GetInt("port", o.port));
   DMOE_ASSIGN_OR_RETURN(o.cache_pages, flags.GetInt("cache-pages", o.cache_pages));
   DMOE_ASSIGN_OR_RETURN(o.metrics_port, flags.GetInt("metrics-port", o.metrics_port));
@@ -113,6 +164,13 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--on-node-exit = '", on_exit, "' must be restart or stop"));
   }
   o.restart_on_exit = on_exit == "restart";
+  if (o.transport == "nccl") {
+    // A restarted node cannot rejoin the NCCL communicator of the others.
+    if (flags.Has("on-node-exit") && o.restart_on_exit) {
+      return absl::InvalidArgumentError("--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
+    }
+    o.restart_on_exit = false;
+  }
   DMOE_ASSIGN_OR_RETURN(o.expert_replicas, flags.GetInt("expert-replicas", o.expert_replicas));
   if (o.attention_nodes < 1 || o.attention_nodes > 256) {
     return absl::InvalidArgumentError(absl::StrCat("--attention-nodes = ", o.attention_nodes, " must be in 1..256"));
@@ -125,6 +183,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-replicas = ", o.expert_replicas,
                                                    " must be at least 1 and divide --expert-nodes = ", o.expert_nodes));
   }
+  DMOE_RETURN_IF_ERROR(CheckGpuFlags(o));
   if (o.port < 0 || o.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port = ", o.port, " must be in 0..65535 (0 = any free port)"));
   }
@@ -226,9 +285,11 @@ class Launcher {
     DMOE_ASSIGN_OR_RETURN(bool ready, WaitServing(*ports));
     if (!ready) return absl::OkStatus();
     const int an = static_cast<int>(opts_.attention_nodes), en = static_cast<int>(opts_.expert_nodes);
-    std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s)\n",
+    const std::string gpus =
+        opts_.gpus > 0 ? absl::StrCat(", ", opts_.gpus, " GPUs, transport ", opts_.transport) : std::string();
+    std::printf("dmoe: serving %s on %s:%d (%d attention node%s, %d expert node%s, balance %s%s)\n",
                 opts_.model.c_str(), opts_.host.c_str(), ports->port, an, an == 1 ? "" : "s", en,
-                en == 1 ? "" : "s", BalanceMode(*ports).c_str());
+                en == 1 ? "" : "s", BalanceMode(*ports).c_str(), gpus.c_str());
     if (opts_.metrics_port >= 0) PrintMetricsEndpoints();
     std::fflush(stdout);
     (void)children_.TakeExits();  // none: startup stops on any exit
@@ -378,6 +439,8 @@ class Launcher {
         args.insert(args.end(), {"--gpu-memory-fraction", opts_.gpu_memory_fraction});
       }
       if (attention && opts_.expert_nodes == 0) args.insert(args.end(), {"--experts", "local"});
+      if (opts_.transport != "ucx") args.insert(args.end(), {"--transport", opts_.transport});
+      if (opts_.gpus > 0) args.insert(args.end(), {"--gpu", std::to_string(i)});  // node i on GPU i
       DMOE_RETURN_IF_ERROR(children_.Start(
           name, (bin_dir_ / (attention ? "dmoe-attention-node" : "dmoe-expert-node")).string(), args, kNodeStage));
     }
@@ -528,6 +591,7 @@ class Launcher {
 //   -> stop: scheduler (drains), then the nodes; SIGKILL after --grace.
 absl::Status RunUp(const std::vector<std::string>& args) {
   DMOE_ASSIGN_OR_RETURN(UpOptions opts, ParseUpOptions(args));
+  DMOE_RETURN_IF_ERROR(CheckGpusVisible(opts));
   DMOE_ASSIGN_OR_RETURN(fs::path bin_dir, ServerBinDir());
   for (const char* binary : {"dmoe-scheduler", "dmoe-attention-node", "dmoe-expert-node"}) {
     if (::access((bin_dir / binary).c_str(), X_OK) != 0) {

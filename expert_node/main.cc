@@ -1,6 +1,7 @@
 // dmoe-expert-node: one expert-parallel expert node. Joins the cluster
 // through the scheduler's Coordinator (node::JoinCluster), loads its expert_shard of every MoE
-// layer, connects to the attention nodes over UCX, serves their dispatches
+// layer, connects to the attention nodes over UCX (or NCCL: --transport nccl, on GPU --gpu),
+// serves their dispatches
 // (ExpertWorker) and reports expert load every --report-interval-ms. Its
 // gRPC port serves grpc.health.v1 and reflection. Stops on SIGTERM or SIGINT
 // (exit 0).
@@ -13,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "node/cluster_join.h"
+#include "transport/node_transport.h"
 #include "flags/flags.h"
 #include "core/config.h"
 #include "core/backends.h"
@@ -29,7 +31,8 @@ namespace {
 constexpr char kUsage[] =
     "usage: dmoe-expert-node --model DIR --scheduler HOST:PORT [--host 127.0.0.1] [--port 0]\n"
     "                        [--report-interval-ms 200] [--port-file FILE] [--metrics-port -1]\n"
-    "                        [--advertise-address HOST] [--device cpu|cuda] [--load-format auto|dummy]\n";
+    "                        [--advertise-address HOST] [--device cpu|cuda] [--load-format auto|dummy]\n"
+    "                        [--transport ucx|nccl] [--gpu 0 (the GPU of the cuda backend and NCCL)]\n";
 constexpr char kLog[] = "expert-node";
 
 absl::Status Run(const std::vector<std::string>& args) {
@@ -37,7 +40,7 @@ absl::Status Run(const std::vector<std::string>& args) {
       Flags flags,
       Flags::Parse(args,
                    {"model", "scheduler", "host", "port", "report-interval-ms", "port-file", "metrics-port",
-                    "advertise-address", "device", "load-format"},
+                    "advertise-address", "device", "load-format", "transport", "gpu"},
                    {}));
   DMOE_ASSIGN_OR_RETURN(const std::string model, flags.Require("model"));
   DMOE_ASSIGN_OR_RETURN(const std::string scheduler, flags.Require("scheduler"));
@@ -49,6 +52,11 @@ absl::Status Run(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
   DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
                                                                             flags.Get("load-format").value_or("auto")));
+  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
+                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
+  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
+  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
+  backend_options.cuda_device = static_cast<int>(gpu);
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
@@ -64,6 +72,8 @@ absl::Status Run(const std::vector<std::string>& args) {
                         metrics::MetricsServer::Start(host, metrics_port));
   join.metrics_port = metrics_server ? metrics_server->port() : -1;
   join.log_component = kLog;
+  join.transport = transport_choice;
+  join.gpu = static_cast<int>(gpu);
   std::shared_ptr<ComputeBackend> backend;
   join.load = [&](const node::Registration& reg) -> absl::StatusOr<int64_t> {
     const absl::Time load_start = absl::Now();
@@ -84,6 +94,7 @@ absl::Status Run(const std::vector<std::string>& args) {
     member->Leave();
     worker.Stop();
     worker_thread.join();
+    transport::LogSendTimesPerLayer(member->unmetered_transport(), kLog);
   };
   DMOE_RETURN_IF_ERROR(member->Serve());
 

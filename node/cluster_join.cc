@@ -81,7 +81,7 @@ absl::StatusOr<Registration> CoordinatorClient::Register(const v1::RegisterNodeR
     return absl::FailedPreconditionError(
         absl::StrCat("RegisterNode assigned node id ", reg.node_id, ", outside [0, ", transport::kMaxNodeId, "]"));
   }
-  DMOE_ASSIGN_OR_RETURN(reg.transport, make_transport(reg.node_id));
+  DMOE_ASSIGN_OR_RETURN(reg.transport, make_transport(reply));
   v1::RegisterNodeRequest second = first;
   second.set_node_id(reg.node_id);
   second.set_transport_address(reg.transport->address());
@@ -318,9 +318,19 @@ absl::StatusOr<std::unique_ptr<ClusterMember>> JoinCluster(const JoinOptions& op
     request.set_cache_pages(options.cache_pages);
     request.set_page_size(options.page_size);
   }
-  DMOE_ASSIGN_OR_RETURN(member->registration_, member->coordinator_.Register(request, [](transport::NodeId id) {
-    return metrics::Metered(transport::CreateUcxTransport(transport::UcxOptions{.node_id = id}));
-  }));
+  request.set_transport_kind(options.transport == transport::TransportChoice::kNccl ? v1::TRANSPORT_KIND_NCCL
+                                                                                     : v1::TRANSPORT_KIND_UCX);
+  DMOE_ASSIGN_OR_RETURN(member->registration_,
+                        member->coordinator_.Register(request, [&](const v1::RegisterNodeResponse& r) {
+                          absl::StatusOr<std::unique_ptr<transport::Transport>> t = transport::CreateNodeTransport(
+                              {.choice = options.transport,
+                               .node_id = r.node_id(),
+                               .num_nodes = r.num_nodes(),
+                               .nccl_unique_id = r.nccl_unique_id(),
+                               .gpu = options.gpu});
+                          if (t.ok()) member->unmetered_transport_ = t->get();
+                          return metrics::Metered(std::move(t));
+                        }));
   const Registration& reg = member->registration_;
   DMOE_LOG(kInfo, log) << "registered with " << options.scheduler << " as node " << reg.node_id
                        << (options.kind == v1::NODE_KIND_EXPERT

@@ -24,6 +24,7 @@
 #include "core/model_weights.h"
 #include "dmoe/v1/control.grpc.pb.h"
 #include "router/expert_placement.h"
+#include "transport/node_transport.h"
 #include "transport/transport.h"
 
 namespace dmoe::node {
@@ -54,7 +55,9 @@ struct Registration {
   std::unique_ptr<transport::Transport> transport;
 };
 
-using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(transport::NodeId)>;
+// Gets the first registration's answer (node id; for NCCL also the unique id and size).
+using TransportFactory =
+    std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(const v1::RegisterNodeResponse&)>;
 
 // Calls the scheduler's Coordinator service. Thread-safe.
 class CoordinatorClient {
@@ -116,6 +119,9 @@ struct JoinOptions {
   int64_t cache_pages = 0, page_size = 0;  // attention nodes
   const char* log_component = "node";
   int max_receive_bytes = 0;  // the node server's request limit (0: gRPC's 4 MiB)
+  // The data plane (every node of a cluster the same); NCCL uses GPU `gpu`.
+  transport::TransportChoice transport = transport::TransportChoice::kUcx;
+  int gpu = 0;
   // Loads what the slot needs once registered (weights: the expert shard of
   // an expert node); returns the bytes loaded, for NodeReady.
   std::function<absl::StatusOr<int64_t>(const Registration&)> load;
@@ -131,6 +137,9 @@ class ClusterMember {
   const std::vector<int32_t>& expert_shard() const { return registration_.expert_shard; }
   int32_t expert_node_index() const { return registration_.expert_node_index; }
   transport::Transport& transport() { return *registration_.transport; }
+  // The transport inside the metrics wrapper (for what only it reports, e.g. the NCCL transport's
+  // send records: transport::LogSendTimesPerLayer).
+  transport::Transport& unmetered_transport() { return *unmetered_transport_; }
   CoordinatorClient& coordinator() { return coordinator_; }
   // The complete cluster the node connected to (step 6).
   const v1::GetClusterResponse& cluster() const { return cluster_; }
@@ -163,6 +172,7 @@ class ClusterMember {
   CoordinatorClient coordinator_;
   NodeServer server_;
   Registration registration_;
+  transport::Transport* unmetered_transport_ = nullptr;  // owned by registration_.transport
   v1::GetClusterResponse cluster_;
   int64_t weight_bytes_ = 0;
   std::thread watch_thread_;

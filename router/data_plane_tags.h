@@ -21,6 +21,7 @@ inline uint64_t DispatchTag(uint64_t step_id, int64_t layer, int micro_batch) {
          (micro_batch ? kMicroBatchBit : 0);
 }
 inline uint64_t ReplyTag(uint64_t dispatch_tag) { return dispatch_tag | kReplyBit; }
+inline int64_t TagLayer(uint64_t tag) { return static_cast<int64_t>((tag >> 32) & 0x3fff); }
 inline bool IsReplyTag(uint64_t tag) { return (tag & kReplyBit) != 0; }
 
 }  // namespace dmoe::router

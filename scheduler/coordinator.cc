@@ -102,6 +102,7 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
   v1::RegisterNodeResponse response;
   {
     absl::MutexLock lock(&mu_);
+    if (absl::Status s = AcceptTransportLocked(request, response); !s.ok()) return s;
     const int begin = kind == v1::NODE_KIND_ATTENTION ? 0 : num_attention_;
     const int end = kind == v1::NODE_KIND_ATTENTION ? num_attention_ : num_attention_ + num_expert_;
     const std::string from = absl::StrCat("refused ", request.grpc_address(), ": ");
@@ -177,6 +178,42 @@ absl::StatusOr<v1::RegisterNodeResponse> Coordinator::RegisterNode(const v1::Reg
   }
   Notify();
   return response;
+}
+
+void Coordinator::SetNcclUniqueIdSource(NcclUniqueIdSource source) {
+  absl::MutexLock lock(&mu_);
+  nccl_unique_id_source_ = std::move(source);
+}
+
+absl::Status Coordinator::AcceptTransportLocked(const v1::RegisterNodeRequest& request,
+                                                v1::RegisterNodeResponse& response) {
+  const v1::TransportKind kind =
+      request.transport_kind() == v1::TRANSPORT_KIND_UNSPECIFIED ? v1::TRANSPORT_KIND_UCX : request.transport_kind();
+  if (transport_kind_.has_value() && *transport_kind_ != kind) {
+    return absl::FailedPreconditionError(absl::StrCat("refused ", request.grpc_address(), ": transport ",
+                                                      v1::TransportKind_Name(kind), ", but the cluster's nodes use ",
+                                                      v1::TransportKind_Name(*transport_kind_)));
+  }
+  if (kind == v1::TRANSPORT_KIND_NCCL) {
+    if (nccl_unique_id_.empty()) {
+      if (!nccl_unique_id_source_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "refused ", request.grpc_address(),
+            ": NCCL transport asked for, but this scheduler cannot make an NCCL unique id (built without NCCL)"));
+      }
+      absl::StatusOr<std::string> id = nccl_unique_id_source_();
+      if (!id.ok()) {
+        return absl::UnavailableError(absl::StrCat("RegisterNode: making the NCCL unique id: ", id.status().message()));
+      }
+      nccl_unique_id_ = *std::move(id);
+      DMOE_LOG(kInfo, "scheduler") << "made the NCCL unique id (" << nccl_unique_id_.size() << " bytes) for "
+                                   << nodes_.size() << " ranks";
+    }
+    response.set_nccl_unique_id(nccl_unique_id_);
+    response.set_num_nodes(static_cast<int32_t>(nodes_.size()));
+  }
+  transport_kind_ = kind;
+  return absl::OkStatus();
 }
 
 absl::Status Coordinator::NodeReady(const v1::NodeReadyRequest& request) {

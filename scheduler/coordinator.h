@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -85,7 +86,14 @@ class Coordinator {
   // ALREADY_EXISTS when the slot it would take is held by a live node (or
   // every slot of its kind is), FAILED_PRECONDITION for a node_id of the
   // wrong kind or an expert_shard that is not the slot's.
+  // Every node must register with the same transport_kind (FAILED_PRECONDITION otherwise);
+  // NCCL nodes get the cluster's ncclUniqueId and size in the response.
   absl::StatusOr<v1::RegisterNodeResponse> RegisterNode(const v1::RegisterNodeRequest& request);
+  // Makes the ncclUniqueId, once, when the first NCCL node registers (NewNcclUniqueId of
+  // transport/nccl_transport.h where the scheduler is built with NCCL). Unset: NCCL nodes are
+  // refused with FAILED_PRECONDITION. Call before serving.
+  using NcclUniqueIdSource = std::function<absl::StatusOr<std::string>()>;
+  void SetNcclUniqueIdSource(NcclUniqueIdSource source);
   // FAILED_PRECONDITION unless the caller (node_id, incarnation) holds its slot.
   absl::Status NodeReady(const v1::NodeReadyRequest& request);
   // The cluster now, or with wait_past_epoch once it changed (or at
@@ -136,6 +144,9 @@ class Coordinator {
   struct Watch;
 
   bool AllReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The cluster's one transport kind, and for NCCL the unique id into `response`.
+  absl::Status AcceptTransportLocked(const v1::RegisterNodeRequest& request, v1::RegisterNodeResponse& response)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ServingLocked(int id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string NameLocked(int id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::GetClusterResponse SnapshotLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -155,6 +166,9 @@ class Coordinator {
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_waiting_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::unique_ptr<Watch>> watches_ ABSL_GUARDED_BY(mu_);
+  std::optional<v1::TransportKind> transport_kind_ ABSL_GUARDED_BY(mu_);  // of the first node
+  NcclUniqueIdSource nccl_unique_id_source_ ABSL_GUARDED_BY(mu_);
+  std::string nccl_unique_id_ ABSL_GUARDED_BY(mu_);
   absl::Mutex listener_mu_;
   std::function<void()> listener_ ABSL_GUARDED_BY(listener_mu_);
 };

@@ -21,6 +21,9 @@
 #include "proto/message_limits.h"
 #include "router/load_balancer.h"
 #include "scheduler/generation_service.h"
+#if DMOE_HAVE_NCCL
+#include "transport/nccl_transport.h"
+#endif
 
 namespace dmoe::scheduler {
 namespace {
@@ -139,6 +142,9 @@ absl::Status Serve(const std::vector<std::string>& args) {
   const std::string model_name = std::filesystem::path(model_dir).filename().string();
   GenerationService generation(config, *tokenizer, model_name, static_cast<int>(num_attention),
                                static_cast<int>(num_expert));
+#if DMOE_HAVE_NCCL
+  coordinator.SetNcclUniqueIdSource(transport::NewNcclUniqueId);  // made only if a node asks for NCCL
+#endif
   CoordinatorService coordinator_service(coordinator);
 
   grpc::EnableDefaultHealthCheckService(true);

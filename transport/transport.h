@@ -1,6 +1,7 @@
 // The data plane between dmoe processes: tagged byte messages (hidden states attention node ->
 // expert node, weighted partial sums back). Implementations: in-process
-// (transport/in_process_transport.h) and UCX (transport/ucx_transport.h).
+// (transport/in_process_transport.h), UCX (transport/ucx_transport.h) and NCCL
+// (transport/nccl_transport.h: a FramedTransport, transport/framed_transport.h).
 #ifndef DMOE_TRANSPORT_TRANSPORT_H_
 #define DMOE_TRANSPORT_TRANSPORT_H_
 

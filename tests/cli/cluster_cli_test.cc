@@ -435,6 +435,14 @@ TEST(ClusterCli, FlagErrorsAreOneLineAndNameTheProblem) {
   ExpectError({"up", "--model", kModel, "--expert-nodes", "-1"}, "--expert-nodes = -1 must be in 0..256");
   ExpectError({"up", "--model", kModel, "--device", "tpu"}, "--device 'tpu' must be cpu or cuda");
   ExpectError({"up", "--model", kModel, "--gpu-memory-fraction", "0.5"}, "--gpu-memory-fraction needs --device cuda");
+  ExpectError({"up", "--model", kModel, "--gpus", "2"}, "--gpus needs --device cuda");
+  ExpectError({"up", "--model", kModel, "--transport", "nccl"}, "--transport nccl needs --device cuda --gpus N");
+  ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "2", "--transport", "rdma"},
+              "--transport = 'rdma' must be ucx or nccl");
+  ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "3"},
+              "--gpus 3 puts one node on each GPU: --attention-nodes + --expert-nodes is 2");
+  ExpectError({"up", "--model", kModel, "--device", "cuda", "--gpus", "2", "--on-node-exit", "restart"},
+              "--on-node-exit restart needs --transport ucx (NCCL ranks cannot rejoin)");
 
   ExpectError({"generate", "--server", "localhost", "--ids", "1"}, "--server = 'localhost' is not HOST:PORT");
   ExpectError({"generate", "--server", "127.0.0.1:1"}, "exactly one of");
@@ -464,6 +472,25 @@ TEST(ClusterCli, NothingListeningIsUnavailableWithinSeconds) {
     EXPECT_TRUE(r.out.empty()) << r.out;
     EXPECT_LT(r.seconds, 10.0);
   }
+}
+
+// No GPU visible (CUDA_VISIBLE_DEVICES empty hides them on any machine): dmoe up --gpus 2
+// fails before starting anything, naming what is missing.
+TEST(ClusterCli, UpOnTwoGpusWithoutGpusFailsNamingWhatIsMissing) {
+  const std::string marker = "no-gpus-" + std::to_string(::getpid());
+  const Result r = RunDmoe({"up", "--model", kModel, "--device", "cuda", "--gpus", "2"},
+                           {{"CUDA_VISIBLE_DEVICES", ""}, {"DMOE_CLUSTER_TEST_MARKER", marker}},
+                           std::chrono::seconds(30));
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+#if DMOE_TEST_CUDA
+  EXPECT_NE(r.err.find("--gpus 2: needs 2 CUDA GPUs (one per node), none is visible: cudaGetDeviceCount"),
+            std::string::npos)
+      << r.err;
+#else
+  EXPECT_NE(r.err.find("--gpus 2: this dmoe was built without CUDA"), std::string::npos) << r.err;
+#endif
+  EXPECT_TRUE(ProcessesWithEnv("DMOE_CLUSTER_TEST_MARKER=" + marker).empty());
 }
 
 TEST(ClusterCli, UpWithoutAModelStartsNothing) {

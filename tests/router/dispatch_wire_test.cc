@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "router/data_plane_tags.h"
 #include "router/dispatch_plan.h"
 #include "router/expert_placement.h"
 
@@ -270,6 +271,18 @@ TEST(DispatchWireTest, PlanThroughTheWire) {
       double expected = 0;
       for (int64_t s = 0; s < k; ++s) expected += w[t * k + s] * x[t * D + d] * (idx[t * k + s] + 1);
       EXPECT_NEAR(out[t * D + d], expected, 1e-5) << "token " << t << " d " << d;
+    }
+  }
+}
+
+// The layer comes back out of every tag of the data plane (the NCCL nodes' per-layer times).
+TEST(DataPlaneTagsTest, TagLayerReadsTheLayerOfDispatchesAndReplies) {
+  for (int64_t layer : {0, 1, 26, 60, 16383}) {
+    for (int micro_batch : {0, 1}) {
+      const uint64_t tag = DispatchTag(0xfffffffful, layer, micro_batch);
+      EXPECT_EQ(TagLayer(tag), layer);
+      EXPECT_EQ(TagLayer(ReplyTag(tag)), layer);
+      EXPECT_LE(ReplyTag(tag), kAllTagBits);
     }
   }
 }

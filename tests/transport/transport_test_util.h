@@ -35,6 +35,18 @@ TransportKind InProcessKind();
 // ("UcxErrModeNone": shared memory).
 TransportKind UcxKind(bool detect_peer_failure);
 
+// FramedTransports (the NCCL transport without NCCL) over a FakePieceFabric
+// (tests/transport/fake_piece_channel.h); `chunk_bytes` small so that payloads span many chunks.
+TransportKind FramedFakeKind(uint32_t chunk_bytes = 1000);
+
+// NCCL_SOCKET_IFNAME=lo unless already set (NCCL's bootstrap stays on loopback).
+void SetNcclTestEnv();
+#if DMOE_HAVE_NCCL
+// One GPU per node (node i on GPU i), all ranks joined concurrently on threads of this process;
+// FAILED_PRECONDITION, naming what is missing, with fewer than n GPUs (the tests skip then).
+TransportKind NcclKind();
+#endif
+
 }  // namespace dmoe::transport::testing
 
 #endif  // DMOE_TESTS_TRANSPORT_TRANSPORT_TEST_UTIL_H_
