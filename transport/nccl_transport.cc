@@ -19,6 +19,23 @@
 namespace dmoe::transport {
 namespace {
 
+// Ends every operation posted on `comm`. ncclCommRevoke (NCCL 2.28) keeps the
+// communicator for a later destroy; older NCCLs (the GPU image has one) only
+// have ncclCommAbort, which also frees it: then `comm` is set to null, so the
+// destructor does not free it again.
+void EndOperations(ncclComm_t& comm) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+  ncclCommRevoke(comm, NCCL_REVOKE_DEFAULT);
+#else
+  ncclCommAbort(comm);
+  comm = nullptr;
+#endif
+}
+
+}  // namespace
+
+namespace {
+
 static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "kNcclUniqueIdBytes must be sizeof(ncclUniqueId)");
 
 constexpr char kLog[] = "transport";
@@ -170,7 +187,7 @@ class NcclChannel final : public PieceChannel {
     if (!s.ok()) {
       // NCCL cannot cancel one peer's operation: stop this node's sends altogether.
       send_error_ = s;
-      ncclCommRevoke(comm, NCCL_REVOKE_DEFAULT);
+      EndOperations(comms_[rank_]);
       return s;
     }
     float ms = 0;
@@ -200,8 +217,8 @@ class NcclChannel final : public PieceChannel {
   void Shutdown() override {
     stopping_.store(true);
     // Ends the resident receives (and a stuck send) on every communicator.
-    for (ncclComm_t c : comms_) {
-      if (c != nullptr) ncclCommRevoke(c, NCCL_REVOKE_DEFAULT);
+    for (ncclComm_t& c : comms_) {
+      if (c != nullptr) EndOperations(c);
     }
   }
 
