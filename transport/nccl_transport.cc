@@ -19,12 +19,12 @@
 namespace dmoe::transport {
 namespace {
 
-// Ends every operation posted on `comm`. ncclCommRevoke (NCCL 2.28) keeps the
+// Ends every operation posted on `comm`. ncclCommRevoke (late NCCL 2.28) keeps the
 // communicator for a later destroy; older NCCLs (the GPU image has one) only
 // have ncclCommAbort, which also frees it: then `comm` is set to null, so the
 // destructor does not free it again.
 void EndOperations(ncclComm_t& comm) {
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+#ifdef NCCL_REVOKE_DEFAULT  // ncclCommRevoke came within 2.28 (2.28.9 has it)
   ncclCommRevoke(comm, NCCL_REVOKE_DEFAULT);
 #else
   ncclCommAbort(comm);
