@@ -60,13 +60,9 @@ absl::Status Run(const std::vector<std::string>& args) {
   if (options.cache_pages <= 0 || options.page_size <= 0) {
     return absl::InvalidArgumentError("--cache-pages and --page-size must be positive");
   }
-  DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
-                                                                            flags.Get("load-format").value_or("auto")));
-  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
-                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
-  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
-  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
-  backend_options.cuda_device = static_cast<int>(gpu);
+  DMOE_ASSIGN_OR_RETURN(node::NodeCompute compute, node::ParseNodeCompute(flags));
+  BackendOptions& backend_options = compute.backend;
+  const transport::TransportChoice transport_choice = compute.transport;
   DMOE_ASSIGN_OR_RETURN(const double memory_fraction, flags.GetDouble("gpu-memory-fraction", 0.9));
   if (flags.Has("gpu-memory-fraction") && backend_options.device != Device::kCuda) {
     return absl::InvalidArgumentError("--gpu-memory-fraction needs --device cuda");
@@ -122,7 +118,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.page_size = options.page_size;
   join.log_component = kLog;
   join.transport = transport_choice;
-  join.gpu = static_cast<int>(gpu);
+  join.gpu = backend_options.cuda_device;
   // Loaded before joining: the cache's page count goes into the registration.
   join.load = [&](const node::Registration&) -> absl::StatusOr<int64_t> { return weights->total_bytes; };
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<node::ClusterMember> member, node::JoinCluster(join));

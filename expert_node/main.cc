@@ -50,13 +50,9 @@ absl::Status Run(const std::vector<std::string>& args) {
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("--port ", port, " outside [0, 65535]"));
   if (report_ms <= 0)
     return absl::InvalidArgumentError(absl::StrCat("--report-interval-ms ", report_ms, " must be positive"));
-  DMOE_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseBackendOptions(flags.Get("device").value_or("cpu"),
-                                                                            flags.Get("load-format").value_or("auto")));
-  DMOE_ASSIGN_OR_RETURN(const transport::TransportChoice transport_choice,
-                        transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
-  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
-  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
-  backend_options.cuda_device = static_cast<int>(gpu);
+  DMOE_ASSIGN_OR_RETURN(node::NodeCompute compute, node::ParseNodeCompute(flags));
+  BackendOptions& backend_options = compute.backend;
+  const transport::TransportChoice transport_choice = compute.transport;
   DMOE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::Load(model));
   if (!config.has_moe()) return absl::InvalidArgumentError(absl::StrCat(model, ": the model has no routed experts"));
 
@@ -73,7 +69,7 @@ absl::Status Run(const std::vector<std::string>& args) {
   join.metrics_port = metrics_server ? metrics_server->port() : -1;
   join.log_component = kLog;
   join.transport = transport_choice;
-  join.gpu = static_cast<int>(gpu);
+  join.gpu = backend_options.cuda_device;
   std::shared_ptr<ComputeBackend> backend;
   join.load = [&](const node::Registration& reg) -> absl::StatusOr<int64_t> {
     const absl::Time load_start = absl::Now();

@@ -26,6 +26,17 @@
 #include "transport/ucx_transport.h"
 
 namespace dmoe::node {
+
+absl::StatusOr<NodeCompute> ParseNodeCompute(const Flags& flags) {
+  NodeCompute c;
+  DMOE_ASSIGN_OR_RETURN(c.backend, ParseBackendOptions(flags.Get("device").value_or("cpu"),
+                                                       flags.Get("load-format").value_or("auto")));
+  DMOE_ASSIGN_OR_RETURN(c.transport, transport::ParseTransportChoice(flags.Get("transport").value_or("ucx")));
+  DMOE_ASSIGN_OR_RETURN(const int64_t gpu, flags.GetInt("gpu", 0));
+  if (gpu < 0) return absl::InvalidArgumentError(absl::StrCat("--gpu ", gpu, " must be >= 0"));
+  c.backend.cuda_device = static_cast<int>(gpu);
+  return c;
+}
 namespace {
 
 // Longest GetCluster long poll: the scheduler answers by then even when

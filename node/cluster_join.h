@@ -21,13 +21,24 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/backends.h"
 #include "core/model_weights.h"
+#include "flags/flags.h"
 #include "dmoe/v1/control.grpc.pb.h"
 #include "router/expert_placement.h"
 #include "transport/node_transport.h"
 #include "transport/transport.h"
 
 namespace dmoe::node {
+
+// Where a node computes and how it moves hidden states, from the flags both
+// node binaries share: --device, --load-format, --transport, --gpu (the GPU
+// for the backend and for NCCL). INVALID_ARGUMENT naming a bad value.
+struct NodeCompute {
+  BackendOptions backend;
+  transport::TransportChoice transport = transport::TransportChoice::kUcx;
+};
+absl::StatusOr<NodeCompute> ParseNodeCompute(const Flags& flags);
 
 // Joining the cluster, for both node kinds. The registration protocol with
 // the scheduler's Coordinator (the transport needs the node id, which only
