@@ -334,7 +334,7 @@ void GroupedGemms(Out& out, bool quick) {
         const double own = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
         g.impl = GroupedGemmImpl::kCublas;
         const double cub = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
-        GemmParams d{a, pr.b, c, OutType::kF32, rows, pr.N, pr.K};
+        GemmParams d{a, pr.b, OutType::kBF16, c, OutType::kF32, rows, pr.N, pr.K};
         const double dense = TimeMs([&](int) { CS(Gemm(blas, d, nullptr)); });
         CK(cudaDeviceSynchronize());
         const double flops = 2.0 * rows * pr.N * pr.K;

@@ -27,11 +27,14 @@ unsigned Blocks(int64_t n) {
 
 __device__ __forceinline__ float Bf16(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
 __device__ __forceinline__ uint16_t ToBf16(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+__device__ __forceinline__ float AsFloat(uint16_t v) { return Bf16(v); }
+__device__ __forceinline__ float AsFloat(float v) { return v; }
 
-__global__ void EmbedKernel(const uint16_t* table, const int32_t* ids, int64_t n, int64_t d, float* out) {
+template <typename T>
+__global__ void EmbedKernel(const T* table, const int32_t* ids, int64_t n, int64_t d, float* out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n * d; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = i / d, c = i % d;
-    out[i] = Bf16(table[static_cast<int64_t>(ids[t]) * d + c]);
+    out[i] = AsFloat(table[static_cast<int64_t>(ids[t]) * d + c]);
   }
 }
 
@@ -61,8 +64,8 @@ __global__ void StridedCopyKernel(StridedCopyParams p) {
   }
 }
 
-__global__ void TransposeUkKernel(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r,
-                                  uint16_t* out) {
+template <typename T>
+__global__ void TransposeUkKernel(const T* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r, T* out) {
   const int64_t total = heads * r * dn;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t d = i % dn, c = (i / dn) % r, h = i / (dn * r);
@@ -114,16 +117,21 @@ __device__ float BlockReduce(float v, float* scratch /* [32] */) {
   return r;
 }
 
+// T: the element of the cache and the queries (bf16 bits or float).
+template <typename T>
 __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   extern __shared__ float smem[];
   __shared__ float scratch[32];
+  const T* q_lat = static_cast<const T*>(p.q_lat);
+  const T* q_pe = static_cast<const T*>(p.q_pe);
+  const T* cache = static_cast<const T*>(p.cache);
   const int64_t r = p.shape.kv_lora_rank, dr = p.shape.rope_dim, width = r + dr, ps = p.shape.page_size;
   float* q = smem;           // [width]
   float* s = smem + width;   // [context]
   const int64_t row = blockIdx.x;  // query * H + head
   const int64_t qi = row / p.num_heads;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
-    q[i] = i < r ? Bf16(p.q_lat[row * r + i]) : Bf16(p.q_pe[row * dr + i - r]);
+    q[i] = i < r ? AsFloat(q_lat[row * r + i]) : AsFloat(q_pe[row * dr + i - r]);
   }
   __syncthreads();
   const int32_t pos = p.query_pos[qi];
@@ -131,9 +139,9 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j < ctx; j += blockDim.x) {
-    const uint16_t* e = p.cache + (int64_t{bt[j / ps]} * ps + j % ps) * width;
+    const T* e = cache + (int64_t{bt[j / ps]} * ps + j % ps) * width;
     float d = 0.f;
-    for (int64_t i = 0; i < width; ++i) d += q[i] * Bf16(e[i]);
+    for (int64_t i = 0; i < width; ++i) d += q[i] * AsFloat(e[i]);
     s[j] = d * p.scale;
     local_max = fmaxf(local_max, s[j]);
   }
@@ -147,7 +155,7 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   const float inv = l > 0.f ? 1.0f / l : 0.f;
   for (int64_t i = threadIdx.x; i < r; i += blockDim.x) {
     float acc = 0.f;
-    for (int64_t j = 0; j < ctx; ++j) acc += s[j] * Bf16(p.cache[(int64_t{bt[j / ps]} * ps + j % ps) * width + i]);
+    for (int64_t j = 0; j < ctx; ++j) acc += s[j] * AsFloat(cache[(int64_t{bt[j / ps]} * ps + j % ps) * width + i]);
     p.out[row * r + i] = acc * inv;
   }
 }
@@ -201,20 +209,33 @@ absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream) {
   }
   if (p.num_queries <= 0) return absl::OkStatus();
   const size_t smem = static_cast<size_t>(p.shape.entry_width() + std::max<int64_t>(p.max_context_len, 1)) * sizeof(float);
+  const bool f32 = p.shape.elem_type == OutType::kF32;
   if (smem > 48 * 1024) {
-    static const cudaError_t attr =
-        cudaFuncSetAttribute(MlaAnyDimsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
-    if (attr != cudaSuccess) {
-      return absl::InternalError(absl::StrCat("cudaFuncSetAttribute(MlaAnyDimsKernel): ", cudaGetErrorString(attr)));
+    static const cudaError_t attr[2] = {
+        cudaFuncSetAttribute(MlaAnyDimsKernel<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024),
+        cudaFuncSetAttribute(MlaAnyDimsKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024)};
+    if (attr[f32] != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrCat("cudaFuncSetAttribute(MlaAnyDimsKernel): ", cudaGetErrorString(attr[f32])));
     }
   }
-  MlaAnyDimsKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kMlaThreads, smem, S(stream)>>>(p);
+  const unsigned blocks = static_cast<unsigned>(p.num_queries * p.num_heads);
+  if (f32) {
+    MlaAnyDimsKernel<float><<<blocks, kMlaThreads, smem, S(stream)>>>(p);
+  } else {
+    MlaAnyDimsKernel<uint16_t><<<blocks, kMlaThreads, smem, S(stream)>>>(p);
+  }
   return Launched("MlaAnyDimsKernel");
 }
 
-absl::Status EmbedRows(const uint16_t* table, const int32_t* ids, int64_t n, int64_t d, float* out, Stream stream) {
+absl::Status EmbedRows(const void* table, OutType table_type, const int32_t* ids, int64_t n, int64_t d, float* out,
+                       Stream stream) {
   if (n * d == 0) return absl::OkStatus();
-  EmbedKernel<<<Blocks(n * d), kThreads, 0, S(stream)>>>(table, ids, n, d, out);
+  if (table_type == OutType::kF32) {
+    EmbedKernel<<<Blocks(n * d), kThreads, 0, S(stream)>>>(static_cast<const float*>(table), ids, n, d, out);
+  } else {
+    EmbedKernel<<<Blocks(n * d), kThreads, 0, S(stream)>>>(static_cast<const uint16_t*>(table), ids, n, d, out);
+  }
   return Launched("EmbedKernel");
 }
 
@@ -237,11 +258,17 @@ absl::Status StridedCopy(const StridedCopyParams& p, Stream stream) {
   return Launched("StridedCopyKernel");
 }
 
-absl::Status TransposeUk(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r, uint16_t* out,
+absl::Status TransposeUk(const void* kv_b, OutType type, int64_t heads, int64_t dn, int64_t dv, int64_t r, void* out,
                          Stream stream) {
   const int64_t total = heads * r * dn;
   if (total == 0) return absl::OkStatus();
-  TransposeUkKernel<<<Blocks(total), kThreads, 0, S(stream)>>>(kv_b, heads, dn, dv, r, out);
+  if (type == OutType::kF32) {
+    TransposeUkKernel<<<Blocks(total), kThreads, 0, S(stream)>>>(static_cast<const float*>(kv_b), heads, dn, dv, r,
+                                                                 static_cast<float*>(out));
+  } else {
+    TransposeUkKernel<<<Blocks(total), kThreads, 0, S(stream)>>>(static_cast<const uint16_t*>(kv_b), heads, dn, dv,
+                                                                 r, static_cast<uint16_t*>(out));
+  }
   return Launched("TransposeUkKernel");
 }
 

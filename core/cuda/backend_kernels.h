@@ -14,8 +14,9 @@
 
 namespace dmoe::cuda {
 
-// out[t][i] = float(table[ids[t]][i]) for a bf16 table [V, d].
-absl::Status EmbedRows(const uint16_t* table, const int32_t* ids, int64_t n, int64_t d, float* out, Stream stream);
+// out[t][i] = float(table[ids[t]][i]) for a table [V, d] of table_type.
+absl::Status EmbedRows(const void* table, OutType table_type, const int32_t* ids, int64_t n, int64_t d, float* out,
+                       Stream stream);
 
 // x[i] += a[i], or x[i] += (a[i] + b[i]) when b is not null (that order of
 // additions, as the CPU backend).
@@ -36,9 +37,9 @@ struct StridedCopyParams {
 };
 absl::Status StridedCopy(const StridedCopyParams& p, Stream stream);
 
-// W_UK[h]^T for every head from kv_b_proj [H*(dn+dv), r] (bf16):
+// W_UK[h]^T for every head from kv_b_proj [H*(dn+dv), r] (bf16 or float32):
 // out[(h*r + c)*dn + d] = kv_b[(h*(dn+dv) + d)*r + c], out [H*r, dn].
-absl::Status TransposeUk(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r, uint16_t* out,
+absl::Status TransposeUk(const void* kv_b, OutType type, int64_t heads, int64_t dn, int64_t dv, int64_t r, void* out,
                          Stream stream);
 
 // MLA absorbed attention (kernels.h's MlaAttention, the same function and
@@ -46,6 +47,7 @@ absl::Status TransposeUk(const uint16_t* kv_b, int64_t heads, int64_t dn, int64_
 // reference kernels take V2/V3's 512 / 64 only, and tiny test models
 // (tiny-v3: 32 / 8) need this one. One block per (query, head), scores of
 // the whole context in shared memory (max_context_len <= 8192), float32.
+// Takes a float32 cache and queries too (shape.elem_type kF32).
 // Ignores num_splits / workspace / lse.
 absl::Status MlaAttentionAnyDims(const MlaAttentionParams& p, Stream stream);
 

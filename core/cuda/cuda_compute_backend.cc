@@ -97,9 +97,14 @@ class Scratch {
   std::vector<void*> ptrs_;
 };
 
+size_t ElemBytes(OutType t) { return t == OutType::kF32 ? 4 : 2; }
+
 struct DevMat {
-  uint16_t* p = nullptr;  // bf16 [rows, cols]
+  void* p = nullptr;  // [rows, cols] of `type` (the backend's precision)
+  OutType type = OutType::kBF16;
   int64_t rows = 0, cols = 0;
+  // Element `i` of the row-major storage.
+  void* at(int64_t i) const { return static_cast<char*>(p) + i * static_cast<int64_t>(ElemBytes(type)); }
 };
 
 struct DevLayer {
@@ -119,11 +124,23 @@ struct DevLayer {
   DevMat mlp_down;            // [D, I]
   float* router = nullptr;    // [E, D] float32
   DevMat shared_gate_up, shared_down;
-  uint16_t* experts_gate_up = nullptr;  // [local][2*Ie][D]
-  uint16_t* experts_down = nullptr;     // [local][D][Ie]
+  void* experts_gate_up = nullptr;  // [local][2*Ie][D], the backend's precision
+  void* experts_down = nullptr;     // [local][D][Ie]
   std::vector<int32_t> local_slot;      // [E]: slot in the stacks, -1 when not held
   int64_t num_local = 0;
 };
+
+// Whether the loaded matrices are float32 (the first one present: the
+// embedding, else a routed expert's, on an expert-only node).
+bool StoredInFloat32(const ModelWeights& w) {
+  if (!w.embed_tokens.empty()) return w.embed_tokens.dtype == DType::kF32;
+  for (const LayerWeights& l : w.layers) {
+    for (const MlpWeights& e : l.moe.experts) {
+      if (e.loaded()) return e.gate_proj.dtype == DType::kF32;
+    }
+  }
+  return false;
+}
 
 // Where the weights come from: the loaded host tensors, or the dummy
 // generator. `host` is null for the generator.
@@ -239,15 +256,15 @@ class DummySource : public WeightSource {
   cudaStream_t stream_;
 };
 
-// The latent cache's device pool: [layer][page][row][r + dr] bf16, each
-// layer's part in kernels.h's layout.
+// The latent cache's device pool: [layer][page][row][r + dr] of
+// shape.elem_type, each layer's part in kernels.h's layout.
 struct DevicePool {
-  uint16_t* base = nullptr;
+  void* base = nullptr;
   LatentCacheShape shape;
   ~DevicePool() {
     if (base != nullptr) (void)cudaFree(base);
   }
-  uint16_t* layer(int64_t l) const { return base + l * shape.layer_elements(); }
+  void* layer(int64_t l) const { return static_cast<char*>(base) + l * shape.layer_elements() * shape.elem_bytes(); }
 };
 
 // Per micro-batch and step: positions, cache slots and block tables on the
@@ -290,6 +307,13 @@ class CudaBackend : public ComputeBackend {
                                                               std::optional<uint64_t> dummy_seed,
                                                               const CudaBackendOptions& options) {
     auto b = std::shared_ptr<CudaBackend>(new CudaBackend(config, options));
+    // kAuto: float32 for a float32 checkpoint (routing margins of small
+    // models are far below bf16's error, MODEL_SPEC.md 6), else bf16.
+    const bool f32_checkpoint = host != nullptr && StoredInFloat32(*host);
+    b->precision_ = options.precision == CudaPrecision::kF32 ||
+                            (options.precision == CudaPrecision::kAuto && f32_checkpoint)
+                        ? OutType::kF32
+                        : OutType::kBF16;
     DMOE_RETURN_IF_ERROR(b->Init());
     DMOE_RETURN_IF_ERROR(b->LoadWeights(selection, host.get(), dummy_seed));
     return std::shared_ptr<ComputeBackend>(std::move(b));
@@ -347,7 +371,8 @@ class CudaBackend : public ComputeBackend {
     pool->shape.rope_dim = o.qk_rope_head_dim;
     pool->shape.page_size = o.page_size;
     pool->shape.num_pages = o.num_pages;
-    const size_t bytes = static_cast<size_t>(o.num_layers * pool->shape.layer_elements()) * sizeof(uint16_t);
+    pool->shape.elem_type = precision_;
+    const size_t bytes = static_cast<size_t>(o.num_layers * pool->shape.layer_elements() * pool->shape.elem_bytes());
     if (const cudaError_t err = cudaMalloc(&pool->base, bytes); err != cudaSuccess) {
       pool->base = nullptr;
       return absl::ResourceExhaustedError(absl::StrCat("cuda: latent cache of ", o.num_pages, " pages (",
@@ -377,7 +402,7 @@ class CudaBackend : public ComputeBackend {
                           static_cast<double>(options_.working_memory_bytes);
     const ModelConfig& c = config();
     const double page_bytes =
-        static_cast<double>(c.num_hidden_layers * page_size * c.latent_entry_width()) * sizeof(uint16_t);
+        static_cast<double>(c.num_hidden_layers * page_size * c.latent_entry_width()) * ElemBytes(precision_);
     const int64_t pages = budget > 0 ? static_cast<int64_t>(budget / page_bytes) : 0;
     if (pages < 1) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -392,7 +417,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(SetDevice());
     Scratch scratch(stream_);
     DMOE_ASSIGN_OR_RETURN(int32_t* ids, UploadInts(scratch, tokens));
-    return EmbedRows(embed_.p, ids, static_cast<int64_t>(tokens.size()), config().hidden_size, x, S());
+    return EmbedRows(embed_.p, embed_.type, ids, static_cast<int64_t>(tokens.size()), config().hidden_size, x, S());
   }
 
   absl::Status RmsNorm(int64_t layer, NormKind which, const float* x, int64_t n, float* out) override {
@@ -473,8 +498,9 @@ class CudaBackend : public ComputeBackend {
     const int64_t D = c.hidden_size, H = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
     const int64_t dq = dn + dr, dv = c.v_head_dim, r = c.kv_lora_rank, rq = c.q_lora_rank;
     Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(uint16_t* hb, scratch.Get<uint16_t>(n * D));
-    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(h, n * D, hb, S()));
+    // Activations enter the GEMMs in the backend's precision (bf16, or
+    // float32 as they are).
+    DMOE_ASSIGN_OR_RETURN(const void* hb, GemmInput(scratch, h, n * D));
 
     // q [n, H*dq] and kva [n, r + dr] (rows kva_ld apart).
     DMOE_ASSIGN_OR_RETURN(float* q, scratch.Get<float>(n * H * dq));
@@ -483,7 +509,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(Linear(hb, n, dl.a_proj, a, OutType::kF32));
     float* kva = a;
     if (rq > 0) {
-      DMOE_ASSIGN_OR_RETURN(uint16_t* qa, scratch.Get<uint16_t>(n * rq));
+      DMOE_ASSIGN_OR_RETURN(void* qa, Act(scratch, n * rq));
       RmsNormParams np;
       np.x = a;
       np.n = n;
@@ -492,7 +518,7 @@ class CudaBackend : public ComputeBackend {
       np.w = dl.q_a_norm;
       np.eps = kInnerNormEps;
       np.out = qa;
-      np.out_type = OutType::kBF16;
+      np.out_type = precision_;
       DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
       DMOE_RETURN_IF_ERROR(Linear(qa, n, dl.q_b, q, OutType::kF32));
       kva = a + rq;
@@ -543,14 +569,14 @@ class CudaBackend : public ComputeBackend {
 
     // Absorbed queries: q_lat[t][h] = W_UK[h]^T q_nope[t][h], one grouped
     // GEMM over head-major rows (group h: rows h*n .. h*n + n - 1), and q_pe.
-    DMOE_ASSIGN_OR_RETURN(uint16_t* q_nope, scratch.Get<uint16_t>(H * n * dn));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, H * dq, q_nope, OutType::kBF16, n * dn, dn, H, n, dn), S()));
+    DMOE_ASSIGN_OR_RETURN(void* q_nope, Act(scratch, H * n * dn));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, H * dq, q_nope, precision_, n * dn, dn, H, n, dn), S()));
     DMOE_ASSIGN_OR_RETURN(float* q_lat_hm, scratch.Get<float>(H * n * r));
     DMOE_RETURN_IF_ERROR(PerHead(q_nope, dl.w_uk_t.p, r * dn, q_lat_hm, r, dn, n, plan));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* q_lat, scratch.Get<uint16_t>(n * H * r));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q_lat_hm, r, n * r, q_lat, OutType::kBF16, H * r, r, n, H, r), S()));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* q_pe, scratch.Get<uint16_t>(n * H * dr));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, H * dq, dq, q_pe, OutType::kBF16, H * dr, dr, n, H, dr), S()));
+    DMOE_ASSIGN_OR_RETURN(void* q_lat, Act(scratch, n * H * r));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q_lat_hm, r, n * r, q_lat, precision_, H * r, r, n, H, r), S()));
+    DMOE_ASSIGN_OR_RETURN(void* q_pe, Act(scratch, n * H * dr));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, H * dq, dq, q_pe, precision_, H * dr, dr, n, H, dr), S()));
 
     DMOE_ASSIGN_OR_RETURN(float* u, scratch.Get<float>(n * H * r));
     MlaAttentionParams mp;
@@ -567,26 +593,27 @@ class CudaBackend : public ComputeBackend {
     mp.max_context_len = plan.max_context;
     mp.scale = rope_.softmax_scale();
     mp.out = u;
-    if (r == 512 && dr == 64) {
+    if (r == 512 && dr == 64 && precision_ == OutType::kBF16) {
       const int splits = MlaAttentionNumSplits(n, H, plan.max_context, 0);
       mp.num_splits = splits;
       mp.workspace_bytes = MlaAttentionWorkspaceBytes(n, H, r, splits);
       DMOE_ASSIGN_OR_RETURN(mp.workspace, scratch.Bytes(mp.workspace_bytes));
       DMOE_RETURN_IF_ERROR(MlaAttention(mp, S()));
     } else {
-      // kernels.h's kernels take V2/V3's dims only; other shapes (tiny test
-      // models) take the generic kernel, the same function.
+      // kernels.h's kernels take V2/V3's dims in bf16 only; other shapes
+      // (tiny test models) and float32 take the generic kernel, the same
+      // function.
       DMOE_RETURN_IF_ERROR(MlaAttentionAnyDims(mp, S()));
     }
 
     // o[t][h] = W_UV[h] u[t][h] (grouped by head, W_UV[h] = rows dn.. of
     // head h's kv_b block), then o_proj over o [n, H*dv].
-    DMOE_ASSIGN_OR_RETURN(uint16_t* u_hm, scratch.Get<uint16_t>(H * n * r));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(u, r, H * r, u_hm, OutType::kBF16, n * r, r, H, n, r), S()));
+    DMOE_ASSIGN_OR_RETURN(void* u_hm, Act(scratch, H * n * r));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(u, r, H * r, u_hm, precision_, n * r, r, H, n, r), S()));
     DMOE_ASSIGN_OR_RETURN(float* o_hm, scratch.Get<float>(H * n * dv));
-    DMOE_RETURN_IF_ERROR(PerHead(u_hm, dl.kv_b.p + dn * r, (dn + dv) * r, o_hm, dv, r, n, plan));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* ob, scratch.Get<uint16_t>(n * H * dv));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(o_hm, dv, n * dv, ob, OutType::kBF16, H * dv, dv, n, H, dv), S()));
+    DMOE_RETURN_IF_ERROR(PerHead(u_hm, dl.kv_b.at(dn * r), (dn + dv) * r, o_hm, dv, r, n, plan));
+    DMOE_ASSIGN_OR_RETURN(void* ob, Act(scratch, n * H * dv));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(o_hm, dv, n * dv, ob, precision_, H * dv, dv, n, H, dv), S()));
     return Linear(ob, n, dl.o_proj, out, OutType::kF32);
   }
 
@@ -704,10 +731,12 @@ class CudaBackend : public ComputeBackend {
     p.intermediate = I;
     p.w_gate_up = dl.experts_gate_up;
     p.w_down = dl.experts_down;
+    p.weight_type = precision_;
     p.out = out;
-    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, I);
+    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, I, precision_);
     DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
-    p.impl = GroupedGemmImpl::kOwn;
+    // The tensor-core kernel takes bf16; float32 goes through cuBLAS.
+    p.impl = precision_ == OutType::kBF16 ? GroupedGemmImpl::kOwn : GroupedGemmImpl::kCublas;
     p.blas = blas_.get();
     return MoeExperts(p, S());
   }
@@ -833,11 +862,12 @@ class CudaBackend : public ComputeBackend {
   // The absorbed per-head products as one grouped GEMM: for head h, rows
   // h*n .. h*n + n - 1 of out [H*n, n_out] (float32) = those rows of a
   // [H*n, k] (bf16) · (b + h * b_stride)^T, a [n_out, k] block per head.
-  absl::Status PerHead(const uint16_t* a, const uint16_t* b, int64_t b_stride, float* out, int64_t n_out, int64_t k,
-                       int64_t n, const CudaAttentionPlan& plan) {
+  absl::Status PerHead(const void* a, const void* b, int64_t b_stride, float* out, int64_t n_out, int64_t k, int64_t n,
+                       const CudaAttentionPlan& plan) {
     GroupedGemmParams g;
     g.a = a;
     g.b = b;
+    g.ab_type = precision_;
     g.b_group_stride = b_stride;
     g.c = out;
     g.c_type = OutType::kF32;
@@ -847,7 +877,28 @@ class CudaBackend : public ComputeBackend {
     g.offsets = plan.head_offsets;
     g.max_rows = config().num_attention_heads * n;
     g.impl = GroupedGemmImpl::kOwn;
+    std::vector<int32_t> host_offsets;
+    if (precision_ == OutType::kF32) {  // cuBLAS, with the offsets the plan holds on the device
+      host_offsets.resize(g.num_groups + 1);
+      for (int64_t h = 0; h <= g.num_groups; ++h) host_offsets[h] = static_cast<int32_t>(h * n);
+      g.host_offsets = host_offsets.data();
+      g.impl = GroupedGemmImpl::kCublas;
+      g.blas = blas_.get();
+    }
     return GroupedGemm(g, S());
+  }
+
+  // A float32 activation [count] as a GEMM input of the backend's precision:
+  // itself, or a bf16 copy in `scratch`.
+  absl::StatusOr<const void*> GemmInput(Scratch& scratch, const float* x, int64_t count) {
+    if (precision_ == OutType::kF32) return static_cast<const void*>(x);
+    DMOE_ASSIGN_OR_RETURN(uint16_t* b, scratch.Get<uint16_t>(count));
+    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(x, count, b, S()));
+    return static_cast<const void*>(b);
+  }
+  // Room for `count` activations of the backend's precision.
+  absl::StatusOr<void*> Act(Scratch& scratch, int64_t count) {
+    return scratch.Bytes(static_cast<size_t>(std::max<int64_t>(count, 1)) * ElemBytes(precision_));
   }
 
   // logits [rows.size(), V] (device, in `scratch`) = lm_head RmsNorm(x[row]).
@@ -858,7 +909,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_ASSIGN_OR_RETURN(int32_t* dev_rows, UploadInts(scratch, rows32));
     DMOE_ASSIGN_OR_RETURN(float* picked, scratch.Get<float>(nr * D));
     DMOE_RETURN_IF_ERROR(GatherRows(x, dev_rows, nr, D, picked, S()));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* normed, scratch.Get<uint16_t>(nr * D));
+    DMOE_ASSIGN_OR_RETURN(void* normed, Act(scratch, nr * D));
     RmsNormParams np;
     np.x = picked;
     np.n = nr;
@@ -866,18 +917,19 @@ class CudaBackend : public ComputeBackend {
     np.w = final_norm_;
     np.eps = static_cast<float>(c.rms_norm_eps);
     np.out = normed;
-    np.out_type = OutType::kBF16;
+    np.out_type = precision_;
     DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
     DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(nr * V));
     DMOE_RETURN_IF_ERROR(Linear(normed, nr, lm_head_, logits, OutType::kF32));
     return logits;
   }
 
-  // out[n, w.rows] = a[n, w.cols] · w^T (a bf16).
-  absl::Status Linear(const uint16_t* a, int64_t n, const DevMat& w, void* out, OutType out_type) {
+  // out[n, w.rows] = a[n, w.cols] · w^T (a of w's type).
+  absl::Status Linear(const void* a, int64_t n, const DevMat& w, void* out, OutType out_type) {
     GemmParams g;
     g.a = a;
     g.b = w.p;
+    g.ab_type = w.type;
     g.c = out;
     g.c_type = out_type;
     g.m = n;
@@ -891,12 +943,11 @@ class CudaBackend : public ComputeBackend {
     if (n == 0) return absl::OkStatus();
     const int64_t D = config().hidden_size, I = down.cols;
     Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(uint16_t* hb, scratch.Get<uint16_t>(n * D));
-    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(h, n * D, hb, S()));
+    DMOE_ASSIGN_OR_RETURN(const void* hb, GemmInput(scratch, h, n * D));
     DMOE_ASSIGN_OR_RETURN(float* gu, scratch.Get<float>(n * 2 * I));
     DMOE_RETURN_IF_ERROR(Linear(hb, n, gate_up, gu, OutType::kF32));
-    DMOE_ASSIGN_OR_RETURN(uint16_t* act, scratch.Get<uint16_t>(n * I));
-    DMOE_RETURN_IF_ERROR(SiluMul(gu, n, I, act, OutType::kBF16, S()));
+    DMOE_ASSIGN_OR_RETURN(void* act, Act(scratch, n * I));
+    DMOE_RETURN_IF_ERROR(SiluMul(gu, n, I, act, precision_, S()));
     return Linear(act, n, down, out, OutType::kF32);
   }
 
@@ -904,7 +955,12 @@ class CudaBackend : public ComputeBackend {
     DevMat m;
     m.rows = rows;
     m.cols = cols;
-    DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<uint16_t>(rows * cols));
+    m.type = precision_;
+    if (precision_ == OutType::kF32) {
+      DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<float>(rows * cols));
+    } else {
+      DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<uint16_t>(rows * cols));
+    }
     return m;
   }
   absl::StatusOr<float*> NewVec(WeightSource& src, const std::string& name, const std::vector<float>* host, int64_t n) {
@@ -915,18 +971,30 @@ class CudaBackend : public ComputeBackend {
   absl::StatusOr<DevMat> LoadMat(WeightSource& src, const std::string& name, const dmoe::Matrix* host, int64_t rows,
                                  int64_t cols) {
     DMOE_ASSIGN_OR_RETURN(DevMat m, NewMat(rows, cols));
-    DMOE_RETURN_IF_ERROR(src.Matrix(name, host, rows, cols, m.p, OutType::kBF16));
+    DMOE_RETURN_IF_ERROR(src.Matrix(name, host, rows, cols, m.p, m.type));
     return m;
   }
-  // gate rows then up rows of an MLP into [2*width, D]; down [D, width].
+  // gate rows then up rows of an MLP into [2*width, D]; down [D, width]
+  // (the backend's precision).
   absl::Status LoadMlp(WeightSource& src, const std::string& prefix, const MlpWeights* host, int64_t width,
-                       uint16_t* gate_up, uint16_t* down) {
+                       void* gate_up, void* down) {
     const int64_t D = config().hidden_size;
     DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "gate_proj.weight", host ? &host->gate_proj : nullptr, width, D, gate_up,
-                                    OutType::kBF16));
+                                    precision_));
     DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "up_proj.weight", host ? &host->up_proj : nullptr, width, D,
-                                    gate_up + width * D, OutType::kBF16));
-    return src.Matrix(prefix + "down_proj.weight", host ? &host->down_proj : nullptr, D, width, down, OutType::kBF16);
+                                    Elements(gate_up, width * D), precision_));
+    return src.Matrix(prefix + "down_proj.weight", host ? &host->down_proj : nullptr, D, width, down, precision_);
+  }
+  void* Elements(void* base, int64_t count) const {
+    return static_cast<char*>(base) + count * static_cast<int64_t>(ElemBytes(precision_));
+  }
+  absl::StatusOr<void*> AllocElements(int64_t count) {
+    if (precision_ == OutType::kF32) {
+      DMOE_ASSIGN_OR_RETURN(float* p, arena_.Alloc<float>(count));
+      return static_cast<void*>(p);
+    }
+    DMOE_ASSIGN_OR_RETURN(uint16_t* p, arena_.Alloc<uint16_t>(count));
+    return static_cast<void*>(p);
   }
 
   absl::Status LoadWeights(const WeightSelection& selection, const ModelWeights* host,
@@ -967,7 +1035,7 @@ class CudaBackend : public ComputeBackend {
         DMOE_ASSIGN_OR_RETURN(dl.a_proj, NewMat((rq > 0 ? rq : 0) + r + dr, D));
         if (rq > 0) {
           DMOE_RETURN_IF_ERROR(src.Matrix(a + "q_a_proj.weight", hl ? &hl->attn.q_a_proj : nullptr, rq, D, dl.a_proj.p,
-                                          OutType::kBF16));
+                                          precision_));
           DMOE_ASSIGN_OR_RETURN(dl.q_a_norm, NewVec(src, a + "q_a_layernorm.weight",
                                                     hl ? &hl->attn.q_a_layernorm : nullptr, rq));
           DMOE_ASSIGN_OR_RETURN(dl.q_b, LoadMat(src, a + "q_b_proj.weight", hl ? &hl->attn.q_b_proj : nullptr, H * dq, rq));
@@ -975,13 +1043,13 @@ class CudaBackend : public ComputeBackend {
           DMOE_ASSIGN_OR_RETURN(dl.q_proj, LoadMat(src, a + "q_proj.weight", hl ? &hl->attn.q_proj : nullptr, H * dq, D));
         }
         DMOE_RETURN_IF_ERROR(src.Matrix(a + "kv_a_proj_with_mqa.weight", hl ? &hl->attn.kv_a_proj_with_mqa : nullptr,
-                                        r + dr, D, dl.a_proj.p + (rq > 0 ? rq : 0) * D, OutType::kBF16));
+                                        r + dr, D, dl.a_proj.at((rq > 0 ? rq : 0) * D), precision_));
         DMOE_ASSIGN_OR_RETURN(dl.kv_a_norm, NewVec(src, a + "kv_a_layernorm.weight",
                                                    hl ? &hl->attn.kv_a_layernorm : nullptr, r));
         DMOE_ASSIGN_OR_RETURN(dl.kv_b, LoadMat(src, a + "kv_b_proj.weight", hl ? &hl->attn.kv_b_proj : nullptr,
                                                H * (dn + dv), r));
         DMOE_ASSIGN_OR_RETURN(dl.w_uk_t, NewMat(H * r, dn));
-        DMOE_RETURN_IF_ERROR(TransposeUk(dl.kv_b.p, H, dn, dv, r, dl.w_uk_t.p, S()));
+        DMOE_RETURN_IF_ERROR(TransposeUk(dl.kv_b.p, precision_, H, dn, dv, r, dl.w_uk_t.p, S()));
         DMOE_ASSIGN_OR_RETURN(dl.o_proj, LoadMat(src, a + "o_proj.weight", hl ? &hl->attn.o_proj : nullptr, D, H * dv));
         if (!c.is_moe_layer(l)) {
           const int64_t I = c.intermediate_size;
@@ -1019,25 +1087,28 @@ class CudaBackend : public ComputeBackend {
         if (held) dl.local_slot[e] = static_cast<int32_t>(dl.num_local++);
       }
       if (dl.num_local == 0) continue;
-      DMOE_ASSIGN_OR_RETURN(dl.experts_gate_up, arena_.Alloc<uint16_t>(dl.num_local * 2 * Ie * D));
-      DMOE_ASSIGN_OR_RETURN(dl.experts_down, arena_.Alloc<uint16_t>(dl.num_local * D * Ie));
+      DMOE_ASSIGN_OR_RETURN(dl.experts_gate_up, AllocElements(dl.num_local * 2 * Ie * D));
+      DMOE_ASSIGN_OR_RETURN(dl.experts_down, AllocElements(dl.num_local * D * Ie));
       for (int64_t e = 0; e < E; ++e) {
         const int64_t s = dl.local_slot[e];
         if (s < 0) continue;
         DMOE_RETURN_IF_ERROR(LoadMlp(src, absl::StrCat(p, "mlp.experts.", e, "."), hl ? &hl->moe.experts[e] : nullptr,
-                                     Ie, dl.experts_gate_up + s * 2 * Ie * D, dl.experts_down + s * D * Ie));
+                                     Ie, Elements(dl.experts_gate_up, s * 2 * Ie * D),
+                                     Elements(dl.experts_down, s * D * Ie)));
       }
       hw.routed_experts_loaded += dl.num_local;
-      hw.routed_expert_bytes += dl.num_local * 3 * Ie * D * 2;
+      hw.routed_expert_bytes += dl.num_local * 3 * Ie * D * static_cast<int64_t>(ElemBytes(precision_));
     }
     DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     hw.total_bytes = arena_.bytes();
     DMOE_LOG(kInfo, kLog) << (dummy ? "generated " : "uploaded ") << (arena_.bytes() >> 20) << " MiB of weights ("
-                          << hw.routed_experts_loaded << " routed experts) on GPU " << options_.device;
+                          << hw.routed_experts_loaded << " routed experts) on GPU " << options_.device << ", "
+                          << (precision_ == OutType::kF32 ? "float32" : "bf16") << " compute";
     return absl::OkStatus();
   }
 
   const CudaBackendOptions options_;
+  OutType precision_ = OutType::kBF16;  // weights, GEMM inputs and the latent cache
   Rope rope_;
   std::shared_ptr<const ModelWeights> host_;  // config, score-correction biases; no matrices
   std::mutex mu_;  // the cuBLAS handles are used by one thread at a time

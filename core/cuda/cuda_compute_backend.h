@@ -22,8 +22,15 @@
 
 namespace dmoe::cuda {
 
+// Weights, GEMM inputs and the latent cache: bf16, or float32 (true
+// float32 products, the CPU backend's precision, at twice the memory).
+// kAuto: float32 for a checkpoint stored in float32, else bf16 (dummy
+// weights included).
+enum class CudaPrecision { kAuto, kBf16, kF32 };
+
 struct CudaBackendOptions {
   int device = 0;
+  CudaPrecision precision = CudaPrecision::kAuto;
   // Device memory kept free for a step's working buffers when sizing the
   // latent cache by memory fraction.
   int64_t working_memory_bytes = 4ll << 30;

@@ -134,15 +134,19 @@ __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
   }
 }
 
-// One block per token.
+__device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
+__device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
+
+// One block per token; T: the cache's element (bf16 bits or float).
+template <typename T>
 __global__ void LatentCacheWriteKernel(LatentCacheWriteParams p) {
   const int32_t slot = p.slot[blockIdx.x];
   if (slot < 0) return;
   const int64_t r = p.shape.kv_lora_rank, width = r + p.shape.rope_dim;
-  uint16_t* dst = p.cache + static_cast<int64_t>(slot) * width;
+  T* dst = static_cast<T*>(p.cache) + static_cast<int64_t>(slot) * width;
   const float* c = p.c + blockIdx.x * p.c_ld;
   const float* k = p.k_pe + blockIdx.x * p.k_pe_ld;
-  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = FloatToBf16Bits(i < r ? c[i] : k[i - r]);
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) StoreAs(&dst[i], i < r ? c[i] : k[i - r]);
 }
 
 }  // namespace
@@ -195,7 +199,11 @@ absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* 
 absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.shape.kv_lora_rank > 0 && p.shape.rope_dim >= 0, "LatentCacheWrite: shape");
   if (p.n <= 0) return absl::OkStatus();
-  LatentCacheWriteKernel<<<static_cast<unsigned>(p.n), 128, 0, AsStream(stream)>>>(p);
+  if (p.shape.elem_type == OutType::kF32) {
+    LatentCacheWriteKernel<float><<<static_cast<unsigned>(p.n), 128, 0, AsStream(stream)>>>(p);
+  } else {
+    LatentCacheWriteKernel<uint16_t><<<static_cast<unsigned>(p.n), 128, 0, AsStream(stream)>>>(p);
+  }
   return LaunchStatus("LatentCacheWriteKernel");
 }
 

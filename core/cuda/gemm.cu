@@ -25,7 +25,8 @@ struct BlasHandle::Impl {
   size_t ptr_capacity = 0;  // pointers per array
   // cublasGemmGroupedBatchedEx refused this output type (index: OutType)
   // once: loop cublasGemmEx for it since; the refusal's status for reports.
-  bool grouped_refused[2] = {false, false};
+  // (index: 2 * input type + output type)
+  bool grouped_refused[4] = {false, false, false, false};
   std::string grouped_path = "cublasGemmGroupedBatchedEx";
   ~Impl() {
     if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
@@ -133,8 +134,8 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   const int64_t row_end = p.offsets[group + 1];
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t K = p.k, N = p.n;
-  const uint16_t* A = p.a;
-  const uint16_t* B = p.b + group * (p.b_group_stride != 0 ? p.b_group_stride : N * K);
+  const uint16_t* A = static_cast<const uint16_t*>(p.a);
+  const uint16_t* B = static_cast<const uint16_t*>(p.b) + group * (p.b_group_stride != 0 ? p.b_group_stride : N * K);
 
   auto load = [&](int64_t k0, int stage) {
     for (int c = tid; c < BM * (kBK / 8); c += kGThreads) {
@@ -229,6 +230,10 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
                       "GroupedGemm: kCublas needs blas and host_offsets");
   BlasHandle::Impl& h = *p.blas->impl();
   const int64_t stride = p.b_group_stride != 0 ? p.b_group_stride : p.n * p.k;
+  const size_t es = OutSize(p.ab_type);
+  const char* a = static_cast<const char*>(p.a);
+  const char* b = static_cast<const char*>(p.b);
+  const cudaDataType_t ab = CudaType(p.ab_type);
   std::vector<int> ms, ns, ks, ldas, ldbs, ldcs, sizes;
   std::vector<const void*> aptr, bptr;
   std::vector<void*> cptr;
@@ -243,8 +248,8 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
     ldbs.push_back(static_cast<int>(p.k));
     ldcs.push_back(static_cast<int>(p.n));
     sizes.push_back(1);
-    aptr.push_back(p.b + g * stride);
-    bptr.push_back(p.a + int64_t{p.host_offsets[g]} * p.k);
+    aptr.push_back(b + g * stride * es);
+    bptr.push_back(a + int64_t{p.host_offsets[g]} * p.k * es);
     cptr.push_back(static_cast<char*>(p.c) + int64_t{p.host_offsets[g]} * p.n * OutSize(p.c_type));
   }
   const size_t count = ms.size();
@@ -269,23 +274,24 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
   std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
   void** dev = static_cast<void**>(h.ptr_arrays);
   DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasSetStream(h.blas, AsStream(stream)), "cublasSetStream"));
-  const int type_index = static_cast<int>(p.c_type);
+  const int type_index = 2 * static_cast<int>(p.ab_type) + static_cast<int>(p.c_type);
   if (!h.grouped_refused[type_index]) {
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
         h.blas, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(),
-        const_cast<const void* const*>(dev), CUDA_R_16BF, ldas.data(), const_cast<const void* const*>(dev + count),
-        CUDA_R_16BF, ldbs.data(), beta.data(), dev + 2 * count, CudaType(p.c_type), ldcs.data(),
+        const_cast<const void* const*>(dev), ab, ldas.data(), const_cast<const void* const*>(dev + count),
+        ab, ldbs.data(), beta.data(), dev + 2 * count, CudaType(p.c_type), ldcs.data(),
         static_cast<int>(count), sizes.data(), CUBLAS_COMPUTE_32F);
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
       return BlasStatus(st, "cublasGemmGroupedBatchedEx");
     h.grouped_refused[type_index] = true;
-    h.grouped_path = absl::StrCat("cublasGemmEx loop for ", p.c_type == OutType::kF32 ? "fp32" : "bf16",
-                                  " outputs (cublasGemmGroupedBatchedEx returned ", cublasGetStatusString(st), ")");
+    h.grouped_path = absl::StrCat("cublasGemmEx loop for ", p.ab_type == OutType::kF32 ? "fp32" : "bf16", " inputs, ",
+                                  p.c_type == OutType::kF32 ? "fp32" : "bf16", " outputs (cublasGemmGroupedBatchedEx returned ",
+                                  cublasGetStatusString(st), ")");
   }
   for (size_t i = 0; i < count; ++i) {
     DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], CUDA_R_16BF,
-                                ldas[i], bptr[i], CUDA_R_16BF, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i],
+        BlasStatus(cublasGemmEx(h.blas, CUBLAS_OP_T, CUBLAS_OP_N, ms[i], ns[i], ks[i], &alpha[i], aptr[i], ab,
+                                ldas[i], bptr[i], ab, ldbs[i], &beta[i], cptr[i], CudaType(p.c_type), ldcs[i],
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx"));
   }
@@ -299,7 +305,8 @@ size_t AlignUp(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 struct MoeLayout {
   size_t offsets, slot_row, row_token, x_perm, h, act, y, total;
 };
-MoeLayout Layout(int64_t n, int64_t k, int64_t E, int64_t D, int64_t I) {
+// es: bytes per element of the permuted activations (the weights' type).
+MoeLayout Layout(int64_t n, int64_t k, int64_t E, int64_t D, int64_t I, size_t es) {
   MoeLayout l{};
   const size_t rows = static_cast<size_t>(n * k);
   size_t at = 0;
@@ -310,11 +317,11 @@ MoeLayout Layout(int64_t n, int64_t k, int64_t E, int64_t D, int64_t I) {
   l.row_token = at;
   at += AlignUp(rows * sizeof(int32_t));
   l.x_perm = at;
-  at += AlignUp(rows * D * 2);
+  at += AlignUp(rows * D * es);
   l.h = at;
   at += AlignUp(rows * 2 * I * 4);
   l.act = at;
-  at += AlignUp(rows * I * 2);
+  at += AlignUp(rows * I * es);
   l.y = at;
   at += AlignUp(rows * D * 4);
   l.total = at;
@@ -359,23 +366,28 @@ __global__ void MoePermuteKernel(const int32_t* topk_idx, int64_t slots, int64_t
   }
 }
 
-// x_perm[row] = bf16(x[row_token[row]]), one block per row.
+__device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
+__device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
+
+// x_perm[row] = T(x[row_token[row]]), one block per row (T: bf16 bits or float).
+template <typename T>
 __global__ void MoeGatherKernel(const float* x, int64_t D, const int32_t* offsets, int E, const int32_t* row_token,
-                                uint16_t* x_perm) {
+                                T* x_perm) {
   const int64_t row = blockIdx.x;
   if (row >= offsets[E]) return;
   const float* src = x + int64_t{row_token[row]} * D;
-  uint16_t* dst = x_perm + row * D;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dst[i] = FloatToBf16Bits(src[i]);
+  T* dst = x_perm + row * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) StoreAs(&dst[i], src[i]);
 }
 
-// act[row][i] = bf16(silu(h[row][i]) * h[row][I + i]) for rows < offsets[E].
-__global__ void MoeSiluKernel(const float* h, int64_t I, const int32_t* offsets, int E, uint16_t* act) {
+// act[row][i] = T(silu(h[row][i]) * h[row][I + i]) for rows < offsets[E].
+template <typename T>
+__global__ void MoeSiluKernel(const float* h, int64_t I, const int32_t* offsets, int E, T* act) {
   const int64_t row = blockIdx.x;
   if (row >= offsets[E]) return;
   for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
     const float g = h[row * 2 * I + i], u = h[row * 2 * I + I + i];
-    act[row * I + i] = FloatToBf16Bits(g / (1.0f + expf(-g)) * u);
+    StoreAs(&act[row * I + i], g / (1.0f + expf(-g)) * u);
   }
 }
 
@@ -427,11 +439,14 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
         BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
     DMOE_RETURN_IF_ERROR_CU(
         BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, p.k, p.n, p.ldb), "layout A"));
-    DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, p.k, p.m, p.lda), "layout B"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatrixLayoutCreate(&la, CudaType(p.ab_type), p.k, p.n, p.ldb), "layout A"));
+    DMOE_RETURN_IF_ERROR_CU(
+        BlasStatus(cublasLtMatrixLayoutCreate(&lb, CudaType(p.ab_type), p.k, p.m, p.lda), "layout B"));
     DMOE_RETURN_IF_ERROR_CU(
         BlasStatus(cublasLtMatrixLayoutCreate(&lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
-    const auto key = std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc, static_cast<int>(p.c_type));
+    const auto key =
+        std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc, 2 * static_cast<int>(p.ab_type) + static_cast<int>(p.c_type));
     auto it = h.algos.find(key);
     if (it == h.algos.end()) {
       DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
@@ -467,6 +482,7 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.n > 0 && p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0, "GroupedGemm: n, k positive multiples of 8");
   DMOE_CUDA_CHECK_ARG(p.max_rows >= 0, "GroupedGemm: max_rows >= 0");
   if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
+  DMOE_CUDA_CHECK_ARG(p.ab_type == OutType::kBF16, "GroupedGemm: float32 inputs take kCublas");
   if (p.max_rows == 0) return absl::OkStatus();
   // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
   // (16-row tiles over fuller groups would re-read each weight per tile).
@@ -488,8 +504,9 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   return LaunchStatus("GroupedGemmKernel");
 }
 
-size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate) {
-  return Layout(n, top_k, num_experts, hidden, intermediate).total;
+size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate,
+                                OutType weight_type) {
+  return Layout(n, top_k, num_experts, hidden, intermediate, OutSize(weight_type)).total;
 }
 
 absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
@@ -498,16 +515,19 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
                       "MoeExperts: top_k > 0, hidden and intermediate positive multiples of 8");
   DMOE_CUDA_CHECK_ARG(p.n * p.top_k < (int64_t{1} << 31), "MoeExperts: too many slots");
   if (p.n <= 0) return absl::OkStatus();
-  const MoeLayout l = Layout(p.n, p.top_k, p.num_experts, p.hidden, p.intermediate);
+  DMOE_CUDA_CHECK_ARG(p.weight_type == OutType::kBF16 || p.impl == GroupedGemmImpl::kCublas,
+                      "MoeExperts: float32 weights take kCublas");
+  const bool f32 = p.weight_type == OutType::kF32;
+  const MoeLayout l = Layout(p.n, p.top_k, p.num_experts, p.hidden, p.intermediate, OutSize(p.weight_type));
   DMOE_CUDA_CHECK_ARG(p.workspace != nullptr && p.workspace_bytes >= l.total,
                       absl::StrCat("MoeExperts: workspace needs ", l.total, " bytes"));
   char* ws = static_cast<char*>(p.workspace);
   auto* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
   auto* slot_row = reinterpret_cast<int32_t*>(ws + l.slot_row);
   auto* row_token = reinterpret_cast<int32_t*>(ws + l.row_token);
-  auto* x_perm = reinterpret_cast<uint16_t*>(ws + l.x_perm);
+  void* x_perm = ws + l.x_perm;
   auto* h = reinterpret_cast<float*>(ws + l.h);
-  auto* act = reinterpret_cast<uint16_t*>(ws + l.act);
+  void* act = ws + l.act;
   auto* y = reinterpret_cast<float*>(ws + l.y);
   const int E = static_cast<int>(p.num_experts);
   const int64_t slots = p.n * p.top_k;
@@ -516,7 +536,13 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   MoePermuteKernel<<<1, 1024, 2 * E * sizeof(int32_t), s>>>(p.topk_idx, slots, p.top_k, E, offsets, slot_row,
                                                             row_token);
   DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoePermuteKernel"));
-  MoeGatherKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(p.x, p.hidden, offsets, E, row_token, x_perm);
+  if (f32) {
+    MoeGatherKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(p.x, p.hidden, offsets, E, row_token,
+                                                                  static_cast<float*>(x_perm));
+  } else {
+    MoeGatherKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(p.x, p.hidden, offsets, E, row_token,
+                                                                  static_cast<uint16_t*>(x_perm));
+  }
   DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoeGatherKernel"));
 
   std::vector<int32_t> host_offsets;
@@ -534,6 +560,7 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
     DMOE_RETURN_IF_ERROR_CU(CudaStatus(cudaStreamSynchronize(s), "cudaStreamSynchronize"));
     g.host_offsets = host_offsets.data();
   }
+  g.ab_type = p.weight_type;
   g.a = x_perm;
   g.b = p.w_gate_up;
   g.c = h;
@@ -541,7 +568,12 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   g.n = 2 * p.intermediate;
   g.k = p.hidden;
   DMOE_RETURN_IF_ERROR_CU(GroupedGemm(g, stream));
-  MoeSiluKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(h, p.intermediate, offsets, E, act);
+  if (f32) {
+    MoeSiluKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(h, p.intermediate, offsets, E, static_cast<float*>(act));
+  } else {
+    MoeSiluKernel<<<static_cast<unsigned>(slots), 256, 0, s>>>(h, p.intermediate, offsets, E,
+                                                                static_cast<uint16_t*>(act));
+  }
   DMOE_RETURN_IF_ERROR_CU(LaunchStatus("MoeSiluKernel"));
   g.a = act;
   g.b = p.w_down;

@@ -170,13 +170,17 @@ absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* 
 // page * page_size + row. page_size must be a multiple of 32 (64 is the
 // default, FlashMLA's). Rows never written may hold anything (NaN too): the
 // attention kernel never reads past a query's position.
+// elem_type kF32: the same layout in float32 (the F32 precision of a float32
+// checkpoint; only LatentCacheWrite and MlaAttentionAnyDims take it).
 struct LatentCacheShape {
   int64_t kv_lora_rank = 512;
   int64_t rope_dim = 64;
   int64_t page_size = 64;
   int64_t num_pages = 0;
+  OutType elem_type = OutType::kBF16;
   int64_t entry_width() const { return kv_lora_rank + rope_dim; }
   int64_t layer_elements() const { return num_pages * page_size * entry_width(); }
+  int64_t elem_bytes() const { return elem_type == OutType::kF32 ? 4 : 2; }
 };
 
 // Writes n tokens' entries: cache[slot[t]] = bf16([c[t] ; k_pe[t]]).
@@ -184,7 +188,7 @@ struct LatentCacheShape {
 // one [n, r + dr] buffer). slot[t] < 0: token skipped (padding).
 struct LatentCacheWriteParams {
   LatentCacheShape shape;
-  uint16_t* cache = nullptr;  // one layer's buffer
+  void* cache = nullptr;  // one layer's buffer, shape.elem_type
   const float* c = nullptr;
   int64_t c_ld = 0;
   const float* k_pe = nullptr;
@@ -215,9 +219,11 @@ absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream);
 // Supported: kv_lora_rank == 512, rope_dim == 64 (V2, V2-Lite, V3), any H.
 struct MlaAttentionParams {
   LatentCacheShape shape;
-  const uint16_t* cache = nullptr;  // one layer's buffer (layout above)
-  const uint16_t* q_lat = nullptr;  // [num_queries, H, kv_lora_rank] bf16
-  const uint16_t* q_pe = nullptr;   // [num_queries, H, rope_dim] bf16 (roped)
+  // cache, q_lat and q_pe: bf16, or float32 where shape.elem_type is kF32
+  // (MlaAttentionAnyDims only; the tuned kernels refuse it).
+  const void* cache = nullptr;  // one layer's buffer (layout above)
+  const void* q_lat = nullptr;  // [num_queries, H, kv_lora_rank]
+  const void* q_pe = nullptr;   // [num_queries, H, rope_dim] (roped)
   int64_t num_queries = 0;
   int64_t num_heads = 0;                  // H
   const int32_t* query_seq = nullptr;     // [num_queries]: row of block_tables
@@ -275,10 +281,12 @@ class BlasHandle {
 };
 
 // Dense C = A · B^T through cuBLASLt (the attention node's projections).
-// Rows of A, B and C are lda, ldb, ldc elements apart (0: packed).
+// Rows of A, B and C are lda, ldb, ldc elements apart (0: packed). A and B
+// are bf16, or both float32 (ab_type kF32: true float32 products, no TF32).
 struct GemmParams {
-  const uint16_t* a = nullptr;
-  const uint16_t* b = nullptr;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  OutType ab_type = OutType::kBF16;
   void* c = nullptr;
   OutType c_type = OutType::kF32;
   int64_t m = 0, n = 0, k = 0;
@@ -293,9 +301,11 @@ enum class GroupedGemmImpl {
   kOwn,     // dmoe's tensor-core kernel; reads offsets on the device (graph-capturable)
   kCublas,  // cublasGemmGroupedBatchedEx over the non-empty groups (else a cublasGemmEx loop); needs host_offsets
 };
+// ab_type kF32 (float32 A and B, true float32 products) takes kCublas only.
 struct GroupedGemmParams {
-  const uint16_t* a = nullptr;  // [offsets[G], k] bf16
-  const uint16_t* b = nullptr;  // [G][n][k] bf16
+  const void* a = nullptr;  // [offsets[G], k]
+  const void* b = nullptr;  // [G][n][k]
+  OutType ab_type = OutType::kBF16;
   int64_t b_group_stride = 0;   // elements; 0: n * k
   void* c = nullptr;            // [offsets[G], n]
   OutType c_type = OutType::kF32;
@@ -328,15 +338,19 @@ struct MoeExpertsParams {
   int64_t num_experts = 0, hidden = 0, intermediate = 0;  // hidden, intermediate % 8 == 0
   // Expert e's fused gate_up weight: w_gate_up + e * 2*I*D, [2*I, D] (gate
   // rows then up rows); its down weight: w_down + e * D*I, [D, I].
-  const uint16_t* w_gate_up = nullptr;
-  const uint16_t* w_down = nullptr;
+  // Weights and the permuted activations are bf16, or float32 with
+  // weight_type kF32 (which takes kCublas).
+  const void* w_gate_up = nullptr;
+  const void* w_down = nullptr;
+  OutType weight_type = OutType::kBF16;
   float* out = nullptr;       // [n, hidden]
   void* workspace = nullptr;  // >= MoeExpertsWorkspaceBytes(...)
   size_t workspace_bytes = 0;
   GroupedGemmImpl impl = GroupedGemmImpl::kOwn;  // kCublas synchronizes the stream once (row counts to host)
   BlasHandle* blas = nullptr;                    // kCublas only
 };
-size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate);
+size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate,
+                                OutType weight_type = OutType::kBF16);
 absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream);
 
 }  // namespace dmoe::cuda

@@ -117,17 +117,20 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const int64_t t0 = split * per_split;
   const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
+  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
+  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
+  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
 
   // Q rows (heads beyond H zero-filled).
   for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
     const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
     const int h = hb * kRows + row;
-    const uint16_t* src = p.q_lat;
+    const uint16_t* src = q_lat;
     int bytes = 0;
     if (h < H) {
       bytes = 16;
-      src = chunk < kRank / 8 ? p.q_lat + (qi * H + h) * int64_t{kRank} + chunk * 8
-                              : p.q_pe + (qi * H + h) * int64_t{kRope} + (chunk - kRank / 8) * 8;
+      src = chunk < kRank / 8 ? q_lat + (qi * H + h) * int64_t{kRank} + chunk * 8
+                              : q_pe + (qi * H + h) * int64_t{kRope} + (chunk - kRank / 8) * 8;
     }
     CpAsync16(qs + row * kStride + chunk * 8, src, bytes);
   }
@@ -137,14 +140,14 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     uint16_t* dst = ks + stage * kTile * kStride;
     const int64_t pos0 = ti * kTile;
     const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
-    const uint16_t* base = p.cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
+    const uint16_t* base = cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
     const int valid_rows = ctx - pos0 < kTile ? static_cast<int>(ctx - pos0) : kTile;
 #pragma unroll
     for (int i = 0; i < kTile * kChunksPerRow / kThreads; ++i) {
       const int c = tid + i * kThreads;
       const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
       const bool ok = row < valid_rows;
-      CpAsync16(dst + row * kStride + chunk * 8, ok ? base + row * kWidth + chunk * 8 : p.cache, ok ? 16 : 0);
+      CpAsync16(dst + row * kStride + chunk * 8, ok ? base + row * kWidth + chunk * 8 : cache, ok ? 16 : 0);
     }
   };
   for (int s = 0; s < kStages - 1; ++s) {
@@ -355,6 +358,7 @@ int NumSms() {
 absl::Status CheckParams(const MlaAttentionParams& p) {
   DMOE_CUDA_CHECK_ARG(p.shape.kv_lora_rank == kRank && p.shape.rope_dim == kRope,
                       "MlaAttention: kv_lora_rank 512 and rope_dim 64 only");
+  DMOE_CUDA_CHECK_ARG(p.shape.elem_type == OutType::kBF16, "MlaAttention: a bf16 latent cache only");
   DMOE_CUDA_CHECK_ARG(p.shape.page_size > 0 && p.shape.page_size % kTile == 0, "MlaAttention: page_size % 32 == 0");
   DMOE_CUDA_CHECK_ARG(p.num_heads > 0, "MlaAttention: num_heads > 0");
   DMOE_CUDA_CHECK_ARG(p.head_block == 0 || p.head_block == 16 || p.head_block == 64,
@@ -375,8 +379,11 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
   const int64_t row = blockIdx.x;  // qi * H + h
   const int64_t qi = row / p.num_heads;
   const int tid = threadIdx.x;
+  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
+  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
+  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
   for (int i = tid; i < kWidth; i += blockDim.x) {
-    q[i] = Bf16BitsToFloat(i < kRank ? p.q_lat[row * kRank + i] : p.q_pe[row * kRope + i - kRank]);
+    q[i] = Bf16BitsToFloat(i < kRank ? q_lat[row * kRank + i] : q_pe[row * kRope + i - kRank]);
   }
   const int32_t qpos = p.query_pos[qi];
   const int64_t ps = p.shape.page_size;
@@ -389,7 +396,7 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
     const int64_t pos = c0 + tid;
     float s = -INFINITY;
     if (pos < ctx) {
-      const uint16_t* e = p.cache + (int64_t{bt[pos / ps]} * ps + pos % ps) * kWidth;
+      const uint16_t* e = cache + (int64_t{bt[pos / ps]} * ps + pos % ps) * kWidth;
       float d = 0.f;
       for (int i = 0; i < kWidth; ++i) d += q[i] * Bf16BitsToFloat(e[i]);
       s = d * p.scale;
@@ -410,7 +417,7 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t pj = c0 + j;
       const float pr = expf(sc[j] - m_new);
-      const uint16_t* e = p.cache + (int64_t{bt[pj / ps]} * ps + pj % ps) * kWidth;
+      const uint16_t* e = cache + (int64_t{bt[pj / ps]} * ps + pj % ps) * kWidth;
       l += pr;
       acc0 += pr * Bf16BitsToFloat(e[tid]);
       acc1 += pr * Bf16BitsToFloat(e[tid + 256]);

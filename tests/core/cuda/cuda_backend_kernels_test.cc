@@ -108,11 +108,20 @@ TEST_F(CudaBackendKernelsTest, StridedCopyTransposeGatherEmbedAdd) {
   std::vector<uint16_t> kvb(H * (dn + dv) * r);
   for (uint16_t& v : kvb) v = FloatToBf16(u(rng));
   Dev<uint16_t> dkvb(kvb), duk(H * r * dn);
-  ASSERT_TRUE(TransposeUk(dkvb.get(), H, dn, dv, r, duk.get(), nullptr).ok());
+  ASSERT_TRUE(TransposeUk(dkvb.get(), OutType::kBF16, H, dn, dv, r, duk.get(), nullptr).ok());
   const std::vector<uint16_t> uk = duk.Host();
   for (int64_t h = 0; h < H; ++h)
     for (int64_t c = 0; c < r; ++c)
       for (int64_t e = 0; e < dn; ++e) ASSERT_EQ(uk[(h * r + c) * dn + e], kvb[(h * (dn + dv) + e) * r + c]);
+  // The same in float32 (a float32 checkpoint's precision).
+  std::vector<float> kvb32(kvb.size());
+  for (float& v : kvb32) v = u(rng);
+  Dev<float> dkvb32(kvb32), duk32(H * r * dn);
+  ASSERT_TRUE(TransposeUk(dkvb32.get(), OutType::kF32, H, dn, dv, r, duk32.get(), nullptr).ok());
+  const std::vector<float> uk32 = duk32.Host();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t e = 0; e < dn; ++e) ASSERT_EQ(uk32[(h * r + c) * dn + e], kvb32[(h * (dn + dv) + e) * r + c]);
 
   // Embedding rows, row gather, residual adds.
   const int64_t V = 50, D = 24;
@@ -122,10 +131,21 @@ TEST_F(CudaBackendKernelsTest, StridedCopyTransposeGatherEmbedAdd) {
   Dev<uint16_t> dtable(table);
   Dev<int32_t> dids(ids);
   Dev<float> emb(ids.size() * D);
-  ASSERT_TRUE(EmbedRows(dtable.get(), dids.get(), static_cast<int64_t>(ids.size()), D, emb.get(), nullptr).ok());
+  ASSERT_TRUE(EmbedRows(dtable.get(), OutType::kBF16, dids.get(), static_cast<int64_t>(ids.size()), D, emb.get(),
+                        nullptr)
+                  .ok());
   const std::vector<float> e = emb.Host();
   for (size_t t = 0; t < ids.size(); ++t)
     for (int64_t c = 0; c < D; ++c) ASSERT_EQ(e[t * D + c], Bf16ToFloat(table[ids[t] * D + c]));
+  std::vector<float> table32(V * D);
+  for (float& v : table32) v = u(rng);
+  Dev<float> dtable32(table32), emb32(ids.size() * D);
+  ASSERT_TRUE(EmbedRows(dtable32.get(), OutType::kF32, dids.get(), static_cast<int64_t>(ids.size()), D, emb32.get(),
+                        nullptr)
+                  .ok());
+  const std::vector<float> e32 = emb32.Host();
+  for (size_t t = 0; t < ids.size(); ++t)
+    for (int64_t c = 0; c < D; ++c) ASSERT_EQ(e32[t * D + c], table32[ids[t] * D + c]);
   const std::vector<int32_t> rows = {4, 1};
   Dev<int32_t> drows(rows);
   Dev<float> picked(rows.size() * D);
@@ -209,8 +229,16 @@ struct MlaCase {
   }
 };
 
-std::vector<float> RunMla(const MlaCase& m, bool tuned) {
+std::vector<float> Widen(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = Bf16ToFloat(v[i]);
+  return f;
+}
+
+// f32: the any-dims kernel over a float32 cache and queries holding the same values.
+std::vector<float> RunMla(const MlaCase& m, bool tuned, bool f32 = false) {
   Dev<uint16_t> cache(m.cache), q_lat(m.q_lat), q_pe(m.q_pe);
+  Dev<float> cache32(Widen(m.cache)), q_lat32(Widen(m.q_lat)), q_pe32(Widen(m.q_pe));
   Dev<int32_t> tables(m.tables), qseq(m.qseq), qpos(m.qpos);
   const int64_t nq = static_cast<int64_t>(m.qpos.size());
   Dev<float> out(nq * m.H * m.shape.kv_lora_rank);
@@ -219,6 +247,12 @@ std::vector<float> RunMla(const MlaCase& m, bool tuned) {
   p.cache = cache.get();
   p.q_lat = q_lat.get();
   p.q_pe = q_pe.get();
+  if (f32) {
+    p.shape.elem_type = OutType::kF32;
+    p.cache = cache32.get();
+    p.q_lat = q_lat32.get();
+    p.q_pe = q_pe32.get();
+  }
   p.num_queries = nq;
   p.num_heads = m.H;
   p.query_seq = qseq.get();
@@ -259,7 +293,10 @@ TEST_F(CudaBackendKernelsTest, MlaAnyDimsMatchesFloat64AtTinyDims) {
   const std::vector<float> got = RunMla(m, false);
   const double rel = MaxRel(got, m.Reference());
   EXPECT_LE(rel, 1e-5);
-  std::printf("[cuda mla any-dims] tiny dims: max relative error vs float64 %.3g\n", rel);
+  const double rel32 = MaxRel(RunMla(m, false, /*f32=*/true), m.Reference());
+  EXPECT_LE(rel32, 1e-5);
+  std::printf("[cuda mla any-dims] tiny dims: max relative error vs float64 %.3g (bf16 cache), %.3g (float32 cache)\n",
+              rel, rel32);
 }
 
 TEST_F(CudaBackendKernelsTest, MlaAnyDimsAgreesWithTheTunedKernelAtV3Dims) {

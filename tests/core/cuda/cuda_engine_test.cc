@@ -6,6 +6,10 @@
 // why (never a silent pass).
 //
 // Tolerances (MODEL_SPEC.md 6): logits within 2e-2 x max|ref| per position.
+// tiny-v3 is a float32 checkpoint, so the backend computes in float32 (its
+// kAuto precision): tiny-v3's routing margins (down to 8e-5) are far below
+// bf16's error, and a bf16 run would legitimately route some tokens to
+// other experts.
 // Greedy rule: the GPU is bf16 (weights and GEMM inputs), so its logits
 // differ from the float32 reference by up to err = max_v |gpu - ref| at a
 // position (measured here, teacher-forced, per case). Two logits can swap
@@ -204,7 +208,8 @@ TEST_F(CudaEngineTest, DecodeAcrossPagesAndBatchesMatchesCpu) {
 // Dummy weights generated on the GPU are the CPU dummy's (same values up to
 // the backends' rounding): tiny-v3's shapes, then V2-Lite's real
 // dimensions with 2 layers (the tuned MLA kernel, kv_lora 512 / rope 64).
-void ExpectDummyMatchesCpu(const std::string& preset, int64_t layers, int prompt_len, int decode_steps) {
+void ExpectDummyMatchesCpu(const std::string& preset, int64_t layers, int prompt_len, int decode_steps,
+                           cuda::CudaPrecision precision) {
   SyntheticModelOptions o;
   o.preset = preset;
   o.num_layers = layers;
@@ -212,7 +217,9 @@ void ExpectDummyMatchesCpu(const std::string& preset, int64_t layers, int prompt
   ASSERT_TRUE(text.ok()) << text.status();
   auto config = ModelConfig::FromJson(*text);
   ASSERT_TRUE(config.ok()) << config.status();
-  auto gpu = cuda::CreateDummyCudaBackend(*config, WeightSelection::All(), 11);
+  cuda::CudaBackendOptions options;
+  options.precision = precision;
+  auto gpu = cuda::CreateDummyCudaBackend(*config, WeightSelection::All(), 11, options);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu_weights = RandomModelWeights(*config, WeightSelection::All(), 11);
   ASSERT_TRUE(cpu_weights.ok()) << cpu_weights.status();
@@ -237,14 +244,23 @@ void ExpectDummyMatchesCpu(const std::string& preset, int64_t layers, int prompt
     const int64_t last = static_cast<int64_t>((*c)[0].positions.size()) - 1;
     batch[0] = {1, {Top2((*c)[0].logits, V, last).first}, false};
   }
-  std::printf("[cuda dummy] %s, %lld layers, prompt %d + %d decode steps: max relative error vs CPU dummy %.3g\n",
-              preset.c_str(), static_cast<long long>(layers), prompt_len, decode_steps, worst);
+  std::printf("[cuda dummy] %s, %lld layers, %s, prompt %d + %d decode steps: max relative error vs CPU dummy %.3g\n",
+              preset.c_str(), static_cast<long long>(layers),
+              precision == cuda::CudaPrecision::kF32 ? "float32" : "bf16", prompt_len, decode_steps, worst);
 }
 
-TEST_F(CudaEngineTest, DummyWeightsMatchTheCpuDummyTiny) { ExpectDummyMatchesCpu("tiny", 0, 40, 30); }
+// tiny's 16 experts have routing margins far below bf16's error (MODEL_SPEC.md
+// 6), so a bf16 run may route a token differently from the CPU's float32
+// activations and then differ by 1e-2..1 legitimately: tiny runs in float32
+// (bf16 weights widened, float32 GEMMs and cache), the CPU's precision.
+TEST_F(CudaEngineTest, DummyWeightsMatchTheCpuDummyTiny) {
+  ExpectDummyMatchesCpu("tiny", 0, 40, 30, cuda::CudaPrecision::kF32);
+}
 
+// V2-Lite's dimensions in bf16, the serving precision: tensor-core GEMMs and
+// the tuned MLA kernel.
 TEST_F(CudaEngineTest, DummyWeightsMatchTheCpuDummyAtV2LiteDims) {
-  ExpectDummyMatchesCpu("v2-lite-shape", 2, 70, 60);
+  ExpectDummyMatchesCpu("v2-lite-shape", 2, 70, 60, cuda::CudaPrecision::kBf16);
 }
 
 // greedy_only steps pick the argmax on the GPU: the token of the logits a

@@ -282,7 +282,7 @@ TEST_F(CudaGemmTest, DenseGemmMatchesFloat64) {
     const auto a = RandomBf16(m * k, rng), b = RandomBf16(n * k, rng);
     const auto ref = RefGemm(a, b.data(), m, n, k);
     DeviceBuffer da = Upload(a), db = Upload(b), dc = Poisoned<float>(m * n), dc16 = Poisoned<uint16_t>(m * n);
-    GemmParams p{da.as<uint16_t>(), db.as<uint16_t>(), dc.data(), OutType::kF32, m, n, k};
+    GemmParams p{da.as<uint16_t>(), db.as<uint16_t>(), OutType::kBF16, dc.data(), OutType::kF32, m, n, k};
     ASSERT_TRUE(Gemm(**blas, p, nullptr).ok());
     EXPECT_LT(RelL2(Download<float>(dc, m * n), ref), 1e-5) << m << "x" << n << "x" << k;
     p.c = dc16.data();
@@ -292,6 +292,29 @@ TEST_F(CudaGemmTest, DenseGemmMatchesFloat64) {
     std::vector<float> c16f(m * n);
     for (int64_t i = 0; i < m * n; ++i) c16f[i] = Bf16ToFloat(c16[i]);
     EXPECT_LT(RelL2(c16f, ref), 4e-3);
+  }
+}
+
+// Float32 inputs (a float32 checkpoint's precision) are multiplied in true
+// float32: full-mantissa random values, where TF32's 10-bit inputs would
+// leave ~1e-3 of error.
+TEST_F(CudaGemmTest, Float32GemmIsNotTf32) {
+  auto blas = BlasHandle::Create();
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  std::mt19937 rng(22);
+  for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 104, 128}, {40, 512, 128}}) {
+    const auto a = Random(m * k, rng), b = Random(n * k, rng);
+    std::vector<double> ref(m * n);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double acc = 0;
+        for (int64_t t = 0; t < k; ++t) acc += double{a[i * k + t]} * b[j * k + t];
+        ref[i * n + j] = acc;
+      }
+    DeviceBuffer da = Upload(a), db = Upload(b), dc = Poisoned<float>(m * n);
+    GemmParams p{da.data(), db.data(), OutType::kF32, dc.data(), OutType::kF32, m, n, k};
+    ASSERT_TRUE(Gemm(**blas, p, nullptr).ok());
+    EXPECT_LT(RelL2(Download<float>(dc, m * n), ref), 1e-6) << m << "x" << n << "x" << k;
   }
 }
 
@@ -368,11 +391,14 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
   }
   idx[3 * k + 1] = -1;
   idx[3 * k + 2] = static_cast<int32_t>(E + 5);
-  // float64 reference with the kernel's roundings: x and the SwiGLU output to bf16.
+  // float64 reference; with bf16 weights the kernel's roundings too (x and
+  // the SwiGLU output to bf16), with float32 weights none.
+  auto reference = [&](bool bf16) {
+  auto round = [bf16](double v) { return bf16 ? double{Bf16ToFloat(FloatToBf16(static_cast<float>(v)))} : v; };
   std::vector<double> ref(n * D, 0.0);
   for (int64_t t = 0; t < n; ++t) {
     std::vector<double> xb(D);
-    for (int64_t i = 0; i < D; ++i) xb[i] = Bf16ToFloat(FloatToBf16(x[t * D + i]));
+    for (int64_t i = 0; i < D; ++i) xb[i] = round(x[t * D + i]);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = idx[t * k + j];
       if (e < 0 || e >= E) continue;
@@ -383,7 +409,7 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
           g += double{Bf16ToFloat(wgu[(e * 2 * I + i) * D + d])} * xb[d];
           u += double{Bf16ToFloat(wgu[(e * 2 * I + I + i) * D + d])} * xb[d];
         }
-        act[i] = Bf16ToFloat(FloatToBf16(static_cast<float>(g / (1 + std::exp(-g)) * u)));
+        act[i] = round(g / (1 + std::exp(-g)) * u);
       }
       for (int64_t d = 0; d < D; ++d) {
         double y = 0;
@@ -392,6 +418,9 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
       }
     }
   }
+  return ref;
+  };
+  const std::vector<double> ref = reference(true);
   DeviceBuffer dx = Upload(x), didx = Upload(idx), dw = Upload(w), dgu = Upload(wgu), dd = Upload(wd);
   const size_t ws_bytes = MoeExpertsWorkspaceBytes(n, k, E, D, I);
   auto ws = DeviceBuffer::Allocate(ws_bytes);
@@ -420,6 +449,36 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
     // activation by one ulp: well inside 1e-3 of the whole output.
     EXPECT_LT(RelL2(Download<float>(out, n * D), ref), 1e-3) << (impl == GroupedGemmImpl::kOwn ? "own" : "cublas");
   }
+  // Float32 weights (the same values) through cuBLAS: no bf16 rounding anywhere.
+  std::vector<float> wgu32(wgu.size()), wd32(wd.size());
+  for (size_t i = 0; i < wgu.size(); ++i) wgu32[i] = Bf16ToFloat(wgu[i]);
+  for (size_t i = 0; i < wd.size(); ++i) wd32[i] = Bf16ToFloat(wd[i]);
+  DeviceBuffer dgu32 = Upload(wgu32), dd32 = Upload(wd32);
+  const size_t ws32_bytes = MoeExpertsWorkspaceBytes(n, k, E, D, I, OutType::kF32);
+  auto ws32 = DeviceBuffer::Allocate(ws32_bytes);
+  ASSERT_TRUE(ws32.ok());
+  DeviceBuffer out = Poisoned<float>(n * D);
+  MoeExpertsParams p;
+  p.x = dx.as<float>();
+  p.n = n;
+  p.top_k = k;
+  p.topk_idx = didx.as<int32_t>();
+  p.topk_weights = dw.as<float>();
+  p.num_experts = E;
+  p.hidden = D;
+  p.intermediate = I;
+  p.w_gate_up = dgu32.data();
+  p.w_down = dd32.data();
+  p.weight_type = OutType::kF32;
+  p.out = out.as<float>();
+  p.workspace = ws32->data();
+  p.workspace_bytes = ws32_bytes;
+  p.impl = GroupedGemmImpl::kOwn;
+  EXPECT_EQ(MoeExperts(p, nullptr).code(), absl::StatusCode::kInvalidArgument) << "the bf16 kernel took float32";
+  p.impl = GroupedGemmImpl::kCublas;
+  p.blas = blas->get();
+  ASSERT_TRUE(MoeExperts(p, nullptr).ok());
+  EXPECT_LT(RelL2(Download<float>(out, n * D), reference(false)), 1e-5) << "float32";
 }
 
 }  // namespace
