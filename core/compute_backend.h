@@ -11,8 +11,11 @@
 // Activations are float32 and live where the backend computes (host memory
 // for CPU, device memory for CUDA): every `const float*` / `float*` below is
 // a pointer into a Buffer of this backend unless it is named `host_*`.
-// The MoE gate (core/moe_gate.h) and sampling (core/sampling.h) stay on the
-// host and shared: the backend hands back the router logits in float32.
+// The MoE gate (core/moe_gate.h) and sampling (core/sampling.h) run on the
+// host from the float32 router logits the backend hands back, except where
+// a device backend serves a layer's routed experts itself
+// (DeviceRoutedExperts: the gate on the device, no host round trip) or
+// picks greedy tokens (GreedyTokens).
 #ifndef DMOE_CORE_COMPUTE_BACKEND_H_
 #define DMOE_CORE_COMPUTE_BACKEND_H_
 
@@ -155,7 +158,24 @@ class ComputeBackend {
   // id on ties, NaN never wins; log_softmax of the raw logits).
   virtual absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
                                     float* host_logprobs) = 0;
-  // Waits for queued work (a no-op on the CPU).
+  // --- a whole MoE layer on the device: a backend that holds all of the
+  // layer's routed experts and serves them itself (one process on a GPU,
+  // BackendExperts) routes there, with no host round trip per layer.
+  virtual bool RoutesOnDevice(int64_t layer) const { return false; }
+  // out[n, D] = the routed experts' weighted sum for h, routed by the gate
+  // of MODEL_SPEC.md 3.7 (MoeGate's math and order) over the float32 router
+  // logits on the device; serving_bias [E] or empty. host_topk_idx and
+  // host_unbiased_topk_idx (the choices without the serving bias), [n, k]
+  // each, may be null; they are written by the next Synchronize(), which
+  // the caller must call before reading or freeing them.
+  virtual absl::Status DeviceRoutedExperts(int64_t layer, const float* h, int64_t n,
+                                           absl::Span<const float> serving_bias, float* out, int32_t* host_topk_idx,
+                                           int32_t* host_unbiased_topk_idx) {
+    return absl::UnimplementedError(absl::StrCat(name(), ": no device routing"));
+  }
+
+  // Waits for queued work, and completes the host copies it promised
+  // (a no-op on the CPU).
   virtual absl::Status Synchronize() { return absl::OkStatus(); }
 };
 

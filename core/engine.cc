@@ -1,6 +1,7 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -84,6 +85,8 @@ struct Engine::MicroBatch {
   std::vector<int32_t> topk_idx;
   std::vector<int32_t> unbiased_topk_idx;  // only while a serving bias is measured
   int64_t pending_layer = -1;  // MoE layer whose routed experts are in flight
+  bool pending_on_device = false;  // ... routed by the backend itself (delta holds them)
+  int64_t first_row = 0;           // of this micro-batch in the step
 };
 
 absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCache& cache, ExpertBackend& experts,
@@ -105,6 +108,26 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   if (mb.shared.empty()) {
     DMOE_ASSIGN_OR_RETURN(mb.shared, be.Allocate(n * D));
   }
+  absl::Span<const float> serving_bias;
+  if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
+    serving_bias = (*routing.serving_bias)[l];
+  }
+  if (RoutesOnDevice(l, experts)) {
+    // Router, gate and routed experts queued on the device; the choices
+    // reach the step's routing record at its final synchronization (Step
+    // sized those vectors).
+    DMOE_RETURN_IF_ERROR(be.SharedExperts(l, h, n, mb.shared.data()));
+    int32_t* topk_out = nullptr;
+    int32_t* unbiased_out = nullptr;
+    if (routing.topk_idx_out != nullptr) topk_out = (*routing.topk_idx_out)[l].data() + mb.first_row * k;
+    if (routing.unbiased_topk_idx_out != nullptr && !serving_bias.empty()) {
+      unbiased_out = (*routing.unbiased_topk_idx_out)[l].data() + mb.first_row * k;
+    }
+    DMOE_RETURN_IF_ERROR(be.DeviceRoutedExperts(l, h, n, serving_bias, delta, topk_out, unbiased_out));
+    mb.pending_layer = l;
+    mb.pending_on_device = true;
+    return absl::OkStatus();
+  }
   // The shared experts run while the routed ones are in flight (on expert
   // nodes, or on the CPU in Begin); on a device whose own buffers the
   // experts read, they are queued behind the router instead, so the device
@@ -118,10 +141,6 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
                                                     : nullptr));
   mb.topk_idx.resize(n * k);
   std::vector<float> topk_weights(n * k);
-  absl::Span<const float> serving_bias;
-  if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
-    serving_bias = (*routing.serving_bias)[l];
-  }
   // Tokens route independently (MoeGate is immutable): in parallel, which
   // matters for large decode batches on a GPU, where this is host time the
   // device waits for.
@@ -160,7 +179,9 @@ absl::Status Engine::FinishLayer(int index, MicroBatch& mb, ExpertBackend& exper
   const int64_t layer = mb.pending_layer;
   mb.pending_layer = -1;
   const int64_t count = mb.n * config().hidden_size;
-  if (StagesExperts(experts)) {
+  if (std::exchange(mb.pending_on_device, false)) {
+    // delta already holds the routed experts' output.
+  } else if (StagesExperts(experts)) {
     mb.host_delta.resize(count);
     DMOE_RETURN_IF_ERROR(experts.FinishRoutedExperts(layer, index, mb.host_delta.data()));
     DMOE_RETURN_IF_ERROR(backend_->Upload(mb.host_delta.data(), count, mb.delta.data()));
@@ -172,6 +193,10 @@ absl::Status Engine::FinishLayer(int index, MicroBatch& mb, ExpertBackend& exper
 
 bool Engine::StagesExperts(const ExpertBackend& experts) const {
   return backend_->memory() != MemorySpace::kHost && !experts.takes_backend_buffers();
+}
+
+bool Engine::RoutesOnDevice(int64_t layer, const ExpertBackend& experts) const {
+  return config().is_moe_layer(layer) && experts.takes_backend_buffers() && backend_->RoutesOnDevice(layer);
 }
 
 absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepSequence>& batch,
@@ -203,12 +228,28 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     mb.seqs.push_back(m);
     mb.n += m.num_tokens;
   }
+  if (mbs.size() == 2) mbs[1].first_row = mbs[0].n;
+  // Layers routed on the device write their choices straight into the
+  // routing record (at the step's final synchronization): size it now.
+  bool device_routed = false;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!RoutesOnDevice(l, experts)) continue;
+    device_routed = true;
+    const size_t slots = static_cast<size_t>(total * c.num_experts_per_tok);
+    for (auto* record : {routing.topk_idx_out, routing.unbiased_topk_idx_out}) {
+      if (record == nullptr) continue;
+      if (static_cast<int64_t>(record->size()) <= l) record->resize(l + 1);
+      (*record)[l].assign(slots, -1);
+    }
+  }
   for (size_t b = 0; b < batch.size(); ++b) {
     absl::Status st = cache.Extend(batch[b].seq, static_cast<int64_t>(batch[b].tokens.size()));
     if (!st.ok()) return absl::InternalError(absl::StrCat("latent cache refused pages it reported free: ", st.message()));
   }
-  // If a later stage fails, give back the positions this step added.
+  // If a later stage fails, give back the positions this step added (and
+  // let the device finish writing the routing record first).
   auto rollback = [&] {
+    if (device_routed) (void)be.Synchronize();
     for (size_t b = 0; b < batch.size(); ++b) {
       if (start_pos[b] == 0) {
         cache.Free(batch[b].seq);
@@ -251,7 +292,7 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
       absl::Status st = FinishLayer(i, mbs[i], experts);
       if (st.ok()) st = BeginLayer(l, i, mbs[i], cache, experts, routing);
-      if (st.ok() && routing.topk_idx_out != nullptr && c.is_moe_layer(l)) {
+      if (st.ok() && routing.topk_idx_out != nullptr && c.is_moe_layer(l) && !RoutesOnDevice(l, experts)) {
         auto& out = *routing.topk_idx_out;
         if (static_cast<int64_t>(out.size()) <= l) out.resize(l + 1);
         if (i == 0) out[l].clear();
@@ -318,6 +359,17 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
   std::vector<float> greedy_logprobs(greedy_rows.size());
   if (st.ok() && !greedy_rows.empty()) {
     st = be.GreedyTokens(hidden, greedy_rows, greedy_tokens.data(), greedy_logprobs.data());
+  }
+  if (st.ok() && device_routed) {
+    st = be.Synchronize();  // the routing record is complete from here
+    if (st.ok() && routing.unbiased_topk_idx_out != nullptr && routing.topk_idx_out != nullptr) {
+      // Layers without a serving bias: both routings are the same.
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        const bool biased = routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size()) &&
+                            !(*routing.serving_bias)[l].empty();
+        if (RoutesOnDevice(l, experts) && !biased) (*routing.unbiased_topk_idx_out)[l] = (*routing.topk_idx_out)[l];
+      }
+    }
   }
   if (!st.ok()) {
     rollback();

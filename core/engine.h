@@ -106,6 +106,9 @@ class Engine {
   // Whether routed-expert activations go through host copies (a device
   // backend with experts that take host arrays).
   bool StagesExperts(const ExpertBackend& experts) const;
+  // Whether MoE layer `layer`'s routing and routed experts run on the
+  // backend's device (the backend serves them itself, no host gate).
+  bool RoutesOnDevice(int64_t layer, const ExpertBackend& experts) const;
 
   std::shared_ptr<ComputeBackend> backend_;
   EngineOptions options_;

@@ -123,6 +123,7 @@ struct DevLayer {
   DevMat mlp_gate_up;         // dense: gate rows then up rows [2I, D]
   DevMat mlp_down;            // [D, I]
   float* router = nullptr;    // [E, D] float32
+  float* correction_bias = nullptr;  // [E] (V3), for the device gate
   DevMat shared_gate_up, shared_down;
   void* experts_gate_up = nullptr;  // [local][2*Ie][D], the backend's precision
   void* experts_down = nullptr;     // [local][D][Ie]
@@ -297,6 +298,7 @@ class CudaBackend : public ComputeBackend {
     if (router_done_ != nullptr) (void)cudaEventDestroy(router_done_);
     if (upload_staging_ != nullptr) (void)cudaFreeHost(upload_staging_);
     if (upload_done_ != nullptr) (void)cudaEventDestroy(upload_done_);
+    if (pinned_ != nullptr) (void)cudaFreeHost(pinned_);
     if (sgemm_ != nullptr) (void)cublasDestroy(sgemm_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
   }
@@ -741,6 +743,97 @@ class CudaBackend : public ComputeBackend {
     return MoeExperts(p, S());
   }
 
+  bool RoutesOnDevice(int64_t layer) const override {
+    const ModelConfig& c = config();
+    if (layer < 0 || layer >= static_cast<int64_t>(layers_.size()) || !c.is_moe_layer(layer)) return false;
+    const DevLayer& dl = layers_[layer];
+    // Every routed expert here (the gate's choices are not seen on the host)
+    // and the gate kernel's limits.
+    return dl.router != nullptr && dl.num_local == c.n_routed_experts && c.n_routed_experts <= 512 &&
+           c.num_experts_per_tok <= 16 &&
+           (c.model_type != ModelType::kDeepseekV3 || dl.correction_bias != nullptr);
+  }
+
+  absl::Status DeviceRoutedExperts(int64_t layer, const float* h, int64_t n, absl::Span<const float> serving_bias,
+                                   float* out, int32_t* host_topk_idx, int32_t* host_unbiased_topk_idx) override {
+    if (!RoutesOnDevice(layer)) {
+      return absl::FailedPreconditionError(absl::StrCat("cuda: layer ", layer, " cannot be routed on the device"));
+    }
+    const ModelConfig& c = config();
+    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, D = c.hidden_size;
+    if (!serving_bias.empty() && static_cast<int64_t>(serving_bias.size()) != E) {
+      return absl::InvalidArgumentError(absl::StrCat("serving bias of ", serving_bias.size(), " experts, not ", E));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    if (n == 0) return absl::OkStatus();
+    const DevLayer& dl = layers_[layer];
+    Scratch scratch(stream_);
+    // Router logits [n, E], float32 (as RouterLogits).
+    DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
+    const float one = 1.0f, zero = 0.0f;
+    DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
+                                 static_cast<int>(D), &one, dl.router, static_cast<int>(D), h, static_cast<int>(D),
+                                 &zero, logits, static_cast<int>(E)));
+    DMOE_ASSIGN_OR_RETURN(int32_t* idx, scratch.Get<int32_t>(n * k));
+    DMOE_ASSIGN_OR_RETURN(float* w, scratch.Get<float>(n * k));
+    MoeGateParams g;
+    g.logits = logits;
+    g.n = n;
+    g.num_experts = E;
+    g.top_k = k;
+    g.n_group = c.n_group;
+    g.topk_group = c.topk_group;
+    // core/moe_gate.cc's choices: the scoring follows the model type.
+    g.scoring = c.model_type == ModelType::kDeepseekV3 ? GateScoring::kSigmoid : GateScoring::kSoftmax;
+    g.topk_method = c.topk_method == TopkMethod::kGreedy               ? GateTopk::kGreedy
+                    : c.topk_method == TopkMethod::kGroupLimitedGreedy ? GateTopk::kGroupLimitedGreedy
+                                                                       : GateTopk::kNoauxTc;
+    g.renormalize = c.model_type == ModelType::kDeepseekV3 && c.norm_topk_prob;
+    g.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+    g.correction_bias = c.model_type == ModelType::kDeepseekV3 ? dl.correction_bias : nullptr;
+    if (!serving_bias.empty()) {
+      DMOE_ASSIGN_OR_RETURN(float* dev_bias, scratch.Get<float>(E));
+      DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(static_cast<size_t>(E) * 4));
+      std::memcpy(staged, serving_bias.data(), static_cast<size_t>(E) * 4);
+      DMOE_CUDA_CALL(cudaMemcpyAsync(dev_bias, staged, static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, stream_));
+      g.serving_bias = dev_bias;
+    }
+    g.topk_idx = idx;
+    g.topk_weights = w;
+    DMOE_RETURN_IF_ERROR(MoeGateRoute(g, S()));
+    if (host_unbiased_topk_idx != nullptr && g.serving_bias != nullptr) {
+      DMOE_ASSIGN_OR_RETURN(int32_t* unbiased, scratch.Get<int32_t>(n * k));
+      DMOE_ASSIGN_OR_RETURN(float* unused, scratch.Get<float>(n * k));
+      MoeGateParams u = g;
+      u.serving_bias = nullptr;
+      u.topk_idx = unbiased;
+      u.topk_weights = unused;
+      DMOE_RETURN_IF_ERROR(MoeGateRoute(u, S()));
+      DMOE_RETURN_IF_ERROR(CopyToHostLater(unbiased, n * k, host_unbiased_topk_idx));
+    }
+    if (host_topk_idx != nullptr) DMOE_RETURN_IF_ERROR(CopyToHostLater(idx, n * k, host_topk_idx));
+
+    MoeExpertsParams p;
+    p.x = h;
+    p.n = n;
+    p.top_k = k;
+    p.topk_idx = idx;  // every expert is held: local slot = expert id
+    p.topk_weights = w;
+    p.num_experts = dl.num_local;
+    p.hidden = D;
+    p.intermediate = c.moe_intermediate_size;
+    p.w_gate_up = dl.experts_gate_up;
+    p.w_down = dl.experts_down;
+    p.weight_type = precision_;
+    p.out = out;
+    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, p.intermediate, precision_);
+    DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
+    p.impl = precision_ == OutType::kBF16 ? GroupedGemmImpl::kOwn : GroupedGemmImpl::kCublas;
+    p.blas = blas_.get();
+    return MoeExperts(p, S());
+  }
+
   absl::Status Logits(const float* x, absl::Span<const int64_t> rows, float* host_logits) override {
     if (rows.empty()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
@@ -750,8 +843,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
     DMOE_CUDA_CALL(cudaMemcpyAsync(host_logits, logits, static_cast<size_t>(nr * V) * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
+    return SyncAndFlush();
   }
 
   absl::Status GreedyTokens(const float* x, absl::Span<const int64_t> rows, int32_t* host_tokens,
@@ -770,19 +862,60 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(TokenLogprobs(logits, nr, V, tokens, logprobs, S()));
     std::vector<int32_t> host(2 * nr);
     DMOE_CUDA_CALL(cudaMemcpyAsync(host.data(), picked, static_cast<size_t>(nr) * 8, cudaMemcpyDeviceToHost, stream_));
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
+    DMOE_RETURN_IF_ERROR(SyncAndFlush());
     std::memcpy(host_tokens, host.data(), static_cast<size_t>(nr) * 4);
     std::memcpy(host_logprobs, host.data() + nr, static_cast<size_t>(nr) * 4);
     return absl::OkStatus();
   }
 
   absl::Status Synchronize() override {
+    std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
-    DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
-    return absl::OkStatus();
+    return SyncAndFlush();
   }
 
  private:
+  // Waits for the stream, then completes the host copies promised since the
+  // last wait (DeviceRoutedExperts' routing records) and recycles the pinned
+  // ring. REQUIRES: mu_ held (or the only thread).
+  absl::Status SyncAndFlush() {
+    const absl::Status st = CudaCall(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    if (st.ok()) {
+      for (const HostCopy& c : host_copies_) std::memcpy(c.dst, c.src, c.bytes);
+    }
+    host_copies_.clear();
+    pinned_used_ = 0;
+    return st;
+  }
+  // `bytes` of the pinned ring, free until the next SyncAndFlush.
+  absl::StatusOr<char*> TakePinned(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (pinned_used_ + bytes > pinned_bytes_) {
+      DMOE_RETURN_IF_ERROR(SyncAndFlush());
+      if (bytes > pinned_bytes_) {
+        if (pinned_ != nullptr) DMOE_CUDA_CALL(cudaFreeHost(pinned_));
+        pinned_ = nullptr;
+        pinned_bytes_ = 0;
+        const size_t want = std::max<size_t>(bytes, size_t{1} << 20);
+        void* p = nullptr;
+        DMOE_CUDA_CALL(cudaMallocHost(&p, want));
+        pinned_ = static_cast<char*>(p);
+        pinned_bytes_ = want;
+      }
+    }
+    char* p = pinned_ + pinned_used_;
+    pinned_used_ += bytes;
+    return p;
+  }
+  // host[count] = dev[count] by the next SyncAndFlush (through the ring).
+  absl::Status CopyToHostLater(const int32_t* dev, int64_t count, int32_t* host) {
+    const size_t bytes = static_cast<size_t>(count) * sizeof(int32_t);
+    DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(bytes));
+    DMOE_CUDA_CALL(cudaMemcpyAsync(staged, dev, bytes, cudaMemcpyDeviceToHost, stream_));
+    host_copies_.push_back({staged, host, bytes});
+    return absl::OkStatus();
+  }
+
   CudaBackend(const ModelConfig& config, const CudaBackendOptions& options)
       : options_(options), rope_(config) {
     auto host = std::make_shared<ModelWeights>();
@@ -1075,6 +1208,12 @@ class CudaBackend : public ComputeBackend {
               DMOE_ASSIGN_OR_RETURN(hw.layers[l].moe.e_score_correction_bias,
                                     dummy->HostVector(p + "mlp.gate.e_score_correction_bias", E));
             }
+            // ... and on the device for the device gate.
+            const std::vector<float>& bias = hw.layers[l].moe.e_score_correction_bias;
+            if (!bias.empty()) {
+              DMOE_ASSIGN_OR_RETURN(dl.correction_bias, NewVec(host_source, "e_score_correction_bias", &bias,
+                                                               static_cast<int64_t>(bias.size())));
+            }
           }
         }
       }
@@ -1121,6 +1260,16 @@ class CudaBackend : public ComputeBackend {
   cudaEvent_t upload_done_ = nullptr;  // the last upload from upload_staging_
   void* upload_staging_ = nullptr;     // pinned host memory for the experts' slots
   size_t upload_staging_bytes_ = 0;
+  // Pinned ring for a step's small transfers (serving biases up, routing
+  // choices down), and the host copies out of it due at the next wait.
+  struct HostCopy {
+    const char* src;
+    void* dst;
+    size_t bytes;
+  };
+  char* pinned_ = nullptr;
+  size_t pinned_bytes_ = 0, pinned_used_ = 0;
+  std::vector<HostCopy> host_copies_;
   DeviceArena arena_;
   float* inv_freq_ = nullptr;
   DevMat embed_, lm_head_;

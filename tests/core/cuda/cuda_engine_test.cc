@@ -296,6 +296,70 @@ TEST_F(CudaEngineTest, GreedyOnlyPicksTheArgmaxOnTheDevice) {
   }
 }
 
+// The device gate (DeviceRoutedExperts: no host round trip per layer)
+// records the host gate's choices, with and without a serving bias, in one
+// micro-batch and split in two (ping-pong), and the logits stay the CPU's.
+TEST_F(CudaEngineTest, DeviceRoutingRecordsTheHostGatesChoices) {
+  auto weights = ModelWeights::Load(GoldenModelDir());
+  ASSERT_TRUE(weights.ok());
+  auto backend = cuda::CreateCudaBackend(*weights);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const ModelConfig& c = (*weights)->config;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) EXPECT_EQ((*backend)->RoutesOnDevice(l), c.is_moe_layer(l)) << l;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+  std::vector<std::vector<float>> bias(c.num_hidden_layers);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    bias[l].resize(c.n_routed_experts);
+    for (float& b : bias[l]) b = u(rng);
+  }
+  const auto cases = LoadGoldenCases(GoldenModelDir());
+  std::vector<StepSequence> batch;
+  for (size_t i = 0; i < cases.size(); ++i) batch.push_back({static_cast<SequenceId>(i), cases[i].prompt_ids, false});
+  for (int64_t ping_pong : {int64_t{0}, int64_t{2}}) {
+    for (bool with_bias : {false, true}) {
+      EngineOptions options;
+      options.ping_pong_min_tokens = ping_pong;
+      auto gpu = Engine::Create(*backend, options);
+      auto cpu = Engine::Create(*weights, options);
+      ASSERT_TRUE(gpu.ok() && cpu.ok());
+      BackendExperts gpu_experts(**backend);
+      LocalExperts cpu_experts(**weights);
+      auto gcache = (*gpu)->CreateCache(16);
+      auto ccache = (*cpu)->CreateCache(16);
+      ASSERT_TRUE(gcache.ok() && ccache.ok());
+      std::vector<std::vector<int32_t>> gtopk, gunbiased, ctopk, cunbiased;
+      StepRouting gr, cr;
+      gr.topk_idx_out = &gtopk;
+      gr.unbiased_topk_idx_out = &gunbiased;
+      cr.topk_idx_out = &ctopk;
+      cr.unbiased_topk_idx_out = &cunbiased;
+      if (with_bias) gr.serving_bias = cr.serving_bias = &bias;
+      auto g = (*gpu)->Step(batch, **gcache, gpu_experts, gr);
+      auto r = (*cpu)->Step(batch, **ccache, cpu_experts, cr);
+      ASSERT_TRUE(g.ok()) << g.status();
+      ASSERT_TRUE(r.ok()) << r.status();
+      for (size_t i = 0; i < batch.size(); ++i) {
+        EXPECT_LE(MaxRelativeError((*g)[i].logits, (*r)[i].logits, c.vocab_size), kLogitTolerance);
+      }
+      ASSERT_EQ(gtopk.size(), ctopk.size());
+      for (size_t l = 0; l < ctopk.size(); ++l) {
+        EXPECT_EQ(gtopk[l], ctopk[l]) << "layer " << l << (with_bias ? ", serving bias" : "") << ", ping-pong "
+                                      << ping_pong;
+        ASSERT_LT(l, gunbiased.size());
+        EXPECT_EQ(gunbiased[l], cunbiased[l]) << "layer " << l << " (unbiased)";
+      }
+      if (with_bias) {
+        // The bias moved some choices (else the test would not test it).
+        int64_t moved = 0;
+        for (size_t l = 0; l < ctopk.size(); ++l) moved += ctopk[l] != cunbiased[l];
+        EXPECT_GT(moved, 0);
+      }
+    }
+  }
+}
+
 TEST_F(CudaEngineTest, CacheSizedByMemoryFractionAndForeignCachesRefused) {
   auto weights = ModelWeights::Load(GoldenModelDir());
   ASSERT_TRUE(weights.ok());
