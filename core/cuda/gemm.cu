@@ -18,8 +18,15 @@ struct BlasHandle::Impl {
   cublasLtHandle_t lt = nullptr;
   void* lt_workspace = nullptr;
   size_t lt_workspace_bytes = size_t{32} << 20;
-  // Heuristic choice per shape (m, n, k, lda, ldb, ldc, c_type).
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>, cublasLtMatmulAlgo_t> algos;
+  // Descriptors and the heuristic's algorithm per shape (m, n, k, lda, ldb,
+  // ldc, types), made once: creating them per call cost more host time than
+  // a decode GEMM takes on the device.
+  struct LtPlan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>, LtPlan> plans;
   // cublasGemmGroupedBatchedEx's device pointer arrays.
   void* ptr_arrays = nullptr;
   size_t ptr_capacity = 0;  // pointers per array
@@ -28,7 +35,15 @@ struct BlasHandle::Impl {
   // (index: 2 * input type + output type)
   bool grouped_refused[4] = {false, false, false, false};
   std::string grouped_path = "cublasGemmGroupedBatchedEx";
+  static void DestroyPlan(LtPlan& p) {
+    if (p.lc != nullptr) cublasLtMatrixLayoutDestroy(p.lc);
+    if (p.lb != nullptr) cublasLtMatrixLayoutDestroy(p.lb);
+    if (p.la != nullptr) cublasLtMatrixLayoutDestroy(p.la);
+    if (p.desc != nullptr) cublasLtMatmulDescDestroy(p.desc);
+    p = LtPlan{};
+  }
   ~Impl() {
+    for (auto& [key, plan] : plans) DestroyPlan(plan);
     if (ptr_arrays != nullptr) cudaFree(ptr_arrays);
     if (lt_workspace != nullptr) cudaFree(lt_workspace);
     if (lt != nullptr) cublasLtDestroy(lt);
@@ -427,28 +442,27 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.n > 0 && p.k > 0 && p.lda >= p.k && p.ldb >= p.k && p.ldc >= p.n, "Gemm: shapes");
   if (p.m <= 0) return absl::OkStatus();
   BlasHandle::Impl& h = *blas.impl();
-  // Column-major view: C^T[n, m] = op_T(B stored k x n) · A stored k x m.
-  cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  absl::Status st = [&]() -> absl::Status {
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
-    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatrixLayoutCreate(&la, CudaType(p.ab_type), p.k, p.n, p.ldb), "layout A"));
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatrixLayoutCreate(&lb, CudaType(p.ab_type), p.k, p.m, p.lda), "layout B"));
-    DMOE_RETURN_IF_ERROR_CU(
-        BlasStatus(cublasLtMatrixLayoutCreate(&lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
-    const auto key =
-        std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc, 2 * static_cast<int>(p.ab_type) + static_cast<int>(p.c_type));
-    auto it = h.algos.find(key);
-    if (it == h.algos.end()) {
+  const auto key = std::make_tuple(p.m, p.n, p.k, p.lda, p.ldb, p.ldc,
+                                   2 * static_cast<int>(p.ab_type) + static_cast<int>(p.c_type));
+  auto it = h.plans.find(key);
+  if (it == h.plans.end()) {
+    // Column-major view: C^T[n, m] = op_T(B stored k x n) · A stored k x m.
+    BlasHandle::Impl::LtPlan plan;
+    cublasLtMatmulPreference_t pref = nullptr;
+    absl::Status st = [&]() -> absl::Status {
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
+      const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA"));
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB"));
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatrixLayoutCreate(&plan.la, CudaType(p.ab_type), p.k, p.n, p.ldb), "layout A"));
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatrixLayoutCreate(&plan.lb, CudaType(p.ab_type), p.k, p.m, p.lda), "layout B"));
+      DMOE_RETURN_IF_ERROR_CU(
+          BlasStatus(cublasLtMatrixLayoutCreate(&plan.lc, CudaType(p.c_type), p.n, p.m, p.ldc), "layout C"));
       DMOE_RETURN_IF_ERROR_CU(BlasStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
       DMOE_RETURN_IF_ERROR_CU(
           BlasStatus(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -456,23 +470,25 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
                      "preference workspace"));
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
-      DMOE_RETURN_IF_ERROR_CU(
-          BlasStatus(cublasLtMatmulAlgoGetHeuristic(h.lt, desc, la, lb, lc, lc, pref, 1, &result, &found),
-                     "cublasLtMatmulAlgoGetHeuristic"));
+      DMOE_RETURN_IF_ERROR_CU(BlasStatus(
+          cublasLtMatmulAlgoGetHeuristic(h.lt, plan.desc, plan.la, plan.lb, plan.lc, plan.lc, pref, 1, &result, &found),
+          "cublasLtMatmulAlgoGetHeuristic"));
       if (found == 0) return absl::InternalError("Gemm: cuBLASLt found no algorithm");
-      it = h.algos.emplace(key, result.algo).first;
+      plan.algo = result.algo;
+      return absl::OkStatus();
+    }();
+    if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
+    if (!st.ok()) {
+      BlasHandle::Impl::DestroyPlan(plan);
+      return st;
     }
-    const float alpha = 1.0f, beta = 0.0f;
-    return BlasStatus(cublasLtMatmul(h.lt, desc, &alpha, p.b, la, p.a, lb, &beta, p.c, lc, p.c, lc, &it->second,
-                                     h.lt_workspace, h.lt_workspace_bytes, AsStream(stream)),
-                      "cublasLtMatmul");
-  }();
-  if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
-  if (lc != nullptr) cublasLtMatrixLayoutDestroy(lc);
-  if (lb != nullptr) cublasLtMatrixLayoutDestroy(lb);
-  if (la != nullptr) cublasLtMatrixLayoutDestroy(la);
-  if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
-  return st;
+    it = h.plans.emplace(key, plan).first;
+  }
+  const BlasHandle::Impl::LtPlan& plan = it->second;
+  const float alpha = 1.0f, beta = 0.0f;
+  return BlasStatus(cublasLtMatmul(h.lt, plan.desc, &alpha, p.b, plan.la, p.a, plan.lb, &beta, p.c, plan.lc, p.c,
+                                   plan.lc, &plan.algo, h.lt_workspace, h.lt_workspace_bytes, AsStream(stream)),
+                    "cublasLtMatmul");
 }
 
 const char* CublasGroupedPath(const BlasHandle& blas) { return blas.impl()->grouped_path.c_str(); }
