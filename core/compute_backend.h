@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -64,6 +65,28 @@ class Buffer {
 };
 
 enum class NormKind { kInputLayernorm, kPostAttentionLayernorm };
+
+// Block-table width (pages per sequence) of a step whose sequences hold up
+// to `pages` pages: a power of two, at least 4, so that one device graph
+// serves a range of context lengths (and eager steps size their attention
+// alike: the same kernels, the same results).
+inline int64_t PaddedPagesPerSequence(int64_t pages) {
+  int64_t p = 4;
+  while (p < pages) p *= 2;
+  return p;
+}
+
+// What fixes the shape of a decode step's device graph: tokens (one per
+// sequence), the block-table width in pages (a bucket, >= every sequence's
+// pages), and whether the routing record is copied back.
+struct StepGraphKey {
+  int64_t tokens = 0;
+  int64_t max_pages = 0;
+  bool record_routing = false;
+  auto tie() const { return std::tie(tokens, max_pages, record_routing); }
+  bool operator<(const StepGraphKey& o) const { return tie() < o.tie(); }
+  bool operator==(const StepGraphKey& o) const { return tie() == o.tie(); }
+};
 
 // What a step's attention needs besides the activations, made once per
 // micro-batch and step (PlanAttention) and shared by every layer: the
@@ -177,6 +200,24 @@ class ComputeBackend {
   // Waits for queued work, and completes the host copies it promised
   // (a no-op on the CPU).
   virtual absl::Status Synchronize() { return absl::OkStatus(); }
+
+  // --- decode steps as device graphs (CUDA graphs). Between BeginStepGraph
+  // and EndStepGraph the engine makes the step's calls as always (the same
+  // sequence for the same key): the first time they are captured into a
+  // graph, later only their host inputs (token ids, positions, block
+  // tables, rows) are staged and the graph is replayed. Buffers allocated
+  // meanwhile belong to the graph. EndStepGraph launches it, waits, and
+  // completes the promised host copies (greedy tokens, routing record).
+  // REQUIRES for a key: one token per sequence, greedy-only rows, every MoE
+  // layer routed on the device, no serving bias.
+  virtual bool SupportsStepGraphs() const { return false; }
+  virtual absl::Status BeginStepGraph(const StepGraphKey& key) {
+    return absl::UnimplementedError(absl::StrCat(name(), ": no step graphs"));
+  }
+  virtual absl::Status EndStepGraph() { return absl::UnimplementedError(absl::StrCat(name(), ": no step graphs")); }
+  // Drops a step begun with BeginStepGraph that failed (its capture, or a
+  // replay whose calls did not match); the engine then runs it eagerly.
+  virtual void AbortStepGraph() {}
 };
 
 // RoutedExperts on host arrays, staging through device buffers when the

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/cpu/cpu_backend.h"
 #include "core/cpu/parallel.h"
+#include "core/log.h"
 #include "core/status_macros.h"
 
 namespace dmoe {
@@ -205,7 +206,6 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
   DMOE_RETURN_IF_ERROR(Validate(batch, cache));
   const ModelConfig& c = config();
   ComputeBackend& be = *backend_;
-  const int64_t D = c.hidden_size, V = c.vocab_size;
 
   int64_t total = 0;
   for (const StepSequence& s : batch) total += static_cast<int64_t>(s.tokens.size());
@@ -216,19 +216,24 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     for (split = 0; split + 1 < batch.size() && 2 * acc < total; ++split) acc += batch[split].tokens.size();
     if (split == 0) split = 1;
   }
-  std::vector<MicroBatch> mbs(split < batch.size() ? 2 : 1);
   std::vector<int64_t> start_pos(batch.size());
-  for (size_t b = 0; b < batch.size(); ++b) {
-    MicroBatch& mb = mbs[b < split ? 0 : 1];
-    MlaSequence m;
-    m.seq = batch[b].seq;
-    m.row_begin = mb.n;
-    m.num_tokens = static_cast<int64_t>(batch[b].tokens.size());
-    m.start_pos = start_pos[b] = cache.SequenceLength(batch[b].seq);
-    mb.seqs.push_back(m);
-    mb.n += m.num_tokens;
-  }
-  if (mbs.size() == 2) mbs[1].first_row = mbs[0].n;
+  for (size_t b = 0; b < batch.size(); ++b) start_pos[b] = cache.SequenceLength(batch[b].seq);
+  // The micro-batches' sequences (their buffers come in RunStep).
+  auto micro_batches = [&] {
+    std::vector<MicroBatch> mbs(split < batch.size() ? 2 : 1);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      MicroBatch& mb = mbs[b < split ? 0 : 1];
+      MlaSequence m;
+      m.seq = batch[b].seq;
+      m.row_begin = mb.n;
+      m.num_tokens = static_cast<int64_t>(batch[b].tokens.size());
+      m.start_pos = start_pos[b];
+      mb.seqs.push_back(m);
+      mb.n += m.num_tokens;
+    }
+    if (mbs.size() == 2) mbs[1].first_row = mbs[0].n;
+    return mbs;
+  };
   // Layers routed on the device write their choices straight into the
   // routing record (at the step's final synchronization): size it now.
   bool device_routed = false;
@@ -259,6 +264,68 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
     }
   };
 
+
+  // A decode step that runs wholly on the device replays (or first
+  // captures) a device graph; should that fail, the step runs as always.
+  if (std::optional<StepGraphKey> key = GraphKeyFor(batch, split, cache, experts, routing)) {
+    if (be.BeginStepGraph(*key).ok()) {
+      std::vector<MicroBatch> mbs = micro_batches();
+      absl::StatusOr<std::vector<SequenceLogits>> result =
+          RunStep(batch, split, mbs, cache, experts, routing, device_routed, /*graph=*/true);
+      if (result.ok()) {
+        graph_steps_.fetch_add(1, std::memory_order_relaxed);
+        return result;
+      }
+      be.AbortStepGraph();
+      std::lock_guard<std::mutex> lock(graph_mu_);
+      failed_graph_keys_.insert(*key);
+      DMOE_LOG(kWarning, "engine") << "decode step of " << key->tokens << " tokens runs without a device graph: "
+                                   << result.status();
+    }
+  }
+  std::vector<MicroBatch> mbs = micro_batches();
+  absl::StatusOr<std::vector<SequenceLogits>> result =
+      RunStep(batch, split, mbs, cache, experts, routing, device_routed, /*graph=*/false);
+  if (!result.ok()) rollback();
+  return result;
+}
+
+std::optional<StepGraphKey> Engine::GraphKeyFor(const std::vector<StepSequence>& batch, size_t split,
+                                                const LatentCache& cache, const ExpertBackend& experts,
+                                                const StepRouting& routing) const {
+  const ModelConfig& c = config();
+  if (!options_.device_graphs || !backend_->SupportsStepGraphs() || split < batch.size() || batch.empty() ||
+      static_cast<int64_t>(batch.size()) > kMaxGraphTokens) {
+    return std::nullopt;
+  }
+  int64_t max_pages = 1;
+  for (const StepSequence& s : batch) {
+    if (s.tokens.size() != 1 || !s.greedy_only || s.all_logits) return std::nullopt;
+    max_pages = std::max<int64_t>(max_pages, static_cast<int64_t>(cache.BlockTable(s.seq).size()));
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (c.is_moe_layer(l) && !RoutesOnDevice(l, experts)) return std::nullopt;
+    if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size()) &&
+        !(*routing.serving_bias)[l].empty()) {
+      return std::nullopt;
+    }
+  }
+  StepGraphKey key;
+  key.tokens = static_cast<int64_t>(batch.size());
+  key.max_pages = PaddedPagesPerSequence(max_pages);
+  key.record_routing = routing.topk_idx_out != nullptr;
+  std::lock_guard<std::mutex> lock(graph_mu_);
+  if (failed_graph_keys_.contains(key)) return std::nullopt;
+  return key;
+}
+
+absl::StatusOr<std::vector<SequenceLogits>> Engine::RunStep(const std::vector<StepSequence>& batch, size_t split,
+                                                            std::vector<MicroBatch>& mbs, LatentCache& cache,
+                                                            ExpertBackend& experts, const StepRouting& routing,
+                                                            bool device_routed, bool graph) const {
+  const ModelConfig& c = config();
+  ComputeBackend& be = *backend_;
+  const int64_t D = c.hidden_size, V = c.vocab_size;
   for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
     MicroBatch& mb = mbs[i];
     std::vector<int32_t> tokens;
@@ -281,10 +348,7 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
       st = plan.status();
       if (st.ok()) mb.plan = *std::move(plan);
     }
-    if (!st.ok()) {
-      rollback();
-      return st;
-    }
+    if (!st.ok()) return st;
   }
   // Layer by layer, alternating micro-batches: while one micro-batch's routed
   // experts are in flight, the other computes its attention.
@@ -308,17 +372,12 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
       }
       if (!st.ok()) {
         for (int j = 0; j < static_cast<int>(mbs.size()); ++j) (void)FinishLayer(j, mbs[j], experts);
-        rollback();
         return st;
       }
     }
   }
   for (int i = 0; i < static_cast<int>(mbs.size()); ++i) {
-    absl::Status st = FinishLayer(i, mbs[i], experts);
-    if (!st.ok()) {
-      rollback();
-      return st;
-    }
+    DMOE_RETURN_IF_ERROR(FinishLayer(i, mbs[i], experts));
   }
 
   // Head: only the positions asked for, in one pass over both micro-batches
@@ -360,8 +419,12 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
   if (st.ok() && !greedy_rows.empty()) {
     st = be.GreedyTokens(hidden, greedy_rows, greedy_tokens.data(), greedy_logprobs.data());
   }
-  if (st.ok() && device_routed) {
+  if (st.ok() && graph) {
+    st = be.EndStepGraph();  // launched and waited for: greedy tokens and routing record complete
+  } else if (st.ok() && device_routed) {
     st = be.Synchronize();  // the routing record is complete from here
+  }
+  if (st.ok() && device_routed) {
     if (st.ok() && routing.unbiased_topk_idx_out != nullptr && routing.topk_idx_out != nullptr) {
       // Layers without a serving bias: both routings are the same.
       for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -371,10 +434,7 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
       }
     }
   }
-  if (!st.ok()) {
-    rollback();
-    return st;
-  }
+  if (!st.ok()) return st;
   for (size_t i = 0; i < greedy_of.size(); ++i) {
     result[greedy_of[i]].greedy_token = greedy_tokens[i];
     result[greedy_of[i]].greedy_logprob = greedy_logprobs[i];

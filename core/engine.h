@@ -7,8 +7,12 @@
 #ifndef DMOE_CORE_ENGINE_H_
 #define DMOE_CORE_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -31,6 +35,10 @@ struct EngineOptions {
   // (ping-pong, as MegaScale-Infer does). 0: never split. Results do not
   // depend on the split.
   int64_t ping_pong_min_tokens = 0;
+  // Decode steps that run wholly on a device (one token per sequence,
+  // greedy, MoE routed there, no serving bias) replay device graphs
+  // (ComputeBackend::BeginStepGraph) where the backend has them.
+  bool device_graphs = true;
 };
 
 // One sequence's part of a step: `tokens` appended at positions
@@ -93,6 +101,8 @@ class Engine {
   // cache lacks pages (nothing is changed then).
   absl::StatusOr<std::vector<SequenceLogits>> Step(const std::vector<StepSequence>& batch, LatentCache& cache,
                                                    ExpertBackend& experts, const StepRouting& routing = {}) const;
+  // Steps that ran as device graphs so far.
+  int64_t graph_steps() const { return graph_steps_.load(std::memory_order_relaxed); }
 
  private:
   Engine(std::shared_ptr<ComputeBackend> backend, const EngineOptions& options);
@@ -109,10 +119,28 @@ class Engine {
   // Whether MoE layer `layer`'s routing and routed experts run on the
   // backend's device (the backend serves them itself, no host gate).
   bool RoutesOnDevice(int64_t layer, const ExpertBackend& experts) const;
+  // The device-graph key of a decode step that can replay one (after the
+  // cache has been extended), or nullopt.
+  std::optional<StepGraphKey> GraphKeyFor(const std::vector<StepSequence>& batch, size_t split,
+                                          const LatentCache& cache, const ExpertBackend& experts,
+                                          const StepRouting& routing) const;
+  // The step after its cache extension: buffers, embedding, layers, head
+  // (inside BeginStepGraph / EndStepGraph when `graph`). The caller rolls
+  // the cache back on failure.
+  absl::StatusOr<std::vector<SequenceLogits>> RunStep(const std::vector<StepSequence>& batch, size_t split,
+                                                      std::vector<MicroBatch>& mbs, LatentCache& cache,
+                                                      ExpertBackend& experts, const StepRouting& routing,
+                                                      bool device_routed, bool graph) const;
+
+  // Decode batches up to this many sequences replay device graphs.
+  static constexpr int64_t kMaxGraphTokens = 256;
 
   std::shared_ptr<ComputeBackend> backend_;
   EngineOptions options_;
   MoeGate gate_;
+  mutable std::mutex graph_mu_;
+  mutable std::set<StepGraphKey> failed_graph_keys_;  // captures that failed: not tried again
+  mutable std::atomic<int64_t> graph_steps_{0};
 };
 
 }  // namespace dmoe

@@ -329,6 +329,10 @@ class CudaBackend : public ComputeBackend {
   absl::StatusOr<Buffer> Allocate(int64_t floats) override {
     if (floats < 0) return absl::InvalidArgumentError(absl::StrCat("cuda: Allocate(", floats, ")"));
     if (floats == 0) return Buffer();
+    if (graph_ != nullptr) {  // the step graph's own memory, the same buffer on every replay
+      DMOE_ASSIGN_OR_RETURN(void* p, GraphDevice(static_cast<size_t>(floats) * sizeof(float)));
+      return Buffer(static_cast<float*>(p), floats, [](float*) {});
+    }
     DMOE_RETURN_IF_ERROR(SetDevice());
     void* p = nullptr;
     DMOE_CUDA_CALL(cudaMallocAsync(&p, static_cast<size_t>(floats) * sizeof(float), stream_));
@@ -337,6 +341,7 @@ class CudaBackend : public ComputeBackend {
   }
   absl::Status Upload(const float* host_src, int64_t count, float* dst) override {
     if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(NotInStepGraph("host transfers"));
     DMOE_RETURN_IF_ERROR(SetDevice());
     // Pageable source: returns once the bytes are staged, so the caller may reuse them.
     DMOE_CUDA_CALL(cudaMemcpyAsync(dst, host_src, static_cast<size_t>(count) * sizeof(float),
@@ -345,6 +350,7 @@ class CudaBackend : public ComputeBackend {
   }
   absl::Status Download(const float* src, int64_t count, float* host_dst) override {
     if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(NotInStepGraph("host transfers"));
     DMOE_RETURN_IF_ERROR(SetDevice());
     DMOE_CUDA_CALL(cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
@@ -353,6 +359,7 @@ class CudaBackend : public ComputeBackend {
   }
   absl::Status Copy(const float* src, int64_t count, float* dst) override {
     if (count <= 0) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(NotInStepGraph("host transfers"));
     DMOE_RETURN_IF_ERROR(SetDevice());
     DMOE_CUDA_CALL(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyDeviceToDevice,
                                    stream_));
@@ -419,11 +426,12 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(SetDevice());
     Scratch scratch(stream_);
     DMOE_ASSIGN_OR_RETURN(int32_t* ids, UploadInts(scratch, tokens));
+    if (Replaying()) return absl::OkStatus();
     return EmbedRows(embed_.p, embed_.type, ids, static_cast<int64_t>(tokens.size()), config().hidden_size, x, S());
   }
 
   absl::Status RmsNorm(int64_t layer, NormKind which, const float* x, int64_t n, float* out) override {
-    if (n == 0) return absl::OkStatus();
+    if (n == 0 || Replaying()) return absl::OkStatus();
     DMOE_RETURN_IF_ERROR(SetDevice());
     const DevLayer& dl = layers_[layer];
     RmsNormParams p;
@@ -438,6 +446,7 @@ class CudaBackend : public ComputeBackend {
   }
 
   absl::Status AddTo(float* x, const float* a, const float* b, int64_t count) override {
+    if (Replaying()) return absl::OkStatus();
     DMOE_RETURN_IF_ERROR(SetDevice());
     return AddInPlace(x, a, b, count, S());
   }
@@ -454,6 +463,16 @@ class CudaBackend : public ComputeBackend {
       max_pages = std::max<int64_t>(max_pages, static_cast<int64_t>(cache.BlockTable(s.seq).size()));
       max_context = std::max(max_context, s.start_pos + s.num_tokens);
     }
+    // Block tables PaddedPagesPerSequence wide, and the MLA split count
+    // chosen for that many pages: a step graph's shape (contexts vary per
+    // replay), and eager steps alike, so both run the same kernels.
+    const int64_t padded = PaddedPagesPerSequence(max_pages);
+    if (graph_ != nullptr && padded != graph_key_.max_pages) {
+      return absl::InternalError(absl::StrCat("cuda: step graph of ", graph_key_.max_pages, " pages per sequence, ",
+                                              padded, " here"));
+    }
+    max_pages = padded;
+    max_context = std::max(max_context, max_pages * page);
     const int64_t num_seqs = static_cast<int64_t>(sequences.size());
     const int64_t H = config().num_attention_heads;
     // One array: pos [n], slot [n], query_seq [n], block tables
@@ -473,16 +492,22 @@ class CudaBackend : public ComputeBackend {
       }
     }
     auto plan = std::make_unique<CudaAttentionPlan>(std::move(sequences), stream_);
-    void* dev = nullptr;
-    DMOE_CUDA_CALL(cudaMallocAsync(&dev, host.size() * sizeof(int32_t), stream_));
-    plan->device_ = static_cast<int32_t*>(dev);
-    DMOE_CUDA_CALL(
-        cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    plan->pos = plan->device_;
-    plan->slot = plan->device_ + n;
-    plan->query_seq = plan->device_ + 2 * n;
-    plan->block_tables = plan->device_ + tables_at;
-    plan->head_offsets = plan->device_ + offsets_at;
+    int32_t* dev = nullptr;
+    if (graph_ != nullptr) {
+      Scratch unused(stream_);
+      DMOE_ASSIGN_OR_RETURN(dev, UploadInts(unused, host));  // the graph's memory, not the plan's
+    } else {
+      void* p = nullptr;
+      DMOE_CUDA_CALL(cudaMallocAsync(&p, host.size() * sizeof(int32_t), stream_));
+      plan->device_ = dev = static_cast<int32_t*>(p);
+      DMOE_CUDA_CALL(
+          cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    }
+    plan->pos = dev;
+    plan->slot = dev + n;
+    plan->query_seq = dev + 2 * n;
+    plan->block_tables = dev + tables_at;
+    plan->head_offsets = dev + offsets_at;
     plan->max_pages = max_pages;
     plan->max_context = max_context;
     return std::unique_ptr<AttentionPlan>(std::move(plan));
@@ -490,7 +515,7 @@ class CudaBackend : public ComputeBackend {
 
   absl::Status Attention(int64_t layer, const AttentionPlan& base_plan, MlaForm, const float* h, int64_t n,
                          LatentCache& cache, float* out) override {
-    if (n == 0) return absl::OkStatus();
+    if (n == 0 || Replaying()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
     const auto& plan = static_cast<const CudaAttentionPlan&>(base_plan);
@@ -620,6 +645,7 @@ class CudaBackend : public ComputeBackend {
   }
 
   absl::Status DenseMlp(int64_t layer, const float* h, int64_t n, float* out) override {
+    if (Replaying()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
     const DevLayer& dl = layers_[layer];
@@ -627,6 +653,7 @@ class CudaBackend : public ComputeBackend {
   }
 
   absl::Status SharedExperts(int64_t layer, const float* h, int64_t n, float* out) override {
+    if (Replaying()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
     const DevLayer& dl = layers_[layer];
@@ -767,6 +794,12 @@ class CudaBackend : public ComputeBackend {
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
     if (n == 0) return absl::OkStatus();
+    if (graph_ != nullptr && !serving_bias.empty()) {
+      return absl::FailedPreconditionError("cuda: a step graph takes no serving bias");
+    }
+    if (Replaying()) {  // the graph computes; only the record's host copy is due
+      return host_topk_idx == nullptr ? absl::OkStatus() : CopyToHostLater(nullptr, n * k * 4, host_topk_idx);
+    }
     const DevLayer& dl = layers_[layer];
     Scratch scratch(stream_);
     // Router logits [n, E], float32 (as RouterLogits).
@@ -810,9 +843,9 @@ class CudaBackend : public ComputeBackend {
       u.topk_idx = unbiased;
       u.topk_weights = unused;
       DMOE_RETURN_IF_ERROR(MoeGateRoute(u, S()));
-      DMOE_RETURN_IF_ERROR(CopyToHostLater(unbiased, n * k, host_unbiased_topk_idx));
+      DMOE_RETURN_IF_ERROR(CopyToHostLater(unbiased, n * k * 4, host_unbiased_topk_idx));
     }
-    if (host_topk_idx != nullptr) DMOE_RETURN_IF_ERROR(CopyToHostLater(idx, n * k, host_topk_idx));
+    if (host_topk_idx != nullptr) DMOE_RETURN_IF_ERROR(CopyToHostLater(idx, n * k * 4, host_topk_idx));
 
     MoeExpertsParams p;
     p.x = h;
@@ -838,9 +871,11 @@ class CudaBackend : public ComputeBackend {
     if (rows.empty()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_RETURN_IF_ERROR(NotInStepGraph("logits"));
     const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
     Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
+    DMOE_ASSIGN_OR_RETURN(const int32_t* dev_rows, UploadRows(scratch, rows));
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, dev_rows, nr));
     DMOE_CUDA_CALL(cudaMemcpyAsync(host_logits, logits, static_cast<size_t>(nr * V) * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
     return SyncAndFlush();
@@ -853,7 +888,22 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(SetDevice());
     const int64_t V = config().vocab_size, nr = static_cast<int64_t>(rows.size());
     Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, rows));
+    if (graph_ != nullptr) {  // the tokens come back when EndStepGraph waits
+      DMOE_ASSIGN_OR_RETURN(const int32_t* dev_rows, UploadRows(scratch, rows));
+      int32_t* tokens = nullptr;
+      float* logprobs = nullptr;
+      if (!Replaying()) {
+        DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, dev_rows, nr));
+        DMOE_ASSIGN_OR_RETURN(tokens, scratch.Get<int32_t>(nr));
+        DMOE_ASSIGN_OR_RETURN(logprobs, scratch.Get<float>(nr));
+        DMOE_RETURN_IF_ERROR(ArgmaxRows(logits, nr, V, tokens, S()));
+        DMOE_RETURN_IF_ERROR(TokenLogprobs(logits, nr, V, tokens, logprobs, S()));
+      }
+      DMOE_RETURN_IF_ERROR(CopyToHostLater(tokens, nr * 4, host_tokens));
+      return CopyToHostLater(logprobs, nr * 4, host_logprobs);
+    }
+    DMOE_ASSIGN_OR_RETURN(const int32_t* dev_rows, UploadRows(scratch, rows));
+    DMOE_ASSIGN_OR_RETURN(float* logits, DeviceLogits(scratch, x, dev_rows, nr));
     // [tokens (int32) | logprobs (float32)], one copy back.
     DMOE_ASSIGN_OR_RETURN(void* picked, scratch.Bytes(static_cast<size_t>(nr) * 8));
     int32_t* tokens = static_cast<int32_t*>(picked);
@@ -907,13 +957,151 @@ class CudaBackend : public ComputeBackend {
     pinned_used_ += bytes;
     return p;
   }
-  // host[count] = dev[count] by the next SyncAndFlush (through the ring).
-  absl::Status CopyToHostLater(const int32_t* dev, int64_t count, int32_t* host) {
-    const size_t bytes = static_cast<size_t>(count) * sizeof(int32_t);
-    DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(bytes));
-    DMOE_CUDA_CALL(cudaMemcpyAsync(staged, dev, bytes, cudaMemcpyDeviceToHost, stream_));
-    host_copies_.push_back({staged, host, bytes});
+  // host[bytes] = dev[bytes] by the next SyncAndFlush (through the ring,
+  // or the step graph's pinned memory; a replay only registers the copy).
+  absl::Status CopyToHostLater(const void* dev, int64_t bytes, void* host) {
+    char* staged = nullptr;
+    if (graph_ != nullptr) {
+      DMOE_ASSIGN_OR_RETURN(staged, GraphPinned(static_cast<size_t>(bytes)));
+    } else {
+      DMOE_ASSIGN_OR_RETURN(staged, TakePinned(static_cast<size_t>(bytes)));
+    }
+    if (!Replaying()) {
+      DMOE_CUDA_CALL(cudaMemcpyAsync(staged, dev, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, stream_));
+    }
+    host_copies_.push_back({staged, host, static_cast<size_t>(bytes)});
     return absl::OkStatus();
+  }
+
+  // --- step graphs (ComputeBackend's BeginStepGraph / EndStepGraph).
+  // A captured decode step: its executable graph and the memory it reads
+  // and writes besides its own allocation nodes: a device arena (the
+  // engine's buffers, ids, positions, block tables, rows) and a pinned one
+  // (those inputs staged, the greedy tokens and routing record back), both
+  // carved by bump allocation in call order, so a replay's identical calls
+  // land on the same addresses.
+  struct StepGraph {
+    cudaGraphExec_t exec = nullptr;
+    void* device = nullptr;
+    char* pinned = nullptr;
+    size_t device_bytes = 0, pinned_bytes = 0;
+    size_t device_used = 0, pinned_used = 0;  // at the end of the capture
+    ~StepGraph() {
+      if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
+      if (device != nullptr) (void)cudaFree(device);
+      if (pinned != nullptr) (void)cudaFreeHost(pinned);
+    }
+  };
+  bool Replaying() const { return graph_ != nullptr && !capturing_; }
+  absl::Status NotInStepGraph(const char* what) const {
+    if (graph_ == nullptr) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat("cuda: ", what, " inside a step graph"));
+  }
+  static size_t Align256(size_t v) { return (v + 255) / 256 * 256; }
+  absl::StatusOr<void*> GraphDevice(size_t bytes) {
+    const size_t at = graph_device_at_;
+    graph_device_at_ = Align256(at + std::max<size_t>(bytes, 1));
+    if (graph_device_at_ > graph_->device_bytes) {
+      return absl::ResourceExhaustedError("cuda: step graph device arena exhausted");
+    }
+    return static_cast<void*>(static_cast<char*>(graph_->device) + at);
+  }
+  absl::StatusOr<char*> GraphPinned(size_t bytes) {
+    const size_t at = graph_pinned_at_;
+    graph_pinned_at_ = Align256(at + std::max<size_t>(bytes, 1));
+    if (graph_pinned_at_ > graph_->pinned_bytes) {
+      return absl::ResourceExhaustedError("cuda: step graph pinned arena exhausted");
+    }
+    return graph_->pinned + at;
+  }
+
+ public:
+  bool SupportsStepGraphs() const override {
+    const ModelConfig& c = config();
+    // The tuned MLA kernel (its grid depends only on the key) in bf16.
+    return embed_.p != nullptr && precision_ == OutType::kBF16 && c.kv_lora_rank == 512 && c.qk_rope_head_dim == 64;
+  }
+
+  absl::Status BeginStepGraph(const StepGraphKey& key) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!SupportsStepGraphs()) return absl::UnimplementedError("cuda: no step graphs for this model");
+    if (graph_ != nullptr) return absl::FailedPreconditionError("cuda: a step graph is already open");
+    DMOE_RETURN_IF_ERROR(SetDevice());
+    DMOE_RETURN_IF_ERROR(SyncAndFlush());  // nothing of an eager step pending
+    graph_key_ = key;
+    graph_device_at_ = graph_pinned_at_ = 0;
+    auto it = graphs_.find(key);
+    if (it != graphs_.end()) {
+      graph_ = it->second.get();
+      capturing_ = false;
+      return absl::OkStatus();
+    }
+    if (graphs_.size() >= kMaxStepGraphs) graphs_.clear();  // keep the memory they hold bounded
+    const ModelConfig& c = config();
+    const size_t n = static_cast<size_t>(key.tokens), D = static_cast<size_t>(c.hidden_size);
+    const size_t ints = 6 * n + n * static_cast<size_t>(key.max_pages) + static_cast<size_t>(c.num_attention_heads) + 1;
+    auto g = std::make_unique<StepGraph>();
+    g->device_bytes = Align256(8 * n * D * sizeof(float) + ints * 4 + (64 << 10));
+    g->pinned_bytes = Align256(ints * 4 + static_cast<size_t>(c.num_hidden_layers * c.num_experts_per_tok) * n * 4 +
+                               16 * n + (64 << 10));
+    DMOE_CUDA_CALL(cudaMalloc(&g->device, g->device_bytes));
+    void* pinned = nullptr;
+    DMOE_CUDA_CALL(cudaMallocHost(&pinned, g->pinned_bytes));
+    g->pinned = static_cast<char*>(pinned);
+    // Relaxed: the step's first cuBLASLt use of a shape may query heuristics.
+    DMOE_CUDA_CALL(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    graph_ = graphs_.emplace(key, std::move(g)).first->second.get();
+    capturing_ = true;
+    return absl::OkStatus();
+  }
+
+  absl::Status EndStepGraph() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graph_ == nullptr) return absl::FailedPreconditionError("cuda: no step graph is open");
+    StepGraph& g = *graph_;
+    if (capturing_) {
+      capturing_ = false;
+      cudaGraph_t captured = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(stream_, &captured);
+      absl::Status st = CudaCall(end, "cudaStreamEndCapture");
+      if (st.ok()) st = CudaCall(cudaGraphInstantiate(&g.exec, captured, 0), "cudaGraphInstantiate");
+      if (captured != nullptr) (void)cudaGraphDestroy(captured);
+      g.device_used = graph_device_at_;
+      g.pinned_used = graph_pinned_at_;
+      if (!st.ok()) {
+        DropStepGraph();
+        return st;
+      }
+      DMOE_LOG(kInfo, kLog) << "captured the decode step graph for " << graph_key_.tokens << " tokens, "
+                            << graph_key_.max_pages << " pages per sequence (" << graphs_.size() << " graphs)";
+    } else if (graph_device_at_ != g.device_used || graph_pinned_at_ != g.pinned_used) {
+      DropStepGraph();
+      return absl::InternalError("cuda: a step graph replay's calls differ from its capture");
+    }
+    graph_ = nullptr;
+    DMOE_CUDA_CALL(cudaGraphLaunch(g.exec, stream_));
+    return SyncAndFlush();
+  }
+
+  void AbortStepGraph() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graph_ == nullptr) return;
+    if (capturing_) {
+      cudaGraph_t captured = nullptr;
+      (void)cudaStreamEndCapture(stream_, &captured);
+      if (captured != nullptr) (void)cudaGraphDestroy(captured);
+      (void)cudaGetLastError();  // a capture error is not the next eager call's
+    }
+    DropStepGraph();
+  }
+
+ private:
+  // Forgets the open step graph (and its host copies: nothing of it ran).
+  void DropStepGraph() {
+    host_copies_.clear();
+    capturing_ = false;
+    graph_ = nullptr;
+    graphs_.erase(graph_key_);
   }
 
   CudaBackend(const ModelConfig& config, const CudaBackendOptions& options)
@@ -941,6 +1129,9 @@ class CudaBackend : public ComputeBackend {
     DMOE_ASSIGN_OR_RETURN(blas_, BlasHandle::Create());
     DMOE_CUBLAS_CALL(cublasCreate(&sgemm_));
     DMOE_CUBLAS_CALL(cublasSetStream(sgemm_, stream_));
+    // Its own workspace: a captured step graph must not allocate one.
+    DMOE_ASSIGN_OR_RETURN(char* sgemm_workspace, arena_.Alloc<char>(int64_t{4} << 20));
+    DMOE_CUBLAS_CALL(cublasSetWorkspace(sgemm_, sgemm_workspace, size_t{4} << 20));
     // The router stays true float32 (no TF32): top-k selection is discontinuous.
     DMOE_CUBLAS_CALL(cublasSetMathMode(sgemm_, CUBLAS_PEDANTIC_MATH));
     const std::vector<float>& inv = rope_.inv_freq();
@@ -967,6 +1158,16 @@ class CudaBackend : public ComputeBackend {
   }
 
   absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {
+    if (graph_ != nullptr) {  // staged in the graph's pinned memory; its copy is a node of the graph
+      const size_t bytes = values.size() * sizeof(int32_t);
+      DMOE_ASSIGN_OR_RETURN(char* staged, GraphPinned(bytes));
+      if (!values.empty()) std::memcpy(staged, values.data(), bytes);
+      DMOE_ASSIGN_OR_RETURN(void* dev, GraphDevice(bytes));
+      if (capturing_ && bytes > 0) {
+        DMOE_CUDA_CALL(cudaMemcpyAsync(dev, staged, bytes, cudaMemcpyHostToDevice, stream_));
+      }
+      return static_cast<int32_t*>(dev);
+    }
     DMOE_ASSIGN_OR_RETURN(int32_t* dev, scratch.Get<int32_t>(static_cast<int64_t>(values.size())));
     if (!values.empty()) {
       DMOE_CUDA_CALL(cudaMemcpyAsync(dev, values.data(), values.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
@@ -1034,12 +1235,15 @@ class CudaBackend : public ComputeBackend {
     return scratch.Bytes(static_cast<size_t>(std::max<int64_t>(count, 1)) * ElemBytes(precision_));
   }
 
-  // logits [rows.size(), V] (device, in `scratch`) = lm_head RmsNorm(x[row]).
-  absl::StatusOr<float*> DeviceLogits(Scratch& scratch, const float* x, absl::Span<const int64_t> rows) {
-    const ModelConfig& c = config();
-    const int64_t D = c.hidden_size, V = c.vocab_size, nr = static_cast<int64_t>(rows.size());
+  absl::StatusOr<const int32_t*> UploadRows(Scratch& scratch, absl::Span<const int64_t> rows) {
     std::vector<int32_t> rows32(rows.begin(), rows.end());
-    DMOE_ASSIGN_OR_RETURN(int32_t* dev_rows, UploadInts(scratch, rows32));
+    return UploadInts(scratch, rows32);
+  }
+
+  // logits [nr, V] (device, in `scratch`) = lm_head RmsNorm(x[dev_rows[i]]).
+  absl::StatusOr<float*> DeviceLogits(Scratch& scratch, const float* x, const int32_t* dev_rows, int64_t nr) {
+    const ModelConfig& c = config();
+    const int64_t D = c.hidden_size, V = c.vocab_size;
     DMOE_ASSIGN_OR_RETURN(float* picked, scratch.Get<float>(nr * D));
     DMOE_RETURN_IF_ERROR(GatherRows(x, dev_rows, nr, D, picked, S()));
     DMOE_ASSIGN_OR_RETURN(void* normed, Act(scratch, nr * D));
@@ -1270,6 +1474,13 @@ class CudaBackend : public ComputeBackend {
   char* pinned_ = nullptr;
   size_t pinned_bytes_ = 0, pinned_used_ = 0;
   std::vector<HostCopy> host_copies_;
+  // Step graphs by key; the one open between BeginStepGraph and EndStepGraph.
+  static constexpr size_t kMaxStepGraphs = 24;
+  std::map<StepGraphKey, std::unique_ptr<StepGraph>> graphs_;
+  StepGraph* graph_ = nullptr;
+  bool capturing_ = false;
+  StepGraphKey graph_key_;
+  size_t graph_device_at_ = 0, graph_pinned_at_ = 0;
   DeviceArena arena_;
   float* inv_freq_ = nullptr;
   DevMat embed_, lm_head_;
