@@ -21,7 +21,7 @@
 #   (carry .devdeps, and .devdeps-extra if it is separate)
 # RUN_ALL_BUDGET_S (default 560) bounds the whole script: stages that would
 # start past it are skipped and say so. RUN_ALL_SKIP names stages to skip
-# (build tests benchmarks torch_baseline e2e sanitizer).
+# (build tests benchmarks step_bench torch_baseline e2e sanitizer).
 set -uo pipefail
 # It unpacks into /opt/deps: on the GPU machine only (RUN_ALL_FORCE=1 overrides).
 if ! command -v nvidia-smi > /dev/null && [ -z "${RUN_ALL_FORCE:-}" ]; then
@@ -87,7 +87,7 @@ if stage build 200; then
   {
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DDMOE_BUILD_BENCH=OFF &&
-      cmake --build build-gpu -j"$(nproc)" --target $tests ${RUN_GOLDEN:+golden_test} gpu_kernel_bench
+      cmake --build build-gpu -j"$(nproc)" --target $tests ${RUN_GOLDEN:+golden_test} gpu_kernel_bench decode_step_bench
   } > "$out/build.log" 2>&1 && built=1
   if [ "$built" = 1 ]; then
     note "- build: ok ($SECONDS s)"
@@ -116,6 +116,19 @@ if [ "$built" = 1 ] && stage benchmarks 90; then
     > "$out/gpu_kernel_bench.txt" 2>&1
   rc=$?
   [ $rc = 0 ] && note "- gpu_kernel_bench: ok" || { note "- gpu_kernel_bench: FAILED rc=$rc"; tail -5 "$out/gpu_kernel_bench.txt" | tee -a "$summary"; }
+fi
+# The engine's decode step without the serving layers: CUDA graphs against
+# eager steps (its table goes into summary.md).
+if [ "$built" = 1 ] && [ -x "$bin/decode_step_bench" ] && stage step_bench 90; then
+  timeout 300 "$bin/decode_step_bench" --md /tmp/decode_step.md > /tmp/decode_step.txt 2>&1
+  rc=$?
+  if [ $rc = 0 ]; then
+    note "- decode_step_bench: ok"
+    { echo; echo "decode_step_bench (dummy V2-Lite dims, bf16, prompt 512, 64 timed steps after 8 warm-up):"; echo
+      cat /tmp/decode_step.md; grep '^{' /tmp/decode_step.txt | sed 's/^/    /'; } >> "$summary"
+  else
+    note "- decode_step_bench: FAILED rc=$rc"; tail -5 /tmp/decode_step.txt | tee -a "$summary"
+  fi
 fi
 copy_gbps=$(python3 -c "import json;print(json.load(open('$out/gpu_kernel_bench.json'))['copy']['gbps_read_plus_write'])" 2>/dev/null || echo 0)
 if stage torch_baseline 60; then

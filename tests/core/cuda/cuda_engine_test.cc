@@ -232,18 +232,60 @@ void ExpectDummyMatchesCpu(const std::string& preset, int64_t layers, int prompt
   auto ccache = m.cpu->CreateCache(8);
   ASSERT_TRUE(gcache.ok() && ccache.ok());
   std::vector<StepSequence> batch = {{1, ids, true}};
+  // A token the two backends route to different experts (bf16 against
+  // float32 activations near a routing tie, MODEL_SPEC.md 6) legitimately
+  // differs by 1e-2..1: positions are compared while every token so far
+  // went to the same experts (a difference in the last MoE layer touches
+  // only its own token).
+  int64_t last_moe = -1;
+  for (int64_t l = 0; l < config->num_hidden_layers; ++l) {
+    if (config->is_moe_layer(l)) last_moe = l;
+  }
+  const int64_t k = config->num_experts_per_tok;
+  bool diverged = false;
+  int64_t compared = 0, rerouted = 0, positions = 0;
   double worst = 0;
   for (int step = 0; step <= decode_steps; ++step) {
-    auto g = m.gpu->Step(batch, **gcache, *m.gpu_experts);
-    auto c = m.cpu->Step(batch, **ccache, *m.cpu_experts);
+    std::vector<std::vector<int32_t>> groute, croute;
+    StepRouting gr, cr;
+    gr.topk_idx_out = &groute;
+    cr.topk_idx_out = &croute;
+    auto g = m.gpu->Step(batch, **gcache, *m.gpu_experts, gr);
+    auto c = m.cpu->Step(batch, **ccache, *m.cpu_experts, cr);
     ASSERT_TRUE(g.ok()) << g.status();
     ASSERT_TRUE(c.ok()) << c.status();
-    const double rel = MaxRelativeError((*g)[0].logits, (*c)[0].logits, V);
-    worst = std::max(worst, rel);
-    EXPECT_LE(rel, kLogitTolerance) << preset << " step " << step;
-    const int64_t last = static_cast<int64_t>((*c)[0].positions.size()) - 1;
+    ASSERT_EQ(groute.size(), croute.size());
+    const int64_t rows = static_cast<int64_t>((*c)[0].positions.size());
+    const int64_t first_token = static_cast<int64_t>(batch[0].tokens.size()) - rows;  // rows are the last positions
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = first_token + r;
+      bool same = true, same_before_last = true;
+      for (size_t l = 0; l < croute.size(); ++l) {
+        if (croute[l].empty()) continue;
+        const bool eq = std::equal(croute[l].begin() + t * k, croute[l].begin() + (t + 1) * k, groute[l].begin() + t * k);
+        same = same && eq;
+        if (static_cast<int64_t>(l) != last_moe) same_before_last = same_before_last && eq;
+      }
+      ++positions;
+      if (!same) ++rerouted;
+      if (!diverged && same) {
+        const std::vector<float> gl((*g)[0].logits.begin() + r * V, (*g)[0].logits.begin() + (r + 1) * V);
+        const std::vector<float> cl((*c)[0].logits.begin() + r * V, (*c)[0].logits.begin() + (r + 1) * V);
+        const double rel = MaxRelativeError(gl, cl, V);
+        worst = std::max(worst, rel);
+        EXPECT_LE(rel, kLogitTolerance) << preset << " step " << step << " position " << (*c)[0].positions[r];
+        ++compared;
+      }
+      if (!same_before_last) diverged = true;
+    }
+    const int64_t last = rows - 1;
     batch[0] = {1, {Top2((*c)[0].logits, V, last).first}, false};
   }
+  // Reroutes are rare: most positions are compared.
+  EXPECT_GE(compared, positions * 9 / 10) << rerouted << " positions rerouted";
+  if (precision == cuda::CudaPrecision::kF32) EXPECT_EQ(rerouted, 0) << "float32 routes as the CPU";
+  std::printf("[cuda dummy] %s: %lld of %lld positions compared (%lld routed differently)\n", preset.c_str(),
+              static_cast<long long>(compared), static_cast<long long>(positions), static_cast<long long>(rerouted));
   std::printf("[cuda dummy] %s, %lld layers, %s, prompt %d + %d decode steps: max relative error vs CPU dummy %.3g\n",
               preset.c_str(), static_cast<long long>(layers),
               precision == cuda::CudaPrecision::kF32 ? "float32" : "bf16", prompt_len, decode_steps, worst);
@@ -424,7 +466,7 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
   EXPECT_EQ(differing, 0) << "of " << decisions << " routing decisions";
   EXPECT_GE((*graphs)->graph_steps(), 59);  // the prefill step runs eagerly
   EXPECT_EQ((*eager)->graph_steps(), 0);
-  EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 61);
+  EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 60);  // the prompt, then 60 decode steps
   std::printf("[cuda graphs] %lld of 61 steps replayed graphs; greedy tokens equal; max |logprob| difference %.3g; "
               "%lld routing decisions, %lld differ\n",
               static_cast<long long>((*graphs)->graph_steps()), worst_logprob, static_cast<long long>(decisions),
