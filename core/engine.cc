@@ -274,6 +274,8 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::Step(const std::vector<StepS
           RunStep(batch, split, mbs, cache, experts, routing, device_routed, /*graph=*/true);
       if (result.ok()) {
         graph_steps_.fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard<std::mutex> lock(graph_mu_);
+        graphed_keys_.insert(*key);
         return result;
       }
       be.AbortStepGraph();
@@ -316,6 +318,12 @@ std::optional<StepGraphKey> Engine::GraphKeyFor(const std::vector<StepSequence>&
   key.record_routing = routing.topk_idx_out != nullptr;
   std::lock_guard<std::mutex> lock(graph_mu_);
   if (failed_graph_keys_.contains(key)) return std::nullopt;
+  // Capture a shape only once it repeats (a steady decode batch), not for
+  // the passing sizes of a batch filling up or draining: a capture costs
+  // about a step more.
+  const bool repeated = last_graph_key_ == key;
+  last_graph_key_ = key;
+  if (!repeated && !graphed_keys_.contains(key)) return std::nullopt;
   return key;
 }
 

@@ -140,6 +140,8 @@ class Engine {
   MoeGate gate_;
   mutable std::mutex graph_mu_;
   mutable std::set<StepGraphKey> failed_graph_keys_;  // captures that failed: not tried again
+  mutable std::set<StepGraphKey> graphed_keys_;       // ran as graphs before
+  mutable std::optional<StepGraphKey> last_graph_key_;
   mutable std::atomic<int64_t> graph_steps_{0};
 };
 
