@@ -687,12 +687,7 @@ class CudaBackend : public ComputeBackend {
       }
       Scratch scratch(stream_);
       DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
-      // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
-      // column-major product router^T(op T) x h; float32 throughout.
-      const float one = 1.0f, zero = 0.0f;
-      DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
-                                   static_cast<int>(D), &one, dl.router, static_cast<int>(D), h,
-                                   static_cast<int>(D), &zero, logits, static_cast<int>(E)));
+      DMOE_RETURN_IF_ERROR(RouterProduct(dl, h, n, logits));
       DMOE_CUDA_CALL(cudaMemcpyAsync(router_staging_, logits, bytes, cudaMemcpyDeviceToHost, stream_));
       DMOE_CUDA_CALL(cudaEventRecord(router_done_, stream_));
     }
@@ -802,28 +797,13 @@ class CudaBackend : public ComputeBackend {
     }
     const DevLayer& dl = layers_[layer];
     Scratch scratch(stream_);
-    // Router logits [n, E], float32 (as RouterLogits).
     DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
-    const float one = 1.0f, zero = 0.0f;
-    DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(n),
-                                 static_cast<int>(D), &one, dl.router, static_cast<int>(D), h, static_cast<int>(D),
-                                 &zero, logits, static_cast<int>(E)));
+    DMOE_RETURN_IF_ERROR(RouterProduct(dl, h, n, logits));
     DMOE_ASSIGN_OR_RETURN(int32_t* idx, scratch.Get<int32_t>(n * k));
     DMOE_ASSIGN_OR_RETURN(float* w, scratch.Get<float>(n * k));
-    MoeGateParams g;
+    MoeGateParams g = GateParamsFor(c);
     g.logits = logits;
     g.n = n;
-    g.num_experts = E;
-    g.top_k = k;
-    g.n_group = c.n_group;
-    g.topk_group = c.topk_group;
-    // core/moe_gate.cc's choices: the scoring follows the model type.
-    g.scoring = c.model_type == ModelType::kDeepseekV3 ? GateScoring::kSigmoid : GateScoring::kSoftmax;
-    g.topk_method = c.topk_method == TopkMethod::kGreedy               ? GateTopk::kGreedy
-                    : c.topk_method == TopkMethod::kGroupLimitedGreedy ? GateTopk::kGroupLimitedGreedy
-                                                                       : GateTopk::kNoauxTc;
-    g.renormalize = c.model_type == ModelType::kDeepseekV3 && c.norm_topk_prob;
-    g.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
     g.correction_bias = c.model_type == ModelType::kDeepseekV3 ? dl.correction_bias : nullptr;
     if (!serving_bias.empty()) {
       DMOE_ASSIGN_OR_RETURN(float* dev_bias, scratch.Get<float>(E));
@@ -1220,6 +1200,17 @@ class CudaBackend : public ComputeBackend {
       g.blas = blas_.get();
     }
     return GroupedGemm(g, S());
+  }
+
+  // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
+  // column-major product router^T(op T) x h; float32 throughout (no TF32:
+  // the handle is pedantic).
+  absl::Status RouterProduct(const DevLayer& dl, const float* h, int64_t n, float* logits) {
+    const int E = static_cast<int>(config().n_routed_experts), D = static_cast<int>(config().hidden_size);
+    const float one = 1.0f, zero = 0.0f;
+    DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), D, &one, dl.router, D, h, D,
+                                 &zero, logits, E));
+    return absl::OkStatus();
   }
 
   // A float32 activation [count] as a GEMM input of the backend's precision:

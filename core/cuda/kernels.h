@@ -27,6 +27,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
+namespace dmoe {
+struct ModelConfig;
+}
+
 namespace dmoe::cuda {
 
 using Stream = void*;  // cudaStream_t
@@ -151,6 +155,11 @@ struct MoeGateParams {
   float* topk_weights = nullptr;           // [n, top_k]
 };
 absl::Status MoeGateRoute(const MoeGateParams& p, Stream stream);
+// The gate of `config` (MODEL_SPEC.md 3.7, core/moe_gate.cc's choices: the
+// scoring follows the model type): experts, top-k, groups, method,
+// renormalization and scaling set; inputs, biases and outputs left to the
+// caller.
+MoeGateParams GateParamsFor(const ModelConfig& config);
 
 // ---------------------------------------------------------------------------
 // Greedy sampling: out[t] = argmax_v logits[t][v] (lowest index on ties; NaN

@@ -204,19 +204,9 @@ TEST_P(CudaGateTest, MatchesMoeGate) {
   DeviceBuffer dz = Upload(z), db = Upload(bias.empty() ? std::vector<float>{0.f} : bias),
                ds = Upload(serving.empty() ? std::vector<float>{0.f} : serving);
   DeviceBuffer idx = Poisoned<int32_t>(n * gc.k), w = Poisoned<float>(n * gc.k);
-  MoeGateParams p;
+  MoeGateParams p = GateParamsFor(c);
   p.logits = dz.as<float>();
   p.n = n;
-  p.num_experts = gc.E;
-  p.top_k = gc.k;
-  p.n_group = gc.G;
-  p.topk_group = gc.kg;
-  p.scoring = gc.type == ModelType::kDeepseekV3 ? GateScoring::kSigmoid : GateScoring::kSoftmax;
-  p.topk_method = gc.method == TopkMethod::kGreedy               ? GateTopk::kGreedy
-                  : gc.method == TopkMethod::kGroupLimitedGreedy ? GateTopk::kGroupLimitedGreedy
-                                                                 : GateTopk::kNoauxTc;
-  p.renormalize = gc.type == ModelType::kDeepseekV3 && gc.norm;
-  p.routed_scaling_factor = static_cast<float>(gc.rsf);
   p.correction_bias = bias.empty() ? nullptr : db.as<float>();
   p.serving_bias = serving.empty() ? nullptr : ds.as<float>();
   p.topk_idx = idx.as<int32_t>();
@@ -422,12 +412,9 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
   };
   const std::vector<double> ref = reference(true);
   DeviceBuffer dx = Upload(x), didx = Upload(idx), dw = Upload(w), dgu = Upload(wgu), dd = Upload(wd);
-  const size_t ws_bytes = MoeExpertsWorkspaceBytes(n, k, E, D, I);
-  auto ws = DeviceBuffer::Allocate(ws_bytes);
-  ASSERT_TRUE(ws.ok());
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::kOwn, GroupedGemmImpl::kCublas}) {
-    ASSERT_TRUE(FillBytes(ws->data(), 0xFF, ws_bytes, nullptr).ok());
-    DeviceBuffer out = Poisoned<float>(n * D);
+  // The parameters for weights of `type`, writing `out` through workspace `ws`.
+  auto params = [&](const DeviceBuffer& gate_up, const DeviceBuffer& down, OutType type, const DeviceBuffer& out,
+                    const DeviceBuffer& ws, GroupedGemmImpl impl) {
     MoeExpertsParams p;
     p.x = dx.as<float>();
     p.n = n;
@@ -437,14 +424,23 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
     p.num_experts = E;
     p.hidden = D;
     p.intermediate = I;
-    p.w_gate_up = dgu.as<uint16_t>();
-    p.w_down = dd.as<uint16_t>();
+    p.w_gate_up = gate_up.data();
+    p.w_down = down.data();
+    p.weight_type = type;
     p.out = out.as<float>();
-    p.workspace = ws->data();
-    p.workspace_bytes = ws_bytes;
+    p.workspace = ws.data();
+    p.workspace_bytes = ws.size();
     p.impl = impl;
     p.blas = blas->get();
-    ASSERT_TRUE(MoeExperts(p, nullptr).ok());
+    return p;
+  };
+  const size_t ws_bytes = MoeExpertsWorkspaceBytes(n, k, E, D, I);
+  auto ws = DeviceBuffer::Allocate(ws_bytes);
+  ASSERT_TRUE(ws.ok());
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kOwn, GroupedGemmImpl::kCublas}) {
+    ASSERT_TRUE(FillBytes(ws->data(), 0xFF, ws_bytes, nullptr).ok());
+    DeviceBuffer out = Poisoned<float>(n * D);
+    ASSERT_TRUE(MoeExperts(params(dgu, dd, OutType::kBF16, out, *ws, impl), nullptr).ok());
     // Rounding a pre-activation differently at a bf16 boundary moves one
     // activation by one ulp: well inside 1e-3 of the whole output.
     EXPECT_LT(RelL2(Download<float>(out, n * D), ref), 1e-3) << (impl == GroupedGemmImpl::kOwn ? "own" : "cublas");
@@ -458,26 +454,10 @@ TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
   auto ws32 = DeviceBuffer::Allocate(ws32_bytes);
   ASSERT_TRUE(ws32.ok());
   DeviceBuffer out = Poisoned<float>(n * D);
-  MoeExpertsParams p;
-  p.x = dx.as<float>();
-  p.n = n;
-  p.top_k = k;
-  p.topk_idx = didx.as<int32_t>();
-  p.topk_weights = dw.as<float>();
-  p.num_experts = E;
-  p.hidden = D;
-  p.intermediate = I;
-  p.w_gate_up = dgu32.data();
-  p.w_down = dd32.data();
-  p.weight_type = OutType::kF32;
-  p.out = out.as<float>();
-  p.workspace = ws32->data();
-  p.workspace_bytes = ws32_bytes;
-  p.impl = GroupedGemmImpl::kOwn;
-  EXPECT_EQ(MoeExperts(p, nullptr).code(), absl::StatusCode::kInvalidArgument) << "the bf16 kernel took float32";
-  p.impl = GroupedGemmImpl::kCublas;
-  p.blas = blas->get();
-  ASSERT_TRUE(MoeExperts(p, nullptr).ok());
+  EXPECT_EQ(MoeExperts(params(dgu32, dd32, OutType::kF32, out, *ws32, GroupedGemmImpl::kOwn), nullptr).code(),
+            absl::StatusCode::kInvalidArgument)
+      << "the bf16 kernel took float32";
+  ASSERT_TRUE(MoeExperts(params(dgu32, dd32, OutType::kF32, out, *ws32, GroupedGemmImpl::kCublas), nullptr).ok());
   EXPECT_LT(RelL2(Download<float>(out, n * D), reference(false)), 1e-5) << "float32";
 }
 
