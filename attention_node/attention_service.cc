@@ -23,7 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "core/cpu/cpu_backend.h"
 #include "core/log.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 

@@ -5,7 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/status_macros.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 

@@ -24,7 +24,7 @@
 #include "cli/child_processes.h"
 #include "core/backends.h"
 #include "cli/commands.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "cli/grpc_client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "absl/status/statusor.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "core/sampling.h"
 
 namespace dmoe::cli {

@@ -1,7 +1,7 @@
 // dmoe make-model: a random checkpoint with real DeepSeek dimensions.
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "core/status_macros.h"
 #include "core/synthetic_checkpoint.h"
 

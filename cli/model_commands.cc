@@ -5,14 +5,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "cli/generate_flags.h"
 #include "core/backends.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
-#include "in_process/in_process_experts.h"
+#include "core/in_process/in_process_experts.h"
 #include "router/expert_placement.h"
 #include "nlohmann/json.hpp"
 

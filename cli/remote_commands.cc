@@ -22,7 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cli/bench_stats.h"
 #include "cli/commands.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "cli/generate_flags.h"
 #include "cli/grpc_client.h"
 #include "core/sampling.h"

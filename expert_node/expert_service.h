@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "node/cluster_join.h"
+#include "core/node/cluster_join.h"
 #include "core/config.h"
 #include "core/model_weights.h"
 #include "expert_node/expert_worker.h"

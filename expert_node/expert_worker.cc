@@ -5,7 +5,7 @@
 
 #include "core/cpu/cpu_backend.h"
 #include "core/log.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "router/data_plane_tags.h"
 #include "router/dispatch_wire.h"
 

@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "proto/grpc_status.h"
 

@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/log.h"
 #include "core/sampling.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "proto/grpc_status.h"
 
 namespace dmoe::scheduler {

@@ -12,10 +12,10 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "core/log.h"
 #include "core/status_macros.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "nlohmann/json.hpp"
 #include "proto/grpc_credentials.h"
 #include "proto/message_limits.h"

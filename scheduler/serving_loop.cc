@@ -11,7 +11,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "core/log.h"
 #include "core/status_macros.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "proto/grpc_status.h"
 #include "proto/message_limits.h"
 

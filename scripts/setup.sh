@@ -12,7 +12,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libucx-dev ucx-utils
   clang libclang-rt-14-dev openssl
-  prometheus python3-yaml   # tests/metrics (real Prometheus), tests/deploy (promtool)
+  prometheus python3-yaml   # tests/core/metrics (real Prometheus), tests/deploy (promtool)
 )
 
 missing=()

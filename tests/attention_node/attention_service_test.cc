@@ -2,7 +2,7 @@
 // messages (and once through its gRPC adapter on 127.0.0.1:0), over
 // in-process expert workers holding shards of tests/golden/tiny-v3.
 #include "attention_node/attention_service.h"
-#include "node/cluster_join.h"
+#include "core/node/cluster_join.h"
 
 #include <grpcpp/grpcpp.h>
 

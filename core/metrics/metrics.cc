@@ -1,4 +1,4 @@
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

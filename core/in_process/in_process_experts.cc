@@ -1,4 +1,4 @@
-#include "in_process/in_process_experts.h"
+#include "core/in_process/in_process_experts.h"
 
 namespace dmoe::in_process {
 

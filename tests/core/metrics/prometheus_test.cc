@@ -22,7 +22,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster/cluster_harness.h"
-#include "tests/metrics/scrape.h"
+#include "tests/core/metrics/scrape.h"
 #include "tests/test_util.h"
 
 namespace dmoe {

@@ -2,8 +2,8 @@
 // threads of this process behind an in-process transport, reached through
 // the same RemoteExperts backend an attention node uses. `dmoe generate
 // --model DIR` runs the cluster's step code this way.
-#ifndef DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
-#define DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
+#ifndef DMOE_CORE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
+#define DMOE_CORE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
 
 #include <memory>
 #include <thread>
@@ -41,4 +41,4 @@ class InProcessExperts {
 
 }  // namespace dmoe::in_process
 
-#endif  // DMOE_IN_PROCESS_IN_PROCESS_EXPERTS_H_
+#endif  // DMOE_CORE_IN_PROCESS_IN_PROCESS_EXPERTS_H_

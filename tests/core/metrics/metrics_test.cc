@@ -1,7 +1,7 @@
 // The /metrics endpoints: the exposer itself, then a real cluster (scheduler,
 // attention node, two expert nodes) scraped over HTTP before and after
 // requests.
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
@@ -14,7 +14,7 @@
 #include "core/config.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/cluster_harness.h"
-#include "tests/metrics/scrape.h"
+#include "tests/core/metrics/scrape.h"
 #include "tests/test_util.h"
 
 namespace dmoe {

@@ -1,4 +1,4 @@
-#include "tests/metrics/scrape.h"
+#include "tests/core/metrics/scrape.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -1,7 +1,7 @@
 // A small command-line flag parser for the dmoe CLI: `--name value` or
 // `--name=value`, boolean `--name`; unknown flags are errors.
-#ifndef DMOE_FLAGS_FLAGS_H_
-#define DMOE_FLAGS_FLAGS_H_
+#ifndef DMOE_CORE_FLAGS_FLAGS_H_
+#define DMOE_CORE_FLAGS_FLAGS_H_
 
 #include <cstdint>
 #include <map>
@@ -36,4 +36,4 @@ class Flags {
 
 }  // namespace dmoe
 
-#endif  // DMOE_FLAGS_FLAGS_H_
+#endif  // DMOE_CORE_FLAGS_FLAGS_H_

@@ -1,4 +1,4 @@
-#include "node/cluster_join.h"
+#include "core/node/cluster_join.h"
 
 #include "router/expert_load.h"
 #include <fcntl.h>
@@ -20,7 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
-#include "metrics/metrics.h"
+#include "core/metrics/metrics.h"
 #include "core/status_macros.h"
 #include "proto/grpc_status.h"
 #include "transport/ucx_transport.h"

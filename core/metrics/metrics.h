@@ -9,8 +9,8 @@
 // cost nothing to thread through constructors. Values are recorded whether or
 // not an endpoint is started; a process exposes them with MetricsServer.
 // Every method is thread-safe.
-#ifndef DMOE_METRICS_METRICS_H_
-#define DMOE_METRICS_METRICS_H_
+#ifndef DMOE_CORE_METRICS_METRICS_H_
+#define DMOE_CORE_METRICS_METRICS_H_
 
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
@@ -211,4 +211,4 @@ absl::StatusOr<std::unique_ptr<transport::Transport>> Metered(
 
 }  // namespace dmoe::metrics
 
-#endif  // DMOE_METRICS_METRICS_H_
+#endif  // DMOE_CORE_METRICS_METRICS_H_

@@ -4,8 +4,8 @@
 // peers and re-registers with a restarted scheduler), the node's own gRPC
 // server (health + reflection), the port file, stop signals and the shared
 // main.
-#ifndef DMOE_NODE_CLUSTER_JOIN_H_
-#define DMOE_NODE_CLUSTER_JOIN_H_
+#ifndef DMOE_CORE_NODE_CLUSTER_JOIN_H_
+#define DMOE_CORE_NODE_CLUSTER_JOIN_H_
 
 #include <grpcpp/grpcpp.h>
 #include <atomic>
@@ -23,7 +23,7 @@
 #include "absl/time/time.h"
 #include "core/backends.h"
 #include "core/model_weights.h"
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 #include "dmoe/v1/control.grpc.pb.h"
 #include "router/expert_placement.h"
 #include "transport/node_transport.h"
@@ -241,4 +241,4 @@ void RaiseStop();
 
 }  // namespace dmoe::node
 
-#endif  // DMOE_NODE_CLUSTER_JOIN_H_
+#endif  // DMOE_CORE_NODE_CLUSTER_JOIN_H_

@@ -1,7 +1,7 @@
 // Test helpers for the Prometheus side: a plain HTTP/1.0 GET and the text
 // exposition format (what /metrics serves), parsed into series -> value.
-#ifndef DMOE_TESTS_METRICS_SCRAPE_H_
-#define DMOE_TESTS_METRICS_SCRAPE_H_
+#ifndef DMOE_TESTS_CORE_METRICS_SCRAPE_H_
+#define DMOE_TESTS_CORE_METRICS_SCRAPE_H_
 
 #include <map>
 #include <set>
@@ -41,4 +41,4 @@ std::string UrlEncode(const std::string& s);
 
 }  // namespace dmoe::testing
 
-#endif  // DMOE_TESTS_METRICS_SCRAPE_H_
+#endif  // DMOE_TESTS_CORE_METRICS_SCRAPE_H_

@@ -1,4 +1,4 @@
-#include "flags/flags.h"
+#include "core/flags/flags.h"
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
