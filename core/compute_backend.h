@@ -76,14 +76,16 @@ inline int64_t PaddedPagesPerSequence(int64_t pages) {
   return p;
 }
 
-// What fixes the shape of a decode step's device graph: tokens (one per
-// sequence), the block-table width in pages (a bucket, >= every sequence's
-// pages), and whether the routing record is copied back.
+// What fixes a decode step's device graph: tokens (one per sequence), the
+// block-table width in pages (a bucket, >= every sequence's pages), whether
+// the routing record is copied back, and the latent cache it writes (its
+// storage, LatentCache::storage()).
 struct StepGraphKey {
   int64_t tokens = 0;
   int64_t max_pages = 0;
   bool record_routing = false;
-  auto tie() const { return std::tie(tokens, max_pages, record_routing); }
+  const void* cache = nullptr;
+  auto tie() const { return std::tie(tokens, max_pages, record_routing, cache); }
   bool operator<(const StepGraphKey& o) const { return tie() < o.tie(); }
   bool operator==(const StepGraphKey& o) const { return tie() == o.tie(); }
 };

@@ -316,6 +316,7 @@ std::optional<StepGraphKey> Engine::GraphKeyFor(const std::vector<StepSequence>&
   key.tokens = static_cast<int64_t>(batch.size());
   key.max_pages = PaddedPagesPerSequence(max_pages);
   key.record_routing = routing.topk_idx_out != nullptr;
+  key.cache = cache.storage();
   std::lock_guard<std::mutex> lock(graph_mu_);
   if (failed_graph_keys_.contains(key)) return std::nullopt;
   // Capture a shape only once it repeats (a steady decode batch), not for

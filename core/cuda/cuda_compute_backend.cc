@@ -471,6 +471,17 @@ class CudaBackend : public ComputeBackend {
       return absl::InternalError(absl::StrCat("cuda: step graph of ", graph_key_.max_pages, " pages per sequence, ",
                                               padded, " here"));
     }
+    if (graph_ != nullptr) {
+      // The graph's kernels write the cache memory of its capture: a
+      // replay must target that very memory (a cache freed and another made
+      // in its place would not).
+      const void* base = static_cast<const DevicePool*>(cache.storage())->base;
+      if (capturing_) {
+        graph_->cache_base = base;
+      } else if (graph_->cache_base != base) {
+        return absl::InternalError("cuda: step graph was captured over another latent cache");
+      }
+    }
     max_pages = padded;
     max_context = std::max(max_context, max_pages * page);
     const int64_t num_seqs = static_cast<int64_t>(sequences.size());
@@ -966,6 +977,7 @@ class CudaBackend : public ComputeBackend {
     char* pinned = nullptr;
     size_t device_bytes = 0, pinned_bytes = 0;
     size_t device_used = 0, pinned_used = 0;  // at the end of the capture
+    const void* cache_base = nullptr;         // the latent cache memory its kernels write
     ~StepGraph() {
       if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
       if (device != nullptr) (void)cudaFree(device);

@@ -467,6 +467,42 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
   // Eager: the prefill, and the first step of each of the three decode
   // shapes (a shape is captured once it repeats).
   EXPECT_EQ((*graphs)->graph_steps(), 60 - 3);
+
+  // A second cache on the same engine, its steps interleaved with the
+  // first's, with the first's shape (3 sequences, 8-page tables): its steps
+  // must not replay the first cache's graph (which writes the first cache).
+  auto gcache2 = (*graphs)->CreateCache(32);
+  auto ecache2 = (*eager)->CreateCache(32);
+  ASSERT_TRUE(gcache2.ok() && ecache2.ok());
+  std::vector<StepSequence> batch2;
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int32_t> ids(270 + 5 * s);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 104729 + 17 * s + 3) % V);
+    batch2.push_back({static_cast<SequenceId>(100 + s), ids, false, /*greedy_only=*/true});
+  }
+  const int64_t before = (*graphs)->graph_steps();
+  for (int step = 0; step < 8; ++step) {
+    for (int which = 0; which < 2; ++which) {
+      std::vector<StepSequence>& b = which == 0 ? batch : batch2;
+      LatentCache& gc = which == 0 ? **gcache : **gcache2;
+      LatentCache& ec = which == 0 ? **ecache : **ecache2;
+      std::vector<std::vector<int32_t>> gtopk, etopk;
+      StepRouting gr, er;
+      gr.topk_idx_out = &gtopk;
+      er.topk_idx_out = &etopk;
+      auto g = (*graphs)->Step(b, gc, gexperts, gr);
+      auto e = (*eager)->Step(b, ec, eexperts, er);
+      ASSERT_TRUE(g.ok()) << g.status();
+      ASSERT_TRUE(e.ok()) << e.status();
+      EXPECT_EQ(gtopk, etopk) << "cache " << which << " step " << step;
+      for (size_t s = 0; s < b.size(); ++s) {
+        ASSERT_EQ((*g)[s].greedy_token, (*e)[s].greedy_token) << "cache " << which << " step " << step;
+        EXPECT_EQ((*g)[s].greedy_logprob, (*e)[s].greedy_logprob) << "cache " << which << " step " << step;
+        b[s].tokens = {(*e)[s].greedy_token};
+      }
+    }
+  }
+  EXPECT_EQ((*graphs)->graph_steps() - before, 8) << "the first cache's steps replay its graph";
   EXPECT_EQ((*eager)->graph_steps(), 0);
   EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 60);  // the prompt, then 60 decode steps
   std::printf("[cuda graphs] %lld of 61 steps ran as graphs; greedy tokens equal; max |logprob| difference %.3g; "
