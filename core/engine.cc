@@ -74,6 +74,16 @@ absl::Status Engine::Validate(const std::vector<StepSequence>& batch, const Late
   return absl::OkStatus();
 }
 
+namespace {
+
+// Layer l's serving bias [E], or empty when none is in effect.
+absl::Span<const float> ServingBias(const StepRouting& routing, int64_t l) {
+  if (routing.serving_bias == nullptr || l >= static_cast<int64_t>(routing.serving_bias->size())) return {};
+  return (*routing.serving_bias)[l];
+}
+
+}  // namespace
+
 // One micro-batch of a step: a contiguous run of the batch's sequences.
 struct Engine::MicroBatch {
   std::vector<MlaSequence> seqs;  // row_begin relative to this micro-batch
@@ -109,10 +119,7 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   if (mb.shared.empty()) {
     DMOE_ASSIGN_OR_RETURN(mb.shared, be.Allocate(n * D));
   }
-  absl::Span<const float> serving_bias;
-  if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size())) {
-    serving_bias = (*routing.serving_bias)[l];
-  }
+  const absl::Span<const float> serving_bias = ServingBias(routing, l);
   if (RoutesOnDevice(l, experts)) {
     // Router, gate and routed experts queued on the device; the choices
     // reach the step's routing record at its final synchronization (Step
@@ -307,10 +314,7 @@ std::optional<StepGraphKey> Engine::GraphKeyFor(const std::vector<StepSequence>&
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     if (c.is_moe_layer(l) && !RoutesOnDevice(l, experts)) return std::nullopt;
-    if (routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size()) &&
-        !(*routing.serving_bias)[l].empty()) {
-      return std::nullopt;
-    }
+    if (!ServingBias(routing, l).empty()) return std::nullopt;
   }
   StepGraphKey key;
   key.tokens = static_cast<int64_t>(batch.size());
@@ -437,9 +441,7 @@ absl::StatusOr<std::vector<SequenceLogits>> Engine::RunStep(const std::vector<St
     if (st.ok() && routing.unbiased_topk_idx_out != nullptr && routing.topk_idx_out != nullptr) {
       // Layers without a serving bias: both routings are the same.
       for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-        const bool biased = routing.serving_bias != nullptr && l < static_cast<int64_t>(routing.serving_bias->size()) &&
-                            !(*routing.serving_bias)[l].empty();
-        if (RoutesOnDevice(l, experts) && !biased) (*routing.unbiased_topk_idx_out)[l] = (*routing.topk_idx_out)[l];
+        if (RoutesOnDevice(l, experts) && ServingBias(routing, l).empty()) (*routing.unbiased_topk_idx_out)[l] = (*routing.topk_idx_out)[l];
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/cuda/cuda_util.cuh"
 
 namespace dmoe::cuda {
 namespace {
@@ -25,16 +26,12 @@ unsigned Blocks(int64_t n) {
   return static_cast<unsigned>(b < 65535 * 32 ? b : 65535 * 32);
 }
 
-__device__ __forceinline__ float Bf16(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
-__device__ __forceinline__ uint16_t ToBf16(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-__device__ __forceinline__ float AsFloat(uint16_t v) { return Bf16(v); }
-__device__ __forceinline__ float AsFloat(float v) { return v; }
 
 template <typename T>
 __global__ void EmbedKernel(const T* table, const int32_t* ids, int64_t n, int64_t d, float* out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n * d; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = i / d, c = i % d;
-    out[i] = AsFloat(table[static_cast<int64_t>(ids[t]) * d + c]);
+    out[i] = LoadAsFloat(table[static_cast<int64_t>(ids[t]) * d + c]);
   }
 }
 
@@ -57,7 +54,7 @@ __global__ void StridedCopyKernel(StridedCopyParams p) {
     const float v = p.src[a * p.src_a + b * p.src_b + c];
     const int64_t o = a * p.dst_a + b * p.dst_b + c;
     if (p.dst_type == OutType::kBF16) {
-      static_cast<uint16_t*>(p.dst)[o] = ToBf16(v);
+      static_cast<uint16_t*>(p.dst)[o] = FloatToBf16Bits(v);
     } else {
       static_cast<float*>(p.dst)[o] = v;
     }
@@ -91,7 +88,7 @@ __global__ void FillRandomKernel(void* dst, OutType type, int64_t n, int64_t fir
     // No fused multiply-add: the CPU generator rounds the product, then the sum.
     const float v = __fadd_rn(center, __fmul_rn(half_width, static_cast<float>(2.0 * u - 1.0)));
     if (type == OutType::kBF16) {
-      static_cast<uint16_t*>(dst)[i] = ToBf16(v);
+      static_cast<uint16_t*>(dst)[i] = FloatToBf16Bits(v);
     } else {
       static_cast<float*>(dst)[i] = v;
     }
@@ -131,7 +128,7 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   const int64_t row = blockIdx.x;  // query * H + head
   const int64_t qi = row / p.num_heads;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
-    q[i] = i < r ? AsFloat(q_lat[row * r + i]) : AsFloat(q_pe[row * dr + i - r]);
+    q[i] = i < r ? LoadAsFloat(q_lat[row * r + i]) : LoadAsFloat(q_pe[row * dr + i - r]);
   }
   __syncthreads();
   const int32_t pos = p.query_pos[qi];
@@ -141,7 +138,7 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   for (int64_t j = threadIdx.x; j < ctx; j += blockDim.x) {
     const T* e = cache + (int64_t{bt[j / ps]} * ps + j % ps) * width;
     float d = 0.f;
-    for (int64_t i = 0; i < width; ++i) d += q[i] * AsFloat(e[i]);
+    for (int64_t i = 0; i < width; ++i) d += q[i] * LoadAsFloat(e[i]);
     s[j] = d * p.scale;
     local_max = fmaxf(local_max, s[j]);
   }
@@ -155,7 +152,7 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
   const float inv = l > 0.f ? 1.0f / l : 0.f;
   for (int64_t i = threadIdx.x; i < r; i += blockDim.x) {
     float acc = 0.f;
-    for (int64_t j = 0; j < ctx; ++j) acc += s[j] * AsFloat(cache[(int64_t{bt[j / ps]} * ps + j % ps) * width + i]);
+    for (int64_t j = 0; j < ctx; ++j) acc += s[j] * LoadAsFloat(cache[(int64_t{bt[j / ps]} * ps + j % ps) * width + i]);
     p.out[row * r + i] = acc * inv;
   }
 }

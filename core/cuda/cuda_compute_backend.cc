@@ -97,14 +97,15 @@ class Scratch {
   std::vector<void*> ptrs_;
 };
 
-size_t ElemBytes(OutType t) { return t == OutType::kF32 ? 4 : 2; }
+// Element `i` of an array of `type` at `base`.
+void* ElementAt(void* base, OutType type, int64_t i) { return static_cast<char*>(base) + i * ElementBytes(type); }
 
 struct DevMat {
   void* p = nullptr;  // [rows, cols] of `type` (the backend's precision)
   OutType type = OutType::kBF16;
   int64_t rows = 0, cols = 0;
   // Element `i` of the row-major storage.
-  void* at(int64_t i) const { return static_cast<char*>(p) + i * static_cast<int64_t>(ElemBytes(type)); }
+  void* at(int64_t i) const { return ElementAt(p, type, i); }
 };
 
 struct DevLayer {
@@ -411,7 +412,7 @@ class CudaBackend : public ComputeBackend {
                           static_cast<double>(options_.working_memory_bytes);
     const ModelConfig& c = config();
     const double page_bytes =
-        static_cast<double>(c.num_hidden_layers * page_size * c.latent_entry_width()) * ElemBytes(precision_);
+        static_cast<double>(c.num_hidden_layers * page_size * c.latent_entry_width()) * ElementBytes(precision_);
     const int64_t pages = budget > 0 ? static_cast<int64_t>(budget / page_bytes) : 0;
     if (pages < 1) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -678,7 +679,7 @@ class CudaBackend : public ComputeBackend {
   absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
                             const std::function<absl::Status()>& meanwhile) override {
     if (n == 0) return meanwhile ? meanwhile() : absl::OkStatus();
-    const int64_t E = config().n_routed_experts, D = config().hidden_size;
+    const int64_t E = config().n_routed_experts;
     {
       std::lock_guard<std::mutex> lock(mu_);
       DMOE_RETURN_IF_ERROR(SetDevice());
@@ -721,7 +722,7 @@ class CudaBackend : public ComputeBackend {
       return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not an MoE layer"));
     }
     const DevLayer& dl = layers_[layer];
-    const int64_t E = c.n_routed_experts, D = c.hidden_size, I = c.moe_intermediate_size;
+    const int64_t E = c.n_routed_experts, D = c.hidden_size;
     std::vector<int32_t> local(n * k);
     for (int64_t i = 0; i < n * k; ++i) {
       const int32_t e = host_topk_idx[i];
@@ -755,25 +756,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_CUDA_CALL(cudaEventRecord(upload_done_, stream_));
     const int32_t* idx = static_cast<const int32_t*>(packed);
     const float* w = reinterpret_cast<const float*>(static_cast<const char*>(packed) + half);
-    MoeExpertsParams p;
-    p.x = x;
-    p.n = n;
-    p.top_k = k;
-    p.topk_idx = idx;
-    p.topk_weights = w;
-    p.num_experts = dl.num_local;
-    p.hidden = D;
-    p.intermediate = I;
-    p.w_gate_up = dl.experts_gate_up;
-    p.w_down = dl.experts_down;
-    p.weight_type = precision_;
-    p.out = out;
-    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, I, precision_);
-    DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
-    // The tensor-core kernel takes bf16; float32 goes through cuBLAS.
-    p.impl = precision_ == OutType::kBF16 ? GroupedGemmImpl::kOwn : GroupedGemmImpl::kCublas;
-    p.blas = blas_.get();
-    return MoeExperts(p, S());
+    return LayerExperts(dl, x, n, k, idx, w, out, scratch);
   }
 
   bool RoutesOnDevice(int64_t layer) const override {
@@ -793,7 +776,7 @@ class CudaBackend : public ComputeBackend {
       return absl::FailedPreconditionError(absl::StrCat("cuda: layer ", layer, " cannot be routed on the device"));
     }
     const ModelConfig& c = config();
-    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, D = c.hidden_size;
+    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
     if (!serving_bias.empty() && static_cast<int64_t>(serving_bias.size()) != E) {
       return absl::InvalidArgumentError(absl::StrCat("serving bias of ", serving_bias.size(), " experts, not ", E));
     }
@@ -838,24 +821,7 @@ class CudaBackend : public ComputeBackend {
     }
     if (host_topk_idx != nullptr) DMOE_RETURN_IF_ERROR(CopyToHostLater(idx, n * k * 4, host_topk_idx));
 
-    MoeExpertsParams p;
-    p.x = h;
-    p.n = n;
-    p.top_k = k;
-    p.topk_idx = idx;  // every expert is held: local slot = expert id
-    p.topk_weights = w;
-    p.num_experts = dl.num_local;
-    p.hidden = D;
-    p.intermediate = c.moe_intermediate_size;
-    p.w_gate_up = dl.experts_gate_up;
-    p.w_down = dl.experts_down;
-    p.weight_type = precision_;
-    p.out = out;
-    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, k, dl.num_local, D, p.intermediate, precision_);
-    DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
-    p.impl = precision_ == OutType::kBF16 ? GroupedGemmImpl::kOwn : GroupedGemmImpl::kCublas;
-    p.blas = blas_.get();
-    return MoeExperts(p, S());
+    return LayerExperts(dl, h, n, k, idx, w, out, scratch);  // every expert is held: local slot = expert id
   }
 
   absl::Status Logits(const float* x, absl::Span<const int64_t> rows, float* host_logits) override {
@@ -1214,6 +1180,32 @@ class CudaBackend : public ComputeBackend {
     return GroupedGemm(g, S());
   }
 
+  // out[n, D] = the layer's routed experts over device slots idx / weights w
+  // [n, k] (local slots; < 0 skipped), grouped GEMMs in the backend's
+  // precision (bf16: dmoe's kernel; float32: cuBLAS).
+  absl::Status LayerExperts(const DevLayer& dl, const float* x, int64_t n, int64_t k, const int32_t* idx,
+                            const float* w, float* out, Scratch& scratch) {
+    const ModelConfig& c = config();
+    MoeExpertsParams p;
+    p.x = x;
+    p.n = n;
+    p.top_k = k;
+    p.topk_idx = idx;
+    p.topk_weights = w;
+    p.num_experts = dl.num_local;
+    p.hidden = c.hidden_size;
+    p.intermediate = c.moe_intermediate_size;
+    p.w_gate_up = dl.experts_gate_up;
+    p.w_down = dl.experts_down;
+    p.weight_type = precision_;
+    p.out = out;
+    p.workspace_bytes = MoeExpertsWorkspaceBytes(n, p.top_k, dl.num_local, p.hidden, p.intermediate, precision_);
+    DMOE_ASSIGN_OR_RETURN(p.workspace, scratch.Bytes(p.workspace_bytes));
+    p.impl = precision_ == OutType::kBF16 ? GroupedGemmImpl::kOwn : GroupedGemmImpl::kCublas;
+    p.blas = blas_.get();
+    return MoeExperts(p, S());
+  }
+
   // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
   // column-major product router^T(op T) x h; float32 throughout (no TF32:
   // the handle is pedantic).
@@ -1235,7 +1227,7 @@ class CudaBackend : public ComputeBackend {
   }
   // Room for `count` activations of the backend's precision.
   absl::StatusOr<void*> Act(Scratch& scratch, int64_t count) {
-    return scratch.Bytes(static_cast<size_t>(std::max<int64_t>(count, 1)) * ElemBytes(precision_));
+    return scratch.Bytes(static_cast<size_t>(std::max<int64_t>(count, 1)) * ElementBytes(precision_));
   }
 
   absl::StatusOr<const int32_t*> UploadRows(Scratch& scratch, absl::Span<const int64_t> rows) {
@@ -1296,11 +1288,7 @@ class CudaBackend : public ComputeBackend {
     m.rows = rows;
     m.cols = cols;
     m.type = precision_;
-    if (precision_ == OutType::kF32) {
-      DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<float>(rows * cols));
-    } else {
-      DMOE_ASSIGN_OR_RETURN(m.p, arena_.Alloc<uint16_t>(rows * cols));
-    }
+    DMOE_ASSIGN_OR_RETURN(m.p, AllocElements(rows * cols));
     return m;
   }
   absl::StatusOr<float*> NewVec(WeightSource& src, const std::string& name, const std::vector<float>* host, int64_t n) {
@@ -1322,11 +1310,8 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "gate_proj.weight", host ? &host->gate_proj : nullptr, width, D, gate_up,
                                     precision_));
     DMOE_RETURN_IF_ERROR(src.Matrix(prefix + "up_proj.weight", host ? &host->up_proj : nullptr, width, D,
-                                    Elements(gate_up, width * D), precision_));
+                                    ElementAt(gate_up, precision_, width * D), precision_));
     return src.Matrix(prefix + "down_proj.weight", host ? &host->down_proj : nullptr, D, width, down, precision_);
-  }
-  void* Elements(void* base, int64_t count) const {
-    return static_cast<char*>(base) + count * static_cast<int64_t>(ElemBytes(precision_));
   }
   absl::StatusOr<void*> AllocElements(int64_t count) {
     if (precision_ == OutType::kF32) {
@@ -1439,11 +1424,11 @@ class CudaBackend : public ComputeBackend {
         const int64_t s = dl.local_slot[e];
         if (s < 0) continue;
         DMOE_RETURN_IF_ERROR(LoadMlp(src, absl::StrCat(p, "mlp.experts.", e, "."), hl ? &hl->moe.experts[e] : nullptr,
-                                     Ie, Elements(dl.experts_gate_up, s * 2 * Ie * D),
-                                     Elements(dl.experts_down, s * D * Ie)));
+                                     Ie, ElementAt(dl.experts_gate_up, precision_, s * 2 * Ie * D),
+                                     ElementAt(dl.experts_down, precision_, s * D * Ie)));
       }
       hw.routed_experts_loaded += dl.num_local;
-      hw.routed_expert_bytes += dl.num_local * 3 * Ie * D * static_cast<int64_t>(ElemBytes(precision_));
+      hw.routed_expert_bytes += dl.num_local * 3 * Ie * D * ElementBytes(precision_);
     }
     DMOE_CUDA_CALL(cudaStreamSynchronize(stream_));
     hw.total_bytes = arena_.bytes();

@@ -29,6 +29,11 @@ inline cudaStream_t AsStream(void* s) { return static_cast<cudaStream_t>(s); }
 
 __device__ __forceinline__ float Bf16BitsToFloat(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
 __device__ __forceinline__ uint16_t FloatToBf16Bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+// A float through an element that is bf16 bits or a float (kernels templated on it).
+__device__ __forceinline__ float LoadAsFloat(uint16_t v) { return Bf16BitsToFloat(v); }
+__device__ __forceinline__ float LoadAsFloat(float v) { return v; }
+__device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
+__device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

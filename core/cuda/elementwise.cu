@@ -134,8 +134,6 @@ __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
   }
 }
 
-__device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
-__device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
 
 // One block per token; T: the cache's element (bf16 bits or float).
 template <typename T>

@@ -238,14 +238,13 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
 }
 
 cudaDataType_t CudaType(OutType t) { return t == OutType::kF32 ? CUDA_R_32F : CUDA_R_16BF; }
-size_t OutSize(OutType t) { return t == OutType::kF32 ? 4 : 2; }
 
 absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.blas != nullptr && p.host_offsets != nullptr,
                       "GroupedGemm: kCublas needs blas and host_offsets");
   BlasHandle::Impl& h = *p.blas->impl();
   const int64_t stride = p.b_group_stride != 0 ? p.b_group_stride : p.n * p.k;
-  const size_t es = OutSize(p.ab_type);
+  const size_t es = ElementBytes(p.ab_type);
   const char* a = static_cast<const char*>(p.a);
   const char* b = static_cast<const char*>(p.b);
   const cudaDataType_t ab = CudaType(p.ab_type);
@@ -265,7 +264,7 @@ absl::Status GroupedGemmCublas(const GroupedGemmParams& p, Stream stream) {
     sizes.push_back(1);
     aptr.push_back(b + g * stride * es);
     bptr.push_back(a + int64_t{p.host_offsets[g]} * p.k * es);
-    cptr.push_back(static_cast<char*>(p.c) + int64_t{p.host_offsets[g]} * p.n * OutSize(p.c_type));
+    cptr.push_back(static_cast<char*>(p.c) + int64_t{p.host_offsets[g]} * p.n * ElementBytes(p.c_type));
   }
   const size_t count = ms.size();
   if (count == 0) return absl::OkStatus();
@@ -381,8 +380,6 @@ __global__ void MoePermuteKernel(const int32_t* topk_idx, int64_t slots, int64_t
   }
 }
 
-__device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
-__device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
 
 // x_perm[row] = T(x[row_token[row]]), one block per row (T: bf16 bits or float).
 template <typename T>
@@ -522,7 +519,7 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
 
 size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate,
                                 OutType weight_type) {
-  return Layout(n, top_k, num_experts, hidden, intermediate, OutSize(weight_type)).total;
+  return Layout(n, top_k, num_experts, hidden, intermediate, ElementBytes(weight_type)).total;
 }
 
 absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
@@ -534,7 +531,7 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.weight_type == OutType::kBF16 || p.impl == GroupedGemmImpl::kCublas,
                       "MoeExperts: float32 weights take kCublas");
   const bool f32 = p.weight_type == OutType::kF32;
-  const MoeLayout l = Layout(p.n, p.top_k, p.num_experts, p.hidden, p.intermediate, OutSize(p.weight_type));
+  const MoeLayout l = Layout(p.n, p.top_k, p.num_experts, p.hidden, p.intermediate, ElementBytes(p.weight_type));
   DMOE_CUDA_CHECK_ARG(p.workspace != nullptr && p.workspace_bytes >= l.total,
                       absl::StrCat("MoeExperts: workspace needs ", l.total, " bytes"));
   char* ws = static_cast<char*>(p.workspace);

@@ -36,6 +36,8 @@ namespace dmoe::cuda {
 using Stream = void*;  // cudaStream_t
 
 enum class OutType { kF32, kBF16 };
+// Bytes of one element of `t`.
+inline int64_t ElementBytes(OutType t) { return t == OutType::kF32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------
 // Device memory and streams (device 0 of the calling thread's current device).
@@ -189,7 +191,7 @@ struct LatentCacheShape {
   OutType elem_type = OutType::kBF16;
   int64_t entry_width() const { return kv_lora_rank + rope_dim; }
   int64_t layer_elements() const { return num_pages * page_size * entry_width(); }
-  int64_t elem_bytes() const { return elem_type == OutType::kF32 ? 4 : 2; }
+  int64_t elem_bytes() const { return ElementBytes(elem_type); }
 };
 
 // Writes n tokens' entries: cache[slot[t]] = bf16([c[t] ; k_pe[t]]).

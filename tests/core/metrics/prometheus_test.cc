@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -218,12 +219,9 @@ TEST(PrometheusServer, ScrapesTheClusterAndAnswersEveryDashboardQuery) {
     v1::GenerateRequest bad;
     bad.mutable_token_ids()->add_ids(1);
     bad.set_max_tokens(0);
-    grpc::ClientContext ctx;
-    auto reader = cluster.client().Generate(&ctx, bad);
-    v1::GenerateResponse r;
-    while (reader->Read(&r)) {
-    }
-    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(30);
+    EXPECT_EQ(testing::GenerateRequest(cluster.client(), bad, deadline).status.error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
   }
 
   // The requests' series arrive in Prometheus.
