@@ -9,7 +9,7 @@
 # 120) kept for it. Every stage runs even when an earlier one fails (a failed
 # build skips what needs its binaries); a short table comes last. Files under
 # $OUT (8 at most come back):
-#   summary.md  build.log  tests.log  sanitizer.log
+#   summary.md  build.log  tests.log  sanitizer.log  profile.md
 #   gpu_kernel_bench.json  gpu_kernel_bench.md   (+ e2e.md, by e2e.sh)
 #
 # OpenBLAS (the CPU backend's BLAS; the GPU image lacks it): a folder
@@ -21,7 +21,7 @@
 #   (carry .devdeps, and .devdeps-extra if it is separate)
 # RUN_ALL_BUDGET_S (default 560) bounds the whole script: stages that would
 # start past it are skipped and say so. RUN_ALL_SKIP names stages to skip
-# (build tests benchmarks step_bench torch_baseline e2e sanitizer).
+# (build tests benchmarks step_bench profile torch_baseline e2e sanitizer).
 set -uo pipefail
 # It unpacks into /opt/deps: on the GPU machine only (RUN_ALL_FORCE=1 overrides).
 if ! command -v nvidia-smi > /dev/null && [ -z "${RUN_ALL_FORCE:-}" ]; then
@@ -129,6 +129,25 @@ if [ "$built" = 1 ] && [ -x "$bin/decode_step_bench" ] && stage step_bench 90; t
   else
     note "- decode_step_bench: FAILED rc=$rc"; tail -5 /tmp/decode_step.txt | tee -a "$summary"
   fi
+fi
+# Per-kernel device time (ncu, gpu__time_duration only, clocks and caches
+# left alone) of eager decode steps at batch 1 and 64 and of one 2048-token
+# prefill step: what a step is made of (profile.md).
+if [ "$built" = 1 ] && [ -x "$bin/decode_step_bench" ] && command -v ncu > /dev/null && stage profile 120; then
+  : > "$out/profile.md"
+  for spec in "decode:1:2" "decode:64:2" "prefill:4:1"; do
+    IFS=: read -r phase batch steps <<< "$spec"
+    [ "$(left)" -lt 60 ] && { note "- profile $phase b$batch: SKIPPED (budget)"; continue; }
+    timeout 150 ncu --clock-control none --cache-control none --profile-from-start off \
+      --metrics gpu__time_duration.sum --csv --page raw --log-file /tmp/ncu_$phase$batch.csv \
+      "$bin/decode_step_bench" --batches "$batch" --modes eager --warmup 2 --steps "$steps" --prefill-seqs 4 \
+      --profile "$phase" > /tmp/ncu_$phase$batch.txt 2>&1
+    rc=$?
+    note "- profile $phase b$batch: rc=$rc"
+    grep '^{' /tmp/ncu_$phase$batch.txt | sed 's/^/    /' >> "$out/profile.md"
+    python3 bench/gpu/ncu_summary.py /tmp/ncu_$phase$batch.csv --steps "$steps" \
+      --title "$phase, batch $batch (eager; $steps step(s) captured)" --sequence 70 >> "$out/profile.md" 2>&1
+  done
 fi
 copy_gbps=$(python3 -c "import json;print(json.load(open('$out/gpu_kernel_bench.json'))['copy']['gbps_read_plus_write'])" 2>/dev/null || echo 0)
 if stage torch_baseline 60; then

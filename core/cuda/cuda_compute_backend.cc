@@ -1,6 +1,7 @@
 #include "core/cuda/cuda_compute_backend.h"
 
 #include <cublas_v2.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -1477,6 +1478,10 @@ class CudaBackend : public ComputeBackend {
 };
 
 }  // namespace
+
+absl::Status SetProfilerCapture(bool on) {
+  return CudaCall(on ? cudaProfilerStart() : cudaProfilerStop(), on ? "cudaProfilerStart" : "cudaProfilerStop");
+}
 
 absl::Status CheckCudaDevice(int device) {
   int count = 0;

@@ -53,6 +53,10 @@ absl::StatusOr<std::shared_ptr<ComputeBackend>> CreateDummyCudaBackend(const Mod
                                                                        uint64_t seed,
                                                                        const CudaBackendOptions& options = {});
 
+// Brackets the work a profiler started with capture off records
+// (cudaProfilerStart / cudaProfilerStop; ncu --profile-from-start off).
+absl::Status SetProfilerCapture(bool on);
+
 }  // namespace dmoe::cuda
 
 #endif  // DMOE_CORE_CUDA_CUDA_COMPUTE_BACKEND_H_
