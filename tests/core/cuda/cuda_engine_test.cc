@@ -504,9 +504,10 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
   }
   EXPECT_EQ((*graphs)->graph_steps() - before, 8) << "the first cache's steps replay its graph";
   EXPECT_EQ((*eager)->graph_steps(), 0);
-  EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 60);  // the prompt, then 60 decode steps
-  std::printf("[cuda graphs] %lld of 61 steps ran as graphs; greedy tokens equal; max |logprob| difference %.3g; "
-              "%lld routing decisions, %lld differ\n",
+  // The prompt, then 60 decode steps, then the 8 interleaved ones.
+  EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 60 + 8);
+  std::printf("[cuda graphs] %lld of 61 + 16 steps ran as graphs (8 more of the first cache's, none of the second's); "
+              "greedy tokens equal; max |logprob| difference %.3g; %lld routing decisions, %lld differ\n",
               static_cast<long long>((*graphs)->graph_steps()), worst_logprob, static_cast<long long>(decisions),
               static_cast<long long>(differing));
 }
