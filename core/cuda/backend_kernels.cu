@@ -61,6 +61,24 @@ __global__ void StridedCopyKernel(StridedCopyParams p) {
   }
 }
 
+// Four consecutive c at a time (nc, the strides and both bases multiples of
+// 4 elements): one 16-byte load, one 8- or 16-byte store.
+__global__ void StridedCopy4Kernel(StridedCopyParams p) {
+  const int64_t nc4 = p.nc / 4, total = p.na * p.nb * nc4;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t c = (i % nc4) * 4, ab = i / nc4, b = ab % p.nb, a = ab / p.nb;
+    const float4 v = *reinterpret_cast<const float4*>(p.src + a * p.src_a + b * p.src_b + c);
+    const int64_t o = a * p.dst_a + b * p.dst_b + c;
+    if (p.dst_type == OutType::kBF16) {
+      const uint32_t lo = FloatToBf16Bits(v.x) | (uint32_t{FloatToBf16Bits(v.y)} << 16);
+      const uint32_t hi = FloatToBf16Bits(v.z) | (uint32_t{FloatToBf16Bits(v.w)} << 16);
+      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(p.dst) + o) = make_uint2(lo, hi);
+    } else {
+      *reinterpret_cast<float4*>(static_cast<float*>(p.dst) + o) = v;
+    }
+  }
+}
+
 template <typename T>
 __global__ void TransposeUkKernel(const T* kv_b, int64_t heads, int64_t dn, int64_t dv, int64_t r, T* out) {
   const int64_t total = heads * r * dn;
@@ -159,19 +177,38 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
 
 __device__ __forceinline__ float Clean(float v) { return isnan(v) ? -INFINITY : v; }
 
-// One block per row.
+// One block per row; kUnroll loads in flight per thread (one SM reads the
+// whole row: latency-bound with one load at a time).
+constexpr int kUnroll = 8;
+
+// f(v) over a row's cleaned logits, kUnroll independent loads at a time.
+template <typename F>
+__device__ __forceinline__ void ForRow(const float* row, int64_t vocab, F f) {
+  const int64_t step = int64_t{blockDim.x} * kUnroll;
+  for (int64_t base = threadIdx.x; base < vocab; base += step) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + int64_t{u} * blockDim.x;
+      v[u] = i < vocab ? Clean(row[i]) : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) f(v[u]);
+  }
+}
+
 __global__ void TokenLogprobsKernel(const float* logits, int64_t vocab, const int32_t* tokens, float* out) {
   __shared__ float scratch[32];
   const float* row = logits + blockIdx.x * vocab;
   float mx = -INFINITY;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, Clean(row[v]));
+  ForRow(row, vocab, [&](float v) { mx = fmaxf(mx, v); });
   mx = BlockReduce<true>(mx, scratch);
   const float mine = Clean(row[tokens[blockIdx.x]]);
   float acc = 0.f;
-  if (isinf(mx) && mx > 0) {  // the +inf tokens share the mass
-    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) acc += Clean(row[v]) == mx ? 1.f : 0.f;
+  if (isinf(mx) && mx > 0) {  // the +inf tokens share the mass (padding is -inf: never counted)
+    ForRow(row, vocab, [&](float v) { acc += v == mx ? 1.f : 0.f; });
   } else if (isfinite(mx)) {
-    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) acc += expf(Clean(row[v]) - mx);
+    ForRow(row, vocab, [&](float v) { acc += expf(v - mx); });
   }
   acc = BlockReduce<false>(acc, scratch);
   if (threadIdx.x == 0) {
@@ -191,7 +228,7 @@ absl::Status TokenLogprobs(const float* logits, int64_t n, int64_t vocab, const 
                            Stream stream) {
   if (vocab <= 0) return absl::InvalidArgumentError("TokenLogprobs: vocab > 0");
   if (n <= 0) return absl::OkStatus();
-  TokenLogprobsKernel<<<static_cast<unsigned>(n), 256, 0, S(stream)>>>(logits, vocab, tokens, out);
+  TokenLogprobsKernel<<<static_cast<unsigned>(n), 1024, 0, S(stream)>>>(logits, vocab, tokens, out);
   return Launched("TokenLogprobsKernel");
 }
 
@@ -251,6 +288,13 @@ absl::Status GatherRows(const float* in, const int32_t* rows, int64_t n, int64_t
 absl::Status StridedCopy(const StridedCopyParams& p, Stream stream) {
   const int64_t total = p.na * p.nb * p.nc;
   if (total == 0) return absl::OkStatus();
+  const bool by4 = p.nc % 4 == 0 && p.src_a % 4 == 0 && p.src_b % 4 == 0 && p.dst_a % 4 == 0 && p.dst_b % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.src) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.dst) % (p.dst_type == OutType::kBF16 ? 8 : 16) == 0;
+  if (by4) {
+    StridedCopy4Kernel<<<Blocks(total / 4), kThreads, 0, S(stream)>>>(p);
+    return Launched("StridedCopy4Kernel");
+  }
   StridedCopyKernel<<<Blocks(total), kThreads, 0, S(stream)>>>(p);
   return Launched("StridedCopyKernel");
 }

@@ -285,6 +285,10 @@ class CudaAttentionPlan : public AttentionPlan {
   const int32_t* query_seq = nullptr; // [n]
   const int32_t* block_tables = nullptr;  // [num_seqs, max_pages]
   const int32_t* head_offsets = nullptr;  // [H + 1]: h * n, the per-head row groups of the absorbed projections
+  // Prefill (a sequence with several tokens) with H <= 32: MLA blocks of
+  // several queries of one sequence (MlaQueryBlocks); else none.
+  const int32_t* query_blocks = nullptr;  // [num_query_blocks + 1]
+  int64_t num_query_blocks = 0;
   int64_t max_pages = 0;
   int64_t max_context = 0;
 
@@ -489,12 +493,14 @@ class CudaBackend : public ComputeBackend {
     const int64_t num_seqs = static_cast<int64_t>(sequences.size());
     const int64_t H = config().num_attention_heads;
     // One array: pos [n], slot [n], query_seq [n], block tables
-    // [num_seqs * max_pages], head offsets [H + 1].
+    // [num_seqs * max_pages], head offsets [H + 1], then any query blocks.
     const int64_t tables_at = 3 * n, offsets_at = tables_at + num_seqs * max_pages;
     std::vector<int32_t> host(offsets_at + H + 1, -1);
     for (int64_t h = 0; h <= H; ++h) host[offsets_at + h] = static_cast<int32_t>(h * n);
+    bool multi_token = false;
     for (int64_t si = 0; si < num_seqs; ++si) {
       const MlaSequence& s = sequences[si];
+      multi_token |= s.num_tokens > 1;
       const std::vector<int64_t>& table = cache.BlockTable(s.seq);
       for (size_t p = 0; p < table.size(); ++p) host[tables_at + si * max_pages + p] = static_cast<int32_t>(table[p]);
       for (int64_t i = 0; i < s.num_tokens; ++i) {
@@ -504,6 +510,12 @@ class CudaBackend : public ComputeBackend {
         host[2 * n + row] = static_cast<int32_t>(si);
       }
     }
+    std::vector<int32_t> query_blocks;
+    if (multi_token) {
+      query_blocks = MlaQueryBlocks(std::vector<int32_t>(host.begin() + 2 * n, host.begin() + 3 * n), H);
+    }
+    const int64_t blocks_at = static_cast<int64_t>(host.size());
+    host.insert(host.end(), query_blocks.begin(), query_blocks.end());
     auto plan = std::make_unique<CudaAttentionPlan>(std::move(sequences), stream_);
     int32_t* dev = nullptr;
     if (graph_ != nullptr) {
@@ -521,6 +533,10 @@ class CudaBackend : public ComputeBackend {
     plan->query_seq = dev + 2 * n;
     plan->block_tables = dev + tables_at;
     plan->head_offsets = dev + offsets_at;
+    if (!query_blocks.empty()) {
+      plan->query_blocks = dev + blocks_at;
+      plan->num_query_blocks = static_cast<int64_t>(query_blocks.size()) - 1;
+    }
     plan->max_pages = max_pages;
     plan->max_context = max_context;
     return std::unique_ptr<AttentionPlan>(std::move(plan));
@@ -634,7 +650,13 @@ class CudaBackend : public ComputeBackend {
     mp.scale = rope_.softmax_scale();
     mp.out = u;
     if (r == 512 && dr == 64 && precision_ == OutType::kBF16) {
-      const int splits = MlaAttentionNumSplits(n, H, plan.max_context, 0);
+      // Prefill: blocks of one sequence's queries; decode with H <= 16
+      // (V2-Lite): 16-row blocks, not 64 rows of which 48 are padding.
+      mp.query_blocks = plan.query_blocks;
+      mp.num_query_blocks = plan.num_query_blocks;
+      mp.head_block = plan.query_blocks == nullptr && H <= 16 ? 16 : 0;
+      const int splits = MlaAttentionNumSplits(plan.query_blocks != nullptr ? plan.num_query_blocks : n, H,
+                                               plan.max_context, 0, mp.head_block);
       mp.num_splits = splits;
       mp.workspace_bytes = MlaAttentionWorkspaceBytes(n, H, r, splits);
       DMOE_ASSIGN_OR_RETURN(mp.workspace, scratch.Bytes(mp.workspace_bytes));
@@ -1207,11 +1229,13 @@ class CudaBackend : public ComputeBackend {
     return MoeExperts(p, S());
   }
 
-  // Row-major logits [n, E] = h [n, D] · router [E, D]^T, i.e. the
-  // column-major product router^T(op T) x h; float32 throughout (no TF32:
-  // the handle is pedantic).
+  // Row-major logits [n, E] = h [n, D] · router [E, D]^T in float32 (no
+  // TF32): dmoe's router kernel (a cuBLAS SGEMM of these shapes, E = 64 and
+  // n <= 256, ran 5-20 us, mostly one latency-bound kernel), cuBLAS SGEMM
+  // (the pedantic handle) where D % 4 != 0.
   absl::Status RouterProduct(const DevLayer& dl, const float* h, int64_t n, float* logits) {
     const int E = static_cast<int>(config().n_routed_experts), D = static_cast<int>(config().hidden_size);
+    if (D % 4 == 0) return RouterLogitsF32(h, n, D, dl.router, E, logits, S());
     const float one = 1.0f, zero = 0.0f;
     DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), D, &one, dl.router, D, h, D,
                                  &zero, logits, E));

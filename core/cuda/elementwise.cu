@@ -41,8 +41,39 @@ __device__ float BlockSum(float v) {
   return s;
 }
 
-// One block per row.
-__global__ void RmsNormKernel(RmsNormParams p) {
+// One block per row. Each thread holds its kPer elements in registers
+// (loaded all at once, not one dependent load per loop turn: a row is
+// latency-bound at decode sizes), so the row is read once.
+template <int kPer>
+__global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormParams p) {
+  const float* x = p.x + blockIdx.x * p.ldx;
+  const int d = static_cast<int>(p.d);
+  float v[kPer];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    v[j] = i < d ? x[i] : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) ss += v[j] * v[j];
+  ss = BlockSum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d) + p.eps);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i >= d) break;
+    const float o = p.w[i] * (v[j] * inv);
+    if (p.out_type == OutType::kF32) {
+      static_cast<float*>(p.out)[blockIdx.x * p.ldo + i] = o;
+    } else {
+      static_cast<uint16_t*>(p.out)[blockIdx.x * p.ldo + i] = FloatToBf16Bits(o);
+    }
+  }
+}
+
+// Rows wider than the register kernels take (kThreads * 32): two passes.
+__global__ void RmsNormWideKernel(RmsNormParams p) {
   const float* x = p.x + blockIdx.x * p.ldx;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) ss += x[i] * x[i];
@@ -102,12 +133,27 @@ __device__ __forceinline__ void ArgmaxMerge(float& best, int32_t& arg, float v, 
   }
 }
 
-// One block per row.
+// One block per row; each thread keeps kUnroll loads in flight (a vocab row
+// is ~400 KB read by one SM: latency-bound with one load at a time).
+constexpr int kRowUnroll = 8;
+
 __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
   const float* row = logits + blockIdx.x * vocab;
   float best = -INFINITY;
   int32_t arg = INT32_MAX;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) ArgmaxMerge(best, arg, row[v], static_cast<int32_t>(v));
+  const int64_t step = int64_t{blockDim.x} * kRowUnroll;
+  for (int64_t base = threadIdx.x; base < vocab; base += step) {
+    float v[kRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      const int64_t i = base + int64_t{u} * blockDim.x;
+      v[u] = i < vocab ? row[i] : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      ArgmaxMerge(best, arg, v[u], static_cast<int32_t>(base + int64_t{u} * blockDim.x));
+    }
+  }
   for (int o = 16; o > 0; o /= 2) {
     const float ob = __shfl_xor_sync(0xffffffffu, best, o);
     const int32_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
@@ -134,6 +180,40 @@ __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
   }
 }
 
+
+constexpr int kRouterWarps = 8;
+__global__ void __launch_bounds__(kRouterWarps * 32)
+    RouterLogitsKernel(const float* x, int64_t n, int64_t d, const float* w, int64_t E, float* logits) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t e0 = (int64_t{blockIdx.x} * kRouterWarps + warp) * 2, t0 = int64_t{blockIdx.y} * 2;
+  if (e0 >= E) return;
+  const int64_t d4 = d / 4;
+  // Rows past the end read row 0 and are not written.
+  const float4* we[2] = {reinterpret_cast<const float4*>(w + e0 * d),
+                         reinterpret_cast<const float4*>(w + (e0 + 1 < E ? e0 + 1 : e0) * d)};
+  const float4* xt[2] = {reinterpret_cast<const float4*>(x + t0 * d),
+                         reinterpret_cast<const float4*>(x + (t0 + 1 < n ? t0 + 1 : t0) * d)};
+  float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [expert][token]
+#pragma unroll 4
+  for (int64_t i = lane; i < d4; i += 32) {
+    const float4 a0 = we[0][i], a1 = we[1][i], b0 = xt[0][i], b1 = xt[1][i];
+    acc[0][0] += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
+    acc[0][1] += a0.x * b1.x + a0.y * b1.y + a0.z * b1.z + a0.w * b1.w;
+    acc[1][0] += a1.x * b0.x + a1.y * b0.y + a1.z * b0.z + a1.w * b0.w;
+    acc[1][1] += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      for (int o = 16; o > 0; o /= 2) acc[a][b] += __shfl_xor_sync(0xffffffffu, acc[a][b], o);
+  if (lane != 0) return;
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      if (e0 + a < E && t0 + b < n) logits[(t0 + b) * E + e0 + a] = acc[a][b];
+}
 
 // One block per token; T: the cache's element (bf16 bits or float).
 template <typename T>
@@ -168,7 +248,22 @@ absl::Status RmsNorm(const RmsNormParams& p0, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.d > 0 && p.ldx >= p.d && p.ldo >= p.d, "RmsNorm: d > 0, ldx >= d, ldo >= d");
   DMOE_CUDA_CHECK_ARG(p.n < (int64_t{1} << 31), "RmsNorm: n too large");
   if (p.n <= 0) return absl::OkStatus();
-  RmsNormKernel<<<static_cast<unsigned>(p.n), kThreads, 0, AsStream(stream)>>>(p);
+  const unsigned rows = static_cast<unsigned>(p.n);
+  const int64_t per = CeilDiv(p.d, kThreads);
+  cudaStream_t s = AsStream(stream);
+  if (per <= 2) {
+    RmsNormKernel<2><<<rows, kThreads, 0, s>>>(p);
+  } else if (per <= 4) {
+    RmsNormKernel<4><<<rows, kThreads, 0, s>>>(p);
+  } else if (per <= 8) {
+    RmsNormKernel<8><<<rows, kThreads, 0, s>>>(p);
+  } else if (per <= 16) {
+    RmsNormKernel<16><<<rows, kThreads, 0, s>>>(p);
+  } else if (per <= 32) {
+    RmsNormKernel<32><<<rows, kThreads, 0, s>>>(p);
+  } else {
+    RmsNormWideKernel<<<rows, kThreads, 0, s>>>(p);
+  }
   return LaunchStatus("RmsNormKernel");
 }
 
@@ -192,6 +287,18 @@ absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* 
   if (n <= 0) return absl::OkStatus();
   ArgmaxKernel<<<static_cast<unsigned>(n), 1024, 0, AsStream(stream)>>>(logits, vocab, out);
   return LaunchStatus("ArgmaxKernel");
+}
+
+absl::Status RouterLogitsF32(const float* x, int64_t n, int64_t d, const float* w, int64_t num_experts, float* logits,
+                             Stream stream) {
+  DMOE_CUDA_CHECK_ARG(d > 0 && d % 4 == 0 && num_experts > 0, "RouterLogitsF32: d % 4 == 0, num_experts > 0");
+  DMOE_CUDA_CHECK_ARG(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0,
+                      "RouterLogitsF32: x and w 16-byte aligned");
+  DMOE_CUDA_CHECK_ARG(n < (int64_t{1} << 17), "RouterLogitsF32: n < 2^17");
+  if (n <= 0) return absl::OkStatus();
+  const dim3 grid(static_cast<unsigned>(CeilDiv(num_experts, 2 * kRouterWarps)), static_cast<unsigned>(CeilDiv(n, 2)));
+  RouterLogitsKernel<<<grid, kRouterWarps * 32, 0, AsStream(stream)>>>(x, n, d, w, num_experts, logits);
+  return LaunchStatus("RouterLogitsKernel");
 }
 
 absl::Status LatentCacheWrite(const LatentCacheWriteParams& p, Stream stream) {

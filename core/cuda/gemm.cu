@@ -381,40 +381,75 @@ __global__ void MoePermuteKernel(const int32_t* topk_idx, int64_t slots, int64_t
 }
 
 
-// x_perm[row] = T(x[row_token[row]]), one block per row (T: bf16 bits or float).
+// Four floats stored as T (bf16 bits or float) at dst (4-element aligned).
+__device__ __forceinline__ void Store4(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
+__device__ __forceinline__ void Store4(uint16_t* dst, float4 v) {
+  const uint32_t lo = FloatToBf16Bits(v.x) | (uint32_t{FloatToBf16Bits(v.y)} << 16);
+  const uint32_t hi = FloatToBf16Bits(v.z) | (uint32_t{FloatToBf16Bits(v.w)} << 16);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+}
+
+// x_perm[row] = T(x[row_token[row]]), one block per row, 4 floats per
+// thread and turn (D % 8 == 0) (T: bf16 bits or float).
 template <typename T>
 __global__ void MoeGatherKernel(const float* x, int64_t D, const int32_t* offsets, int E, const int32_t* row_token,
                                 T* x_perm) {
   const int64_t row = blockIdx.x;
   if (row >= offsets[E]) return;
-  const float* src = x + int64_t{row_token[row]} * D;
+  const float4* src = reinterpret_cast<const float4*>(x + int64_t{row_token[row]} * D);
   T* dst = x_perm + row * D;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) StoreAs(&dst[i], src[i]);
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < D / 4; i += blockDim.x) Store4(dst + 4 * i, src[i]);
 }
 
-// act[row][i] = T(silu(h[row][i]) * h[row][I + i]) for rows < offsets[E].
+// act[row][i] = T(silu(h[row][i]) * h[row][I + i]) for rows < offsets[E],
+// 4 columns per thread and turn (I % 8 == 0).
 template <typename T>
 __global__ void MoeSiluKernel(const float* h, int64_t I, const int32_t* offsets, int E, T* act) {
   const int64_t row = blockIdx.x;
   if (row >= offsets[E]) return;
-  for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
-    const float g = h[row * 2 * I + i], u = h[row * 2 * I + I + i];
-    StoreAs(&act[row * I + i], g / (1.0f + expf(-g)) * u);
+  const float4* gate = reinterpret_cast<const float4*>(h + row * 2 * I);
+  const float4* up = reinterpret_cast<const float4*>(h + row * 2 * I + I);
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < I / 4; i += blockDim.x) {
+    const float4 g = gate[i], u = up[i];
+    const float4 a = make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                                 g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w);
+    Store4(act + row * I + 4 * i, a);
   }
 }
 
-// out[t] = sum_j w[t][j] * y[slot_row[t*k+j]] in slot order; one block per token.
-__global__ void MoeCombineKernel(const float* y, int64_t D, const int32_t* slot_row, const float* w, int64_t k,
-                                 float* out) {
+// out[t] = sum_j w[t][j] * y[slot_row[t*k+j]] in slot order. Block (t,
+// chunk): kCombineThreads threads of 4 columns each over one token's
+// chunk of D (D % 8 == 0), the k rows' loads all in flight together.
+constexpr int kCombineThreads = 128;
+constexpr int kCombineMaxK = 32;
+__global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const float* y, int64_t D,
+                                                                     const int32_t* slot_row, const float* w,
+                                                                     int64_t k, float* out) {
+  __shared__ int32_t rows[kCombineMaxK];
+  __shared__ float weights[kCombineMaxK];
   const int64_t t = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t row = slot_row[t * k + j];
-      if (row >= 0) acc += w[t * k + j] * y[int64_t{row} * D + i];
-    }
-    out[t * D + i] = acc;
+  if (threadIdx.x < k) {
+    rows[threadIdx.x] = slot_row[t * k + threadIdx.x];
+    weights[threadIdx.x] = w[t * k + threadIdx.x];
   }
+  __syncthreads();
+  const int64_t c4 = int64_t{blockIdx.y} * kCombineThreads + threadIdx.x;  // float4 column
+  if (c4 >= D / 4) return;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t row = rows[j];
+    if (row < 0) continue;
+    const float4 v = reinterpret_cast<const float4*>(y + int64_t{row} * D)[c4];
+    const float wj = weights[j];
+    acc.x += wj * v.x;
+    acc.y += wj * v.y;
+    acc.z += wj * v.z;
+    acc.w += wj * v.w;
+  }
+  reinterpret_cast<float4*>(out + t * D)[c4] = acc;
 }
 
 }  // namespace
@@ -527,6 +562,9 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.top_k > 0 && p.hidden > 0 && p.intermediate > 0 && p.hidden % 8 == 0 && p.intermediate % 8 == 0,
                       "MoeExperts: top_k > 0, hidden and intermediate positive multiples of 8");
   DMOE_CUDA_CHECK_ARG(p.n * p.top_k < (int64_t{1} << 31), "MoeExperts: too many slots");
+  DMOE_CUDA_CHECK_ARG(p.top_k <= kCombineMaxK, "MoeExperts: top_k <= 32");
+  DMOE_CUDA_CHECK_ARG(reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0,
+                      "MoeExperts: x and out 16-byte aligned");
   if (p.n <= 0) return absl::OkStatus();
   DMOE_CUDA_CHECK_ARG(p.weight_type == OutType::kBF16 || p.impl == GroupedGemmImpl::kCublas,
                       "MoeExperts: float32 weights take kCublas");
@@ -594,7 +632,8 @@ absl::Status MoeExperts(const MoeExpertsParams& p, Stream stream) {
   g.n = p.hidden;
   g.k = p.intermediate;
   DMOE_RETURN_IF_ERROR_CU(GroupedGemm(g, stream));
-  MoeCombineKernel<<<static_cast<unsigned>(p.n), 256, 0, s>>>(y, p.hidden, slot_row, p.topk_weights, p.top_k, p.out);
+  const dim3 combine(static_cast<unsigned>(p.n), static_cast<unsigned>(CeilDiv(p.hidden / 4, kCombineThreads)));
+  MoeCombineKernel<<<combine, kCombineThreads, 0, s>>>(y, p.hidden, slot_row, p.topk_weights, p.top_k, p.out);
   return LaunchStatus("MoeCombineKernel");
 }
 

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -168,6 +169,13 @@ MoeGateParams GateParamsFor(const ModelConfig& config);
 // never wins; all NaN/-inf gives 0), logits [n, vocab] float32.
 absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* out, Stream stream);
 
+// The MoE router's float32 product: logits[t][e] = sum_d x[t][d] * w[e][d]
+// for x [n, d] and w [E, d] (row-major, 16-byte aligned, d % 4 == 0). Each
+// warp sums a 2-expert x 2-token tile, lanes over d in strides of 4, then
+// across lanes in a fixed order: deterministic, no TF32.
+absl::Status RouterLogitsF32(const float* x, int64_t n, int64_t d, const float* w, int64_t num_experts, float* logits,
+                             Stream stream);
+
 // ---------------------------------------------------------------------------
 // The GPU latent cache (MODEL_SPEC.md 3.5).
 //
@@ -251,6 +259,13 @@ struct MlaAttentionParams {
   // 16 pads H <= 16 (V2-Lite) to 16 instead of 64 rows, with 2 blocks per SM
   // (tested like 64; its speed is in the benchmark runs after commit c44a3d8).
   int head_block = 0;
+  // Prefill: blocks of several queries of one sequence (rows = queries x
+  // heads, 64 in all, so each latent tile is read once for all of them
+  // instead of once per query). query_blocks[b] .. query_blocks[b + 1] - 1
+  // are block b's queries: consecutive, of one sequence, at most 64 / H of
+  // them (H <= 32, head_block 0 or 64). nullptr: one query per block.
+  const int32_t* query_blocks = nullptr;  // [num_query_blocks + 1] (device)
+  int64_t num_query_blocks = 0;
   // Split-KV: 0 = choose from the grid size and max_context_len (about one
   // wave of blocks); else that many splits (clamped to the tiles present).
   int num_splits = 0;
@@ -263,6 +278,10 @@ struct MlaAttentionParams {
 int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits,
                           int head_block = 0);
 size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_t kv_lora_rank, int num_splits);
+// query_blocks for queries of sequences query_seq (a sequence's queries
+// adjacent): runs of one sequence, at most 64 / num_heads queries each.
+// Empty when num_heads > 32 (a query fills a block's 64 rows by itself).
+std::vector<int32_t> MlaQueryBlocks(const std::vector<int32_t>& query_seq, int64_t num_heads);
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream);
 
 // A plain reference kernel of the same function (one block per query and head,

@@ -103,34 +103,51 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const int64_t block = blockIdx.x;
   const int hb = static_cast<int>(block % grid.head_blocks);
   const int split = static_cast<int>((block / grid.head_blocks) % grid.splits);
-  const int64_t qi = block / (int64_t{grid.head_blocks} * grid.splits);
+  const int64_t qb = block / (int64_t{grid.head_blocks} * grid.splits);
   const int H = static_cast<int>(p.num_heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  const int32_t qpos = p.query_pos[qi];
+  // The block's queries: one, or (query_blocks) a run of one sequence's
+  // queries, rows query-major then head.
+  const bool grouped = p.query_blocks != nullptr;
+  const int64_t q_first = grouped ? p.query_blocks[qb] : qb;
+  const int q_count = grouped ? static_cast<int>(p.query_blocks[qb + 1] - q_first) : 1;
   const int page_size = static_cast<int>(p.shape.page_size);
   // A position past the block table's row (a caller's bug) is clamped, never read out of bounds.
   const int64_t cap = p.max_pages_per_seq * page_size;
-  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
+  auto ctx_of = [&](int64_t q) -> int64_t {
+    const int32_t pos = p.query_pos[q];
+    return pos < 0 ? 0 : (int64_t{pos} + 1 < cap ? int64_t{pos} + 1 : cap);
+  };
+  // Block row r -> its row of q_lat / out (query * H + head), -1 for padding.
+  auto row_of = [&](int r) -> int64_t {
+    if (grouped) return r / H < q_count ? q_first * H + r : -1;
+    const int h = hb * kRows + r;
+    return h < H ? q_first * H + h : -1;
+  };
+  int64_t ctx = 0;
+  for (int j = 0; j < q_count; ++j) {
+    const int64_t c = ctx_of(q_first + j);
+    ctx = c > ctx ? c : ctx;
+  }
   const int64_t tiles = CeilDiv(ctx, kTile);
   const int64_t per_split = CeilDiv(tiles, grid.splits);
   const int64_t t0 = split * per_split;
   const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
-  const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[q_first]} * p.max_pages_per_seq;
   const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
   const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
   const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
 
-  // Q rows (heads beyond H zero-filled).
+  // Q rows (padding rows zero-filled).
   for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
     const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const int h = hb * kRows + row;
+    const int64_t qrow = row_of(row);
     const uint16_t* src = q_lat;
     int bytes = 0;
-    if (h < H) {
+    if (qrow >= 0) {
       bytes = 16;
-      src = chunk < kRank / 8 ? q_lat + (qi * H + h) * int64_t{kRank} + chunk * 8
-                              : q_pe + (qi * H + h) * int64_t{kRope} + (chunk - kRank / 8) * 8;
+      src = chunk < kRank / 8 ? q_lat + qrow * kRank + chunk * 8 : q_pe + qrow * kRope + (chunk - kRank / 8) * 8;
     }
     CpAsync16(qs + row * kStride + chunk * 8, src, bytes);
   }
@@ -159,6 +176,13 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const int half = warp / C::kRB;  // QK: tokens half*16 ..; PV: dims half*256 ..
   const int g = lane / 4, q4 = lane % 4;
   const float scale2 = p.scale * kLog2e;
+  // Context of this thread's two rows (g, g + 8): the block's, or per query.
+  int64_t row_ctx[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int br = rb * 16 + g + r * 8;
+    row_ctx[r] = !grouped ? ctx : (br / H < q_count ? ctx_of(q_first + br / H) : 0);
+  }
 
   float o[32][4];
 #pragma unroll
@@ -206,7 +230,7 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
       for (int e = 0; e < 4; ++e) {
         const int col = half * 16 + nt * 8 + q4 * 2 + (e % 2);
         const int row = rb * 16 + g + (e / 2) * 8;
-        const bool valid = ti * kTile + col < ctx;
+        const bool valid = ti * kTile + col < row_ctx[e / 2];
         ss[row * kSStride + col] = valid ? s[nt][e] * scale2 : -INFINITY;
       }
     }
@@ -290,11 +314,10 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     float l = l_run[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int h = hb * kRows + rb * 16 + g + r * 8;
-    if (h >= H) continue;
+    const int64_t row = row_of(rb * 16 + g + r * 8);
+    if (row < 0) continue;
     const float inv = l > 0.f ? 1.0f / l : 0.f;
     const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t row = qi * H + h;
     float* dst;
     if (direct) {
       dst = p.out + row * kRank;
@@ -364,6 +387,8 @@ absl::Status CheckParams(const MlaAttentionParams& p) {
   DMOE_CUDA_CHECK_ARG(p.head_block == 0 || p.head_block == 16 || p.head_block == 64,
                       "MlaAttention: head_block 0, 16 or 64");
   DMOE_CUDA_CHECK_ARG(p.max_pages_per_seq > 0, "MlaAttention: max_pages_per_seq > 0");
+  DMOE_CUDA_CHECK_ARG(p.query_blocks == nullptr || (p.num_heads <= 32 && p.head_block != 16 && p.num_query_blocks > 0),
+                      "MlaAttention: query_blocks need H <= 32, 64-row blocks and num_query_blocks > 0");
   DMOE_CUDA_CHECK_ARG(p.max_context_len >= 0 && p.max_context_len <= p.max_pages_per_seq * p.shape.page_size,
                       "MlaAttention: max_context_len within max_pages_per_seq pages");
   return absl::OkStatus();
@@ -456,10 +481,25 @@ size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_
   return static_cast<size_t>(num_splits) * num_queries * num_heads * (kv_lora_rank + 1) * sizeof(float);
 }
 
+std::vector<int32_t> MlaQueryBlocks(const std::vector<int32_t>& query_seq, int64_t num_heads) {
+  std::vector<int32_t> blocks;
+  if (num_heads <= 0 || num_heads > 32) return blocks;
+  const int64_t per = 64 / num_heads;
+  for (size_t i = 0; i < query_seq.size(); ++i) {
+    if (blocks.empty() || query_seq[i] != query_seq[i - 1] || static_cast<int64_t>(i) - blocks.back() >= per) {
+      blocks.push_back(static_cast<int32_t>(i));
+    }
+  }
+  blocks.push_back(static_cast<int32_t>(query_seq.size()));
+  return blocks;
+}
+
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
   if (absl::Status st = CheckParams(p); !st.ok()) return st;
   if (p.num_queries <= 0) return absl::OkStatus();
-  const int splits = MlaAttentionNumSplits(p.num_queries, p.num_heads, p.max_context_len, p.num_splits, p.head_block);
+  // Blocks of queries: one query each, or query_blocks' runs.
+  const int64_t query_blocks = p.query_blocks != nullptr ? p.num_query_blocks : p.num_queries;
+  const int splits = MlaAttentionNumSplits(query_blocks, p.num_heads, p.max_context_len, p.num_splits, p.head_block);
   const size_t need = MlaAttentionWorkspaceBytes(p.num_queries, p.num_heads, kRank, splits);
   DMOE_CUDA_CHECK_ARG(p.workspace_bytes >= need && (need == 0 || p.workspace != nullptr),
                       absl::StrCat("MlaAttention: workspace needs ", need, " bytes for ", splits, " splits"));
@@ -471,8 +511,8 @@ absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
       MlaAttentionKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(MlaCfg<16>::kSmemBytes));
   const cudaError_t attr_err = small ? attr16 : attr64;
   if (attr_err != cudaSuccess) return CudaStatus(attr_err, "cudaFuncSetAttribute(MlaAttentionKernel)");
-  const Grid grid{static_cast<int>(CeilDiv(p.num_heads, rows)), splits};
-  const int64_t blocks = p.num_queries * grid.head_blocks * splits;
+  const Grid grid{p.query_blocks != nullptr ? 1 : static_cast<int>(CeilDiv(p.num_heads, rows)), splits};
+  const int64_t blocks = query_blocks * grid.head_blocks * splits;
   DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
   if (small) {
     MlaAttentionKernel<16>

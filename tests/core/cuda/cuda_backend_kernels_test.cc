@@ -102,6 +102,21 @@ TEST_F(CudaBackendKernelsTest, StridedCopyTransposeGatherEmbedAdd) {
     for (int64_t t = 0; t < n; ++t)
       for (int64_t c = 0; c < d; ++c)
         ASSERT_EQ(out[(h * n + t) * d + c], FloatToBf16(src[3 + t * ld + h * d + c]));
+  // Aligned to 4 elements (the vectorized kernel), to bf16 and to float32.
+  p.src = dsrc.get() + 4;
+  ASSERT_TRUE(StridedCopy(p, nullptr).ok());
+  const std::vector<uint16_t> out4 = dst.Host();
+  Dev<float> dst32(H * n * d);
+  p.dst = dst32.get();
+  p.dst_type = OutType::kF32;
+  ASSERT_TRUE(StridedCopy(p, nullptr).ok());
+  const std::vector<float> out32 = dst32.Host();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t c = 0; c < d; ++c) {
+        ASSERT_EQ(out4[(h * n + t) * d + c], FloatToBf16(src[4 + t * ld + h * d + c]));
+        ASSERT_EQ(out32[(h * n + t) * d + c], src[4 + t * ld + h * d + c]);
+      }
 
   // W_UK[h]^T from kv_b [H*(dn+dv), r].
   const int64_t dn = 16, dv = 8, r = 32;

@@ -45,7 +45,8 @@ class CudaElementwiseTest : public CudaTest {};
 TEST_F(CudaElementwiseTest, RmsNormMatchesCpu) {
   std::mt19937 rng(11);
   for (auto [n, d, ldx] :
-       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 512, 576}, {7, 2048, 2048}, {3, 7168, 7200}}) {
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 512, 576}, {7, 2048, 2048}, {3, 7168, 7200}, {2, 40, 40}, {5, 1408, 1408}, {2, 9000, 9000}}) {
     const auto x = Random(n * ldx, rng, -3, 3);
     const auto w = Random(d, rng, 0.5, 1.5);
     std::vector<float> ref(n * d);
@@ -62,6 +63,12 @@ TEST_F(CudaElementwiseTest, RmsNormMatchesCpu) {
     std::vector<float> got16f(n * d);
     for (int64_t i = 0; i < n * d; ++i) got16f[i] = Bf16ToFloat(got16[i]);
     EXPECT_LT(RelL2(got16f, ref), 4e-3) << "d=" << d;
+    if (ldx == d) {  // in place, as the engine normalizes
+      p.out = dx.data();
+      p.out_type = OutType::kF32;
+      ASSERT_TRUE(RmsNorm(p, nullptr).ok());
+      EXPECT_LT(RelL2(Download<float>(dx, n * d), ref), 3e-6) << "in place, d=" << d;
+    }
   }
 }
 
@@ -161,6 +168,36 @@ TEST_F(CudaElementwiseTest, ArgmaxLowestIndexOnTiesAndIgnoresNan) {
   EXPECT_EQ(Download<int32_t>(out, n), want);
   EXPECT_EQ(want[1], 777);
   EXPECT_EQ(want[3], 0);
+}
+
+TEST_F(CudaElementwiseTest, RouterLogitsMatchFloat64) {
+  std::mt19937 rng(16);
+  // (tokens, hidden, experts): decode and prefill sizes of V2-Lite and V3,
+  // odd counts (a tile's second expert / token past the end), a tiny model.
+  for (auto [n, d, E] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 2048, 64}, {64, 2048, 64}, {7, 7168, 256}, {5, 64, 3}, {2048, 2048, 64}}) {
+    const auto x = Random(n * d, rng, -2, 2);
+    const auto w = Random(E * d, rng, -0.05, 0.05);
+    DeviceBuffer dx = Upload(x), dw = Upload(w), out = Poisoned<float>(n * E);
+    ASSERT_TRUE(RouterLogitsF32(dx.as<float>(), n, d, dw.as<float>(), E, out.as<float>(), nullptr).ok());
+    const auto got = Download<float>(out, n * E);
+    double worst = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        double ref = 0, mag = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          ref += static_cast<double>(x[t * d + i]) * w[e * d + i];
+          mag += std::fabs(static_cast<double>(x[t * d + i]) * w[e * d + i]);
+        }
+        worst = std::max(worst, std::fabs(got[t * E + e] - ref) / mag);
+      }
+    }
+    // float32 products and sums (no TF32: that would be ~1e-3).
+    EXPECT_LT(worst, 1e-6) << "n=" << n << " d=" << d << " E=" << E;
+  }
+  DeviceBuffer dx = Poisoned<float>(6), dw = Poisoned<float>(6), out = Poisoned<float>(1);
+  EXPECT_EQ(RouterLogitsF32(dx.as<float>(), 1, 6, dw.as<float>(), 1, out.as<float>(), nullptr).code(),
+            absl::StatusCode::kInvalidArgument);  // d % 4 != 0
 }
 
 // ---- gate ----

@@ -85,7 +85,7 @@ class MlaWorld {
 
   // Runs the kernel (or the reference kernel) and compares with float64.
   void Check(const std::vector<Query>& queries, int64_t H, float scale, float q_scale, int num_splits,
-             bool reference_kernel, const std::string& what, int head_block = 0) {
+             bool reference_kernel, const std::string& what, int head_block = 0, bool query_blocks = false) {
     const int64_t nq = queries.size();
     std::vector<uint16_t> q_lat(nq * H * kRank), q_pe(nq * H * kRope);
     std::uniform_real_distribution<float> u(-q_scale, q_scale);
@@ -143,7 +143,16 @@ class MlaWorld {
     p.lse = lse.as<float>();
     p.num_splits = num_splits;
     p.head_block = head_block;
-    const int splits = MlaAttentionNumSplits(nq, H, max_ctx, num_splits, head_block);
+    // Prefill blocks: runs of one sequence's queries (MlaQueryBlocks).
+    const std::vector<int32_t> blocks = query_blocks ? MlaQueryBlocks(qseq, H) : std::vector<int32_t>{};
+    ASSERT_TRUE(!query_blocks || !blocks.empty()) << what;
+    DeviceBuffer dblocks = Upload(blocks.empty() ? std::vector<int32_t>{0} : blocks);
+    if (query_blocks) {
+      p.query_blocks = dblocks.as<int32_t>();
+      p.num_query_blocks = static_cast<int64_t>(blocks.size()) - 1;
+    }
+    const int splits =
+        MlaAttentionNumSplits(query_blocks ? p.num_query_blocks : nq, H, max_ctx, num_splits, head_block);
     const size_t ws_bytes = MlaAttentionWorkspaceBytes(nq, H, kRank, splits);
     DeviceBuffer ws = Poisoned<char>(std::max<size_t>(ws_bytes, 16));
     p.workspace = ws.data();
@@ -153,7 +162,7 @@ class MlaWorld {
     const auto got = Download<float>(out, nq * H * kRank);
     const auto got_lse = Download<float>(lse, nq * H);
     const std::string label = what + " splits=" + std::to_string(splits) + " head_block=" + std::to_string(head_block) +
-                              (reference_kernel ? " (reference kernel)" : "");
+                              (query_blocks ? " query blocks" : "") + (reference_kernel ? " (reference kernel)" : "");
     EXPECT_LT(RelL2(got, ref), reference_kernel ? 1e-4 : 8e-3) << label;
     for (int64_t i = 0; i < nq * H; ++i) {
       if (std::isinf(ref_lse[i])) {
@@ -246,6 +255,27 @@ TEST_F(CudaMlaTest, PrefillCausalQueriesAndPadding) {
   world.Check(q, 16, 0.1f, 1.0f, 0, false, "prefill H=16");
   world.Check(q, 128, kScaleV3, 1.0f, 4, false, "prefill H=128");
   world.Check(q, 16, 0.1f, 1.0f, 0, true, "prefill H=16");
+}
+
+// Prefill in blocks of several queries of one sequence (64 rows = queries x
+// heads): causal per query inside a block, runs cut at sequence changes and
+// at 64 / H queries, a padding query, page crossings, split-KV.
+TEST_F(CudaMlaTest, PrefillQueryBlocksOfOneSequence) {
+  MlaWorld world({300, 70, 129, 1}, 13);
+  std::vector<Query> q;
+  for (int32_t pos = 0; pos < 300; ++pos) q.push_back({0, pos});  // a whole prompt
+  for (int32_t pos = 0; pos < 70; pos += 3) q.push_back({1, pos});
+  q.push_back({1, -1});  // padding: output 0, LSE -inf
+  for (int32_t pos = 100; pos < 129; ++pos) q.push_back({2, pos});  // a chunk after cached positions
+  q.push_back({3, 0});
+  EXPECT_EQ(MlaQueryBlocks({0, 0, 0, 0, 0, 1, 1, 2}, 16), (std::vector<int32_t>{0, 4, 5, 7, 8}));
+  EXPECT_TRUE(MlaQueryBlocks({0, 0}, 64).empty());
+  for (int64_t H : {16, 20, 32}) {
+    for (int splits : {0, 1, 3}) {
+      world.Check(q, H, 0.1f, 1.0f, splits, false, "H=" + std::to_string(H), 0, /*query_blocks=*/true);
+    }
+  }
+  world.Check(q, 16, 0.1f, 2.0f, 0, false, "peaked scores", 0, /*query_blocks=*/true);
 }
 
 TEST_F(CudaMlaTest, RejectsUnsupportedShapes) {
