@@ -192,10 +192,12 @@ class ComputeBackend {
   // logits on the device; serving_bias [E] or empty. host_topk_idx and
   // host_unbiased_topk_idx (the choices without the serving bias), [n, k]
   // each, may be null; they are written by the next Synchronize(), which
-  // the caller must call before reading or freeing them.
+  // the caller must call before reading or freeing them. shared_out [n, D],
+  // if not null, gets the layer's shared experts(h) as SharedExperts gives
+  // them (the backend may compute both side by side).
   virtual absl::Status DeviceRoutedExperts(int64_t layer, const float* h, int64_t n,
                                            absl::Span<const float> serving_bias, float* out, int32_t* host_topk_idx,
-                                           int32_t* host_unbiased_topk_idx) {
+                                           int32_t* host_unbiased_topk_idx, float* shared_out) {
     return absl::UnimplementedError(absl::StrCat(name(), ": no device routing"));
   }
 

@@ -121,17 +121,17 @@ absl::Status Engine::BeginLayer(int64_t l, int index, MicroBatch& mb, LatentCach
   }
   const absl::Span<const float> serving_bias = ServingBias(routing, l);
   if (RoutesOnDevice(l, experts)) {
-    // Router, gate and routed experts queued on the device; the choices
-    // reach the step's routing record at its final synchronization (Step
-    // sized those vectors).
-    DMOE_RETURN_IF_ERROR(be.SharedExperts(l, h, n, mb.shared.data()));
+    // Router, gate, routed and shared experts queued on the device; the
+    // choices reach the step's routing record at its final synchronization
+    // (Step sized those vectors).
     int32_t* topk_out = nullptr;
     int32_t* unbiased_out = nullptr;
     if (routing.topk_idx_out != nullptr) topk_out = (*routing.topk_idx_out)[l].data() + mb.first_row * k;
     if (routing.unbiased_topk_idx_out != nullptr && !serving_bias.empty()) {
       unbiased_out = (*routing.unbiased_topk_idx_out)[l].data() + mb.first_row * k;
     }
-    DMOE_RETURN_IF_ERROR(be.DeviceRoutedExperts(l, h, n, serving_bias, delta, topk_out, unbiased_out));
+    DMOE_RETURN_IF_ERROR(
+        be.DeviceRoutedExperts(l, h, n, serving_bias, delta, topk_out, unbiased_out, mb.shared.data()));
     mb.pending_layer = l;
     mb.pending_on_device = true;
     return absl::OkStatus();

@@ -29,6 +29,8 @@ namespace {
 constexpr char kLog[] = "cuda";
 // The inner norms of MLA always use eps 1e-6 (MODEL_SPEC.md 3.2).
 constexpr float kInnerNormEps = 1e-6f;
+// Tokens up to which the router product runs in dmoe's kernel (above: cuBLAS).
+constexpr int64_t kRouterKernelMaxTokens = 256;
 
 absl::Status CudaCall(cudaError_t err, const char* call) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -112,9 +114,9 @@ struct DevMat {
 struct DevLayer {
   float* input_norm = nullptr;  // [D]
   float* post_norm = nullptr;   // [D]
-  DevMat q_proj;                // [H*dq, D] without q_lora
-  // q_lora: q_a_proj rows then kv_a_proj_with_mqa rows [rq + r + dr, D]
-  // (one GEMM for both); else kv_a_proj_with_mqa alone [r + dr, D].
+  // One GEMM for the projections of h: with q_lora, q_a_proj rows then
+  // kv_a_proj_with_mqa rows [rq + r + dr, D]; without, kv_a_proj_with_mqa
+  // rows then q_proj rows [r + dr + H*dq, D].
   DevMat a_proj;
   float* q_a_norm = nullptr;  // [rq]
   DevMat q_b;                 // [H*dq, rq]
@@ -300,6 +302,10 @@ class CudaBackend : public ComputeBackend {
  public:
   ~CudaBackend() override {
     blas_.reset();
+    side_blas_.reset();
+    if (side_fork_ != nullptr) (void)cudaEventDestroy(side_fork_);
+    if (side_join_ != nullptr) (void)cudaEventDestroy(side_join_);
+    if (side_stream_ != nullptr) (void)cudaStreamDestroy(side_stream_);
     if (router_staging_ != nullptr) (void)cudaFreeHost(router_staging_);
     if (router_done_ != nullptr) (void)cudaEventDestroy(router_done_);
     if (upload_staging_ != nullptr) (void)cudaFreeHost(upload_staging_);
@@ -558,13 +564,16 @@ class CudaBackend : public ComputeBackend {
     // float32 as they are).
     DMOE_ASSIGN_OR_RETURN(const void* hb, GemmInput(scratch, h, n * D));
 
-    // q [n, H*dq] and kva [n, r + dr] (rows kva_ld apart).
-    DMOE_ASSIGN_OR_RETURN(float* q, scratch.Get<float>(n * H * dq));
+    // q [n, H*dq] (rows q_ld apart) and kva [n, r + dr] (rows a_width apart).
     const int64_t a_width = dl.a_proj.rows;
     DMOE_ASSIGN_OR_RETURN(float* a, scratch.Get<float>(n * a_width));
     DMOE_RETURN_IF_ERROR(Linear(hb, n, dl.a_proj, a, OutType::kF32));
     float* kva = a;
+    float* q = a + r + dr;  // without q_lora: a's last H*dq columns
+    int64_t q_ld = a_width;
     if (rq > 0) {
+      DMOE_ASSIGN_OR_RETURN(q, scratch.Get<float>(n * H * dq));
+      q_ld = H * dq;
       DMOE_ASSIGN_OR_RETURN(void* qa, Act(scratch, n * rq));
       RmsNormParams np;
       np.x = a;
@@ -578,8 +587,6 @@ class CudaBackend : public ComputeBackend {
       DMOE_RETURN_IF_ERROR(cuda::RmsNorm(np, S()));
       DMOE_RETURN_IF_ERROR(Linear(qa, n, dl.q_b, q, OutType::kF32));
       kva = a + rq;
-    } else {
-      DMOE_RETURN_IF_ERROR(Linear(hb, n, dl.q_proj, q, OutType::kF32));
     }
     // Latent: RMSNorm in place; k_pe: the raw slice, roped.
     RmsNormParams kp;
@@ -606,7 +613,7 @@ class CudaBackend : public ComputeBackend {
     DMOE_RETURN_IF_ERROR(ApplyRope(rk, S()));
     RopeParams rqp = rk;
     rqp.x = q;
-    rqp.ld = H * dq;
+    rqp.ld = q_ld;
     rqp.num_heads = H;
     rqp.head_stride = dq;
     rqp.offset = dn;
@@ -626,13 +633,13 @@ class CudaBackend : public ComputeBackend {
     // Absorbed queries: q_lat[t][h] = W_UK[h]^T q_nope[t][h], one grouped
     // GEMM over head-major rows (group h: rows h*n .. h*n + n - 1), and q_pe.
     DMOE_ASSIGN_OR_RETURN(void* q_nope, Act(scratch, H * n * dn));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, H * dq, q_nope, precision_, n * dn, dn, H, n, dn), S()));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q, dq, q_ld, q_nope, precision_, n * dn, dn, H, n, dn), S()));
     DMOE_ASSIGN_OR_RETURN(float* q_lat_hm, scratch.Get<float>(H * n * r));
     DMOE_RETURN_IF_ERROR(PerHead(q_nope, dl.w_uk_t.p, r * dn, q_lat_hm, r, dn, n, plan));
     DMOE_ASSIGN_OR_RETURN(void* q_lat, Act(scratch, n * H * r));
     DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q_lat_hm, r, n * r, q_lat, precision_, H * r, r, n, H, r), S()));
     DMOE_ASSIGN_OR_RETURN(void* q_pe, Act(scratch, n * H * dr));
-    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, H * dq, dq, q_pe, precision_, H * dr, dr, n, H, dr), S()));
+    DMOE_RETURN_IF_ERROR(StridedCopy(Permute(q + dn, q_ld, dq, q_pe, precision_, H * dr, dr, n, H, dr), S()));
 
     DMOE_ASSIGN_OR_RETURN(float* u, scratch.Get<float>(n * H * r));
     MlaAttentionParams mp;
@@ -794,7 +801,8 @@ class CudaBackend : public ComputeBackend {
   }
 
   absl::Status DeviceRoutedExperts(int64_t layer, const float* h, int64_t n, absl::Span<const float> serving_bias,
-                                   float* out, int32_t* host_topk_idx, int32_t* host_unbiased_topk_idx) override {
+                                   float* out, int32_t* host_topk_idx, int32_t* host_unbiased_topk_idx,
+                                   float* shared_out) override {
     if (!RoutesOnDevice(layer)) {
       return absl::FailedPreconditionError(absl::StrCat("cuda: layer ", layer, " cannot be routed on the device"));
     }
@@ -813,6 +821,33 @@ class CudaBackend : public ComputeBackend {
       return host_topk_idx == nullptr ? absl::OkStatus() : CopyToHostLater(nullptr, n * k * 4, host_topk_idx);
     }
     const DevLayer& dl = layers_[layer];
+    // The shared experts on the side stream, beside the router, gate and
+    // routed experts (small GEMMs that leave most of the GPU idle); joined
+    // before this returns, so the caller's stream order holds.
+    bool forked = false;
+    if (shared_out != nullptr && dl.shared_gate_up.p == nullptr) {
+      DMOE_CUDA_CALL(cudaMemsetAsync(shared_out, 0, static_cast<size_t>(n * c.hidden_size) * sizeof(float), stream_));
+    } else if (shared_out != nullptr) {
+      DMOE_CUDA_CALL(cudaEventRecord(side_fork_, stream_));
+      DMOE_CUDA_CALL(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
+      forked = true;
+      absl::Status st = Mlp(dl.shared_gate_up, dl.shared_down, h, n, shared_out, side_stream_, side_blas_.get());
+      DMOE_CUDA_CALL(cudaEventRecord(side_join_, side_stream_));
+      if (!st.ok()) {
+        DMOE_CUDA_CALL(cudaStreamWaitEvent(stream_, side_join_, 0));
+        return st;
+      }
+    }
+    absl::Status st = RoutedOnDevice(dl, h, n, serving_bias, out, host_topk_idx, host_unbiased_topk_idx);
+    if (forked) DMOE_CUDA_CALL(cudaStreamWaitEvent(stream_, side_join_, 0));
+    return st;
+  }
+
+  // DeviceRoutedExperts' routed part on stream_.
+  absl::Status RoutedOnDevice(const DevLayer& dl, const float* h, int64_t n, absl::Span<const float> serving_bias,
+                              float* out, int32_t* host_topk_idx, int32_t* host_unbiased_topk_idx) {
+    const ModelConfig& c = config();
+    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
     Scratch scratch(stream_);
     DMOE_ASSIGN_OR_RETURN(float* logits, scratch.Get<float>(n * E));
     DMOE_RETURN_IF_ERROR(RouterProduct(dl, h, n, logits));
@@ -1108,6 +1143,10 @@ class CudaBackend : public ComputeBackend {
     uint64_t threshold = std::numeric_limits<uint64_t>::max();
     DMOE_CUDA_CALL(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
     DMOE_ASSIGN_OR_RETURN(blas_, BlasHandle::Create());
+    DMOE_CUDA_CALL(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&side_fork_, cudaEventDisableTiming));
+    DMOE_CUDA_CALL(cudaEventCreateWithFlags(&side_join_, cudaEventDisableTiming));
+    DMOE_ASSIGN_OR_RETURN(side_blas_, BlasHandle::Create());
     DMOE_CUBLAS_CALL(cublasCreate(&sgemm_));
     DMOE_CUBLAS_CALL(cublasSetStream(sgemm_, stream_));
     // Its own workspace: a captured step graph must not allocate one.
@@ -1230,12 +1269,12 @@ class CudaBackend : public ComputeBackend {
   }
 
   // Row-major logits [n, E] = h [n, D] · router [E, D]^T in float32 (no
-  // TF32): dmoe's router kernel (a cuBLAS SGEMM of these shapes, E = 64 and
-  // n <= 256, ran 5-20 us, mostly one latency-bound kernel), cuBLAS SGEMM
-  // (the pedantic handle) where D % 4 != 0.
+  // TF32): at decode sizes dmoe's router kernel (cuBLAS SGEMM of E = 64 and
+  // n <= 256 ran 5-20 us in one latency-bound kernel); cuBLAS SGEMM (the
+  // pedantic handle) for prefill sizes and where D % 4 != 0.
   absl::Status RouterProduct(const DevLayer& dl, const float* h, int64_t n, float* logits) {
     const int E = static_cast<int>(config().n_routed_experts), D = static_cast<int>(config().hidden_size);
-    if (D % 4 == 0) return RouterLogitsF32(h, n, D, dl.router, E, logits, S());
+    if (D % 4 == 0 && n <= kRouterKernelMaxTokens) return RouterLogitsF32(h, n, D, dl.router, E, logits, S());
     const float one = 1.0f, zero = 0.0f;
     DMOE_CUBLAS_CALL(cublasSgemm(sgemm_, CUBLAS_OP_T, CUBLAS_OP_N, E, static_cast<int>(n), D, &one, dl.router, D, h, D,
                                  &zero, logits, E));
@@ -1244,10 +1283,11 @@ class CudaBackend : public ComputeBackend {
 
   // A float32 activation [count] as a GEMM input of the backend's precision:
   // itself, or a bf16 copy in `scratch`.
-  absl::StatusOr<const void*> GemmInput(Scratch& scratch, const float* x, int64_t count) {
+  absl::StatusOr<const void*> GemmInput(Scratch& scratch, const float* x, int64_t count,
+                                        cudaStream_t stream = nullptr) {
     if (precision_ == OutType::kF32) return static_cast<const void*>(x);
     DMOE_ASSIGN_OR_RETURN(uint16_t* b, scratch.Get<uint16_t>(count));
-    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(x, count, b, S()));
+    DMOE_RETURN_IF_ERROR(ConvertF32ToBf16(x, count, b, AsStream(stream != nullptr ? stream : stream_)));
     return static_cast<const void*>(b);
   }
   // Room for `count` activations of the backend's precision.
@@ -1281,8 +1321,10 @@ class CudaBackend : public ComputeBackend {
     return logits;
   }
 
-  // out[n, w.rows] = a[n, w.cols] · w^T (a of w's type).
-  absl::Status Linear(const void* a, int64_t n, const DevMat& w, void* out, OutType out_type) {
+  // out[n, w.rows] = a[n, w.cols] · w^T (a of w's type), on stream_ with
+  // blas_ unless given.
+  absl::Status Linear(const void* a, int64_t n, const DevMat& w, void* out, OutType out_type,
+                      cudaStream_t stream = nullptr, BlasHandle* blas = nullptr) {
     GemmParams g;
     g.a = a;
     g.b = w.p;
@@ -1292,20 +1334,24 @@ class CudaBackend : public ComputeBackend {
     g.m = n;
     g.n = w.rows;
     g.k = w.cols;
-    return Gemm(*blas_, g, S());
+    return Gemm(blas != nullptr ? *blas : *blas_, g, AsStream(stream != nullptr ? stream : stream_));
   }
 
-  // SwiGLU MLP with the fused gate_up weight [2I, D] and down [D, I].
-  absl::Status Mlp(const DevMat& gate_up, const DevMat& down, const float* h, int64_t n, float* out) {
+  // SwiGLU MLP with the fused gate_up weight [2I, D] and down [D, I], on
+  // `stream` with `blas` (stream_ and blas_ unless given).
+  absl::Status Mlp(const DevMat& gate_up, const DevMat& down, const float* h, int64_t n, float* out,
+                   cudaStream_t stream = nullptr, BlasHandle* blas = nullptr) {
     if (n == 0) return absl::OkStatus();
+    if (stream == nullptr) stream = stream_;
+    if (blas == nullptr) blas = blas_.get();
     const int64_t D = config().hidden_size, I = down.cols;
-    Scratch scratch(stream_);
-    DMOE_ASSIGN_OR_RETURN(const void* hb, GemmInput(scratch, h, n * D));
+    Scratch scratch(stream);
+    DMOE_ASSIGN_OR_RETURN(const void* hb, GemmInput(scratch, h, n * D, stream));
     DMOE_ASSIGN_OR_RETURN(float* gu, scratch.Get<float>(n * 2 * I));
-    DMOE_RETURN_IF_ERROR(Linear(hb, n, gate_up, gu, OutType::kF32));
+    DMOE_RETURN_IF_ERROR(Linear(hb, n, gate_up, gu, OutType::kF32, stream, blas));
     DMOE_ASSIGN_OR_RETURN(void* act, Act(scratch, n * I));
-    DMOE_RETURN_IF_ERROR(SiluMul(gu, n, I, act, precision_, S()));
-    return Linear(act, n, down, out, OutType::kF32);
+    DMOE_RETURN_IF_ERROR(SiluMul(gu, n, I, act, precision_, AsStream(stream)));
+    return Linear(act, n, down, out, OutType::kF32, stream, blas);
   }
 
   absl::StatusOr<DevMat> NewMat(int64_t rows, int64_t cols) {
@@ -1382,7 +1428,7 @@ class CudaBackend : public ComputeBackend {
                                                     hl ? &hl->input_layernorm : nullptr, D));
         DMOE_ASSIGN_OR_RETURN(dl.post_norm, NewVec(src, p + "post_attention_layernorm.weight",
                                                    hl ? &hl->post_attention_layernorm : nullptr, D));
-        DMOE_ASSIGN_OR_RETURN(dl.a_proj, NewMat((rq > 0 ? rq : 0) + r + dr, D));
+        DMOE_ASSIGN_OR_RETURN(dl.a_proj, NewMat(rq > 0 ? rq + r + dr : r + dr + H * dq, D));
         if (rq > 0) {
           DMOE_RETURN_IF_ERROR(src.Matrix(a + "q_a_proj.weight", hl ? &hl->attn.q_a_proj : nullptr, rq, D, dl.a_proj.p,
                                           precision_));
@@ -1390,7 +1436,8 @@ class CudaBackend : public ComputeBackend {
                                                     hl ? &hl->attn.q_a_layernorm : nullptr, rq));
           DMOE_ASSIGN_OR_RETURN(dl.q_b, LoadMat(src, a + "q_b_proj.weight", hl ? &hl->attn.q_b_proj : nullptr, H * dq, rq));
         } else {
-          DMOE_ASSIGN_OR_RETURN(dl.q_proj, LoadMat(src, a + "q_proj.weight", hl ? &hl->attn.q_proj : nullptr, H * dq, D));
+          DMOE_RETURN_IF_ERROR(src.Matrix(a + "q_proj.weight", hl ? &hl->attn.q_proj : nullptr, H * dq, D,
+                                          dl.a_proj.at((r + dr) * D), precision_));
         }
         DMOE_RETURN_IF_ERROR(src.Matrix(a + "kv_a_proj_with_mqa.weight", hl ? &hl->attn.kv_a_proj_with_mqa : nullptr,
                                         r + dr, D, dl.a_proj.at((rq > 0 ? rq : 0) * D), precision_));
@@ -1470,6 +1517,12 @@ class CudaBackend : public ComputeBackend {
   std::mutex mu_;  // the cuBLAS handles are used by one thread at a time
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<BlasHandle> blas_;
+  // The shared experts' stream (beside the routed experts on stream_, in
+  // DeviceRoutedExperts), its own cuBLASLt handle and workspace, and the
+  // fork / join events.
+  cudaStream_t side_stream_ = nullptr;
+  std::unique_ptr<BlasHandle> side_blas_;
+  cudaEvent_t side_fork_ = nullptr, side_join_ = nullptr;
   cublasHandle_t sgemm_ = nullptr;
   cudaEvent_t router_done_ = nullptr;  // the router logits' copy back
   void* router_staging_ = nullptr;     // pinned host memory for them

@@ -181,38 +181,47 @@ __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
 }
 
 
+// Block (expert pair, token pair): its 8 warps split d into 8 ranges, lanes
+// stride 4 floats, then warps and ranges are summed in a fixed order
+// (decode sizes: a short dependent chain per thread, not d / 128 turns).
 constexpr int kRouterWarps = 8;
 __global__ void __launch_bounds__(kRouterWarps * 32)
     RouterLogitsKernel(const float* x, int64_t n, int64_t d, const float* w, int64_t E, float* logits) {
+  __shared__ float partial[kRouterWarps][4];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t e0 = (int64_t{blockIdx.x} * kRouterWarps + warp) * 2, t0 = int64_t{blockIdx.y} * 2;
-  if (e0 >= E) return;
-  const int64_t d4 = d / 4;
+  const int64_t e0 = int64_t{blockIdx.x} * 2, t0 = int64_t{blockIdx.y} * 2;
+  const int64_t d4 = d / 4, per_warp = CeilDiv(d4, kRouterWarps);
+  const int64_t i0 = warp * per_warp, i1 = i0 + per_warp < d4 ? i0 + per_warp : d4;
   // Rows past the end read row 0 and are not written.
-  const float4* we[2] = {reinterpret_cast<const float4*>(w + e0 * d),
-                         reinterpret_cast<const float4*>(w + (e0 + 1 < E ? e0 + 1 : e0) * d)};
-  const float4* xt[2] = {reinterpret_cast<const float4*>(x + t0 * d),
-                         reinterpret_cast<const float4*>(x + (t0 + 1 < n ? t0 + 1 : t0) * d)};
-  float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [expert][token]
-#pragma unroll 4
-  for (int64_t i = lane; i < d4; i += 32) {
-    const float4 a0 = we[0][i], a1 = we[1][i], b0 = xt[0][i], b1 = xt[1][i];
-    acc[0][0] += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
-    acc[0][1] += a0.x * b1.x + a0.y * b1.y + a0.z * b1.z + a0.w * b1.w;
-    acc[1][0] += a1.x * b0.x + a1.y * b0.y + a1.z * b0.z + a1.w * b0.w;
-    acc[1][1] += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+  const float4* we0 = reinterpret_cast<const float4*>(w + e0 * d);
+  const float4* we1 = reinterpret_cast<const float4*>(w + (e0 + 1 < E ? e0 + 1 : e0) * d);
+  const float4* xt0 = reinterpret_cast<const float4*>(x + t0 * d);
+  const float4* xt1 = reinterpret_cast<const float4*>(x + (t0 + 1 < n ? t0 + 1 : t0) * d);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (e0,t0) (e0,t1) (e1,t0) (e1,t1)
+#pragma unroll 2
+  for (int64_t i = i0 + lane; i < i1; i += 32) {
+    const float4 a0 = we0[i], a1 = we1[i], b0 = xt0[i], b1 = xt1[i];
+    acc[0] += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
+    acc[1] += a0.x * b1.x + a0.y * b1.y + a0.z * b1.z + a0.w * b1.w;
+    acc[2] += a1.x * b0.x + a1.y * b0.y + a1.z * b0.z + a1.w * b0.w;
+    acc[3] += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
   }
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int j = 0; j < 4; ++j) {
+    for (int o = 16; o > 0; o /= 2) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+  }
+  if (lane == 0) {
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
-      for (int o = 16; o > 0; o /= 2) acc[a][b] += __shfl_xor_sync(0xffffffffu, acc[a][b], o);
-  if (lane != 0) return;
+    for (int j = 0; j < 4; ++j) partial[warp][j] = acc[j];
+  }
+  __syncthreads();
+  if (threadIdx.x >= 4) return;
+  const int j = threadIdx.x;
+  float sum = 0.f;
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-      if (e0 + a < E && t0 + b < n) logits[(t0 + b) * E + e0 + a] = acc[a][b];
+  for (int w8 = 0; w8 < kRouterWarps; ++w8) sum += partial[w8][j];
+  const int64_t e = e0 + j / 2, t = t0 + j % 2;
+  if (e < E && t < n) logits[t * E + e] = sum;
 }
 
 // One block per token; T: the cache's element (bf16 bits or float).
@@ -296,7 +305,8 @@ absl::Status RouterLogitsF32(const float* x, int64_t n, int64_t d, const float* 
                       "RouterLogitsF32: x and w 16-byte aligned");
   DMOE_CUDA_CHECK_ARG(n < (int64_t{1} << 17), "RouterLogitsF32: n < 2^17");
   if (n <= 0) return absl::OkStatus();
-  const dim3 grid(static_cast<unsigned>(CeilDiv(num_experts, 2 * kRouterWarps)), static_cast<unsigned>(CeilDiv(n, 2)));
+  DMOE_CUDA_CHECK_ARG(num_experts < (int64_t{1} << 31), "RouterLogitsF32: num_experts < 2^31");
+  const dim3 grid(static_cast<unsigned>(CeilDiv(num_experts, 2)), static_cast<unsigned>(CeilDiv(n, 2)));
   RouterLogitsKernel<<<grid, kRouterWarps * 32, 0, AsStream(stream)>>>(x, n, d, w, num_experts, logits);
   return LaunchStatus("RouterLogitsKernel");
 }

@@ -170,9 +170,10 @@ MoeGateParams GateParamsFor(const ModelConfig& config);
 absl::Status ArgmaxRows(const float* logits, int64_t n, int64_t vocab, int32_t* out, Stream stream);
 
 // The MoE router's float32 product: logits[t][e] = sum_d x[t][d] * w[e][d]
-// for x [n, d] and w [E, d] (row-major, 16-byte aligned, d % 4 == 0). Each
-// warp sums a 2-expert x 2-token tile, lanes over d in strides of 4, then
-// across lanes in a fixed order: deterministic, no TF32.
+// for x [n, d] and w [E, d] (row-major, 16-byte aligned, d % 4 == 0). A
+// block sums a 2-expert x 2-token tile, its warps over 8 ranges of d, lanes
+// in strides of 4, then across lanes and ranges in a fixed order:
+// deterministic, no TF32. Meant for decode sizes (n up to a few hundred).
 absl::Status RouterLogitsF32(const float* x, int64_t n, int64_t d, const float* w, int64_t num_experts, float* logits,
                              Stream stream);
 

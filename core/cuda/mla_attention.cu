@@ -467,7 +467,9 @@ int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_co
     const int64_t blocks = num_queries * CeilDiv(num_heads, small ? 16 : 64);
     const int64_t sms = int64_t{NumSms()} * (small ? MlaCfg<16>::kBlocksPerSm : MlaCfg<64>::kBlocksPerSm);
     splits = blocks >= sms ? 1 : sms / (blocks > 0 ? blocks : 1);
-    const int64_t by_work = tiles / 4;  // keep >= 4 tiles (128 tokens) per split
+    // At least one tile per split: with few blocks (small batches) the
+    // latency of a split's tiles in a row is what the step waits for.
+    const int64_t by_work = tiles;
     if (splits > by_work) splits = by_work;
   }
   if (splits > tiles) splits = tiles;
