@@ -69,11 +69,18 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
 // BK = 64: each weight row contributes 128 contiguous bytes per stage (32
 // gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
 // decode shapes).
-constexpr int kBN = 128, kBK = 64, kGStages = 3, kGThreads = 128;
+constexpr int kBN = 128, kBK = 64, kGThreads = 128;
+// Pipeline depth: 3 stages for 16-row tiles (3 blocks of 62 KB per SM);
+// 4 for 64-row tiles, whose 2 blocks per SM fit 4 stages (110 KB each) as
+// well as 3, so the extra stage in flight costs no occupancy.
+template <int BM>
+constexpr int GemmStages() {
+  return BM == 64 ? 4 : 3;
+}
 constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
 template <int BM>
 constexpr size_t GemmSmemBytes() {
-  return size_t{kGStages} * (BM + kBN) * kGStride * 2;
+  return size_t{GemmStages<BM>()} * (BM + kBN) * kGStride * 2;
 }
 constexpr int kMaxGroups = 1024;
 
@@ -105,6 +112,7 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // BM 16 -> 1 x 4 warps of 16 x 32.
 template <int BM>
 __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
+  constexpr int kGStages = GemmStages<BM>();
   constexpr int MT = BM == 64 ? 2 : 1;     // m16 tiles per warp
   constexpr int WARPS_M = BM / (16 * MT);  // 2 or 1
   constexpr int WARPS_N = 4 / WARPS_M;     // 2 or 4
