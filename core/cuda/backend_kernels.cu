@@ -177,38 +177,19 @@ __global__ void MlaAnyDimsKernel(MlaAttentionParams p) {
 
 __device__ __forceinline__ float Clean(float v) { return isnan(v) ? -INFINITY : v; }
 
-// One block per row; kUnroll loads in flight per thread (one SM reads the
-// whole row: latency-bound with one load at a time).
-constexpr int kUnroll = 8;
-
-// f(v) over a row's cleaned logits, kUnroll independent loads at a time.
-template <typename F>
-__device__ __forceinline__ void ForRow(const float* row, int64_t vocab, F f) {
-  const int64_t step = int64_t{blockDim.x} * kUnroll;
-  for (int64_t base = threadIdx.x; base < vocab; base += step) {
-    float v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + int64_t{u} * blockDim.x;
-      v[u] = i < vocab ? Clean(row[i]) : -INFINITY;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) f(v[u]);
-  }
-}
-
+// One block per row (ForEachInRow: several loads in flight per thread).
 __global__ void TokenLogprobsKernel(const float* logits, int64_t vocab, const int32_t* tokens, float* out) {
   __shared__ float scratch[32];
   const float* row = logits + blockIdx.x * vocab;
   float mx = -INFINITY;
-  ForRow(row, vocab, [&](float v) { mx = fmaxf(mx, v); });
+  ForEachInRow(row, vocab, [&](float v, int64_t) { mx = fmaxf(mx, Clean(v)); });
   mx = BlockReduce<true>(mx, scratch);
   const float mine = Clean(row[tokens[blockIdx.x]]);
   float acc = 0.f;
-  if (isinf(mx) && mx > 0) {  // the +inf tokens share the mass (padding is -inf: never counted)
-    ForRow(row, vocab, [&](float v) { acc += v == mx ? 1.f : 0.f; });
+  if (isinf(mx) && mx > 0) {  // the +inf tokens share the mass
+    ForEachInRow(row, vocab, [&](float v, int64_t) { acc += Clean(v) == mx ? 1.f : 0.f; });
   } else if (isfinite(mx)) {
-    ForRow(row, vocab, [&](float v) { acc += expf(v - mx); });
+    ForEachInRow(row, vocab, [&](float v, int64_t) { acc += expf(Clean(v) - mx); });
   }
   acc = BlockReduce<false>(acc, scratch);
   if (threadIdx.x == 0) {

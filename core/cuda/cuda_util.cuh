@@ -37,6 +37,27 @@ __device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// f(row[i], i) for every i < n, the block's threads striding over the row
+// with kUnroll independent loads in flight each (one block reading a whole
+// vocabulary row is latency-bound with one load at a time).
+template <int kUnroll = 8, typename F>
+__device__ __forceinline__ void ForEachInRow(const float* row, int64_t n, F f) {
+  const int64_t step = int64_t{blockDim.x} * kUnroll;
+  for (int64_t base = threadIdx.x; base < n; base += step) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + int64_t{u} * blockDim.x;
+      v[u] = i < n ? row[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + int64_t{u} * blockDim.x;
+      if (i < n) f(v[u], i);
+    }
+  }
+}
+
 }  // namespace dmoe::cuda
 
 #endif  // DMOE_CORE_CUDA_CUDA_UTIL_CUH_

@@ -133,27 +133,12 @@ __device__ __forceinline__ void ArgmaxMerge(float& best, int32_t& arg, float v, 
   }
 }
 
-// One block per row; each thread keeps kUnroll loads in flight (a vocab row
-// is ~400 KB read by one SM: latency-bound with one load at a time).
-constexpr int kRowUnroll = 8;
-
+// One block per row (ForEachInRow: several loads in flight per thread).
 __global__ void ArgmaxKernel(const float* logits, int64_t vocab, int32_t* out) {
   const float* row = logits + blockIdx.x * vocab;
   float best = -INFINITY;
   int32_t arg = INT32_MAX;
-  const int64_t step = int64_t{blockDim.x} * kRowUnroll;
-  for (int64_t base = threadIdx.x; base < vocab; base += step) {
-    float v[kRowUnroll];
-#pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      const int64_t i = base + int64_t{u} * blockDim.x;
-      v[u] = i < vocab ? row[i] : -INFINITY;
-    }
-#pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      ArgmaxMerge(best, arg, v[u], static_cast<int32_t>(base + int64_t{u} * blockDim.x));
-    }
-  }
+  ForEachInRow(row, vocab, [&](float v, int64_t i) { ArgmaxMerge(best, arg, v, static_cast<int32_t>(i)); });
   for (int o = 16; o > 0; o /= 2) {
     const float ob = __shfl_xor_sync(0xffffffffu, best, o);
     const int32_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
