@@ -41,6 +41,16 @@ __device__ float BlockSum(float v) {
   return s;
 }
 
+// Element i of the block's row of out: w[i] * x * inv in out_type.
+__device__ __forceinline__ void StoreNormed(const RmsNormParams& p, int64_t i, float x, float inv) {
+  const float v = p.w[i] * (x * inv);
+  if (p.out_type == OutType::kF32) {
+    static_cast<float*>(p.out)[blockIdx.x * p.ldo + i] = v;
+  } else {
+    static_cast<uint16_t*>(p.out)[blockIdx.x * p.ldo + i] = FloatToBf16Bits(v);
+  }
+}
+
 // One block per row. Each thread holds its kPer elements in registers
 // (loaded all at once, not one dependent load per loop turn: a row is
 // latency-bound at decode sizes), so the row is read once.
@@ -63,12 +73,7 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormParams p) {
   for (int j = 0; j < kPer; ++j) {
     const int i = threadIdx.x + j * kThreads;
     if (i >= d) break;
-    const float o = p.w[i] * (v[j] * inv);
-    if (p.out_type == OutType::kF32) {
-      static_cast<float*>(p.out)[blockIdx.x * p.ldo + i] = o;
-    } else {
-      static_cast<uint16_t*>(p.out)[blockIdx.x * p.ldo + i] = FloatToBf16Bits(o);
-    }
+    StoreNormed(p, i, v[j], inv);
   }
 }
 
@@ -79,14 +84,7 @@ __global__ void RmsNormWideKernel(RmsNormParams p) {
   for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) ss += x[i] * x[i];
   ss = BlockSum(ss);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d) + p.eps);
-  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
-    const float v = p.w[i] * (x[i] * inv);
-    if (p.out_type == OutType::kF32) {
-      static_cast<float*>(p.out)[blockIdx.x * p.ldo + i] = v;
-    } else {
-      static_cast<uint16_t*>(p.out)[blockIdx.x * p.ldo + i] = FloatToBf16Bits(v);
-    }
-  }
+  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) StoreNormed(p, i, x[i], inv);
 }
 
 // One thread per (row, head, pair).
