@@ -148,6 +148,21 @@ if [ "$built" = 1 ] && [ -x "$bin/decode_step_bench" ] && command -v ncu > /dev/
     python3 bench/gpu/ncu_summary.py /tmp/ncu_$phase$batch.csv --steps "$steps" \
       --title "$phase, batch $batch (eager; $steps step(s) captured)" --sequence 70 >> "$out/profile.md" 2>&1
   done
+  # What limits the big kernels: ncu's speed-of-light, occupancy and warp
+  # stall sections for layer 1's routed-expert GEMMs (the 5th and 6th
+  # grouped GEMM launches) and one MLA launch, in prefill and at batch 64.
+  for spec in "prefill:4:GroupedGemmKernel:4:2" "decode:64:GroupedGemmKernel:4:2" "decode:64:MlaAttentionKernel:1:1" \
+              "prefill:4:MlaAttentionKernel:1:1"; do
+    IFS=: read -r phase batch kernel skip count <<< "$spec"
+    [ "$(left)" -lt 60 ] && { note "- kernel detail $phase $kernel: SKIPPED (budget)"; continue; }
+    { echo; echo "## ncu detail: $kernel, $phase, batch $batch (launches $skip+ of the captured phase)"; echo; echo '```'
+      timeout 120 ncu --clock-control none --profile-from-start off -k "regex:$kernel" --launch-skip "$skip" \
+        --launch-count "$count" --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section LaunchStats \
+        "$bin/decode_step_bench" --batches "$batch" --modes eager --warmup 0 --steps 1 --prefill-seqs 4 \
+        --profile "$phase" 2>&1 | grep -vE '^\{|^==PROF== (Connected|Disconnected)' | tail -150
+      echo '```'; } >> "$out/profile.md"
+  done
 fi
 copy_gbps=$(python3 -c "import json;print(json.load(open('$out/gpu_kernel_bench.json'))['copy']['gbps_read_plus_write'])" 2>/dev/null || echo 0)
 if stage torch_baseline 60; then
