@@ -78,14 +78,18 @@ inline int64_t PaddedPagesPerSequence(int64_t pages) {
 
 // What fixes a decode step's device graph: tokens (one per sequence), the
 // block-table width in pages (a bucket, >= every sequence's pages), whether
-// the routing record is copied back, and the latent cache it writes (its
-// storage, LatentCache::storage()).
+// the routing record is copied back, whether every MoE layer routes with a
+// serving bias (its values are inputs of each replay; then the record holds
+// the unbiased choices too), and the latent cache it writes (its storage,
+// LatentCache::storage()).
 struct StepGraphKey {
   int64_t tokens = 0;
   int64_t max_pages = 0;
   bool record_routing = false;
+  bool serving_bias = false;
+  bool record_unbiased = false;  // the unbiased choices copied back (with a serving bias)
   const void* cache = nullptr;
-  auto tie() const { return std::tie(tokens, max_pages, record_routing, cache); }
+  auto tie() const { return std::tie(tokens, max_pages, record_routing, serving_bias, record_unbiased, cache); }
   bool operator<(const StepGraphKey& o) const { return tie() < o.tie(); }
   bool operator==(const StepGraphKey& o) const { return tie() == o.tie(); }
 };
@@ -213,7 +217,8 @@ class ComputeBackend {
   // meanwhile belong to the graph. EndStepGraph launches it, waits, and
   // completes the promised host copies (greedy tokens, routing record).
   // REQUIRES for a key: one token per sequence, greedy-only rows, every MoE
-  // layer routed on the device, no serving bias.
+  // layer routed on the device, a serving bias on every MoE layer or none
+  // (as key.serving_bias says).
   virtual bool SupportsStepGraphs() const { return false; }
   virtual absl::Status BeginStepGraph(const StepGraphKey& key) {
     return absl::UnimplementedError(absl::StrCat(name(), ": no step graphs"));

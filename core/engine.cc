@@ -312,14 +312,22 @@ std::optional<StepGraphKey> Engine::GraphKeyFor(const std::vector<StepSequence>&
     if (s.tokens.size() != 1 || !s.greedy_only || s.all_logits) return std::nullopt;
     max_pages = std::max<int64_t>(max_pages, static_cast<int64_t>(cache.BlockTable(s.seq).size()));
   }
+  // A serving bias on every MoE layer or on none (its values change from
+  // replay to replay; which layers have one fixes the graph).
+  int64_t moe_layers = 0, biased = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    if (c.is_moe_layer(l) && !RoutesOnDevice(l, experts)) return std::nullopt;
-    if (!ServingBias(routing, l).empty()) return std::nullopt;
+    if (!c.is_moe_layer(l)) continue;
+    if (!RoutesOnDevice(l, experts)) return std::nullopt;
+    ++moe_layers;
+    biased += ServingBias(routing, l).empty() ? 0 : 1;
   }
+  if (biased != 0 && biased != moe_layers) return std::nullopt;
   StepGraphKey key;
   key.tokens = static_cast<int64_t>(batch.size());
   key.max_pages = PaddedPagesPerSequence(max_pages);
   key.record_routing = routing.topk_idx_out != nullptr;
+  key.serving_bias = biased > 0;
+  key.record_unbiased = key.serving_bias && routing.unbiased_topk_idx_out != nullptr;
   key.cache = cache.storage();
   std::lock_guard<std::mutex> lock(graph_mu_);
   if (failed_graph_keys_.contains(key)) return std::nullopt;

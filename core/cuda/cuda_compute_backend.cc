@@ -814,10 +814,21 @@ class CudaBackend : public ComputeBackend {
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
     if (n == 0) return absl::OkStatus();
-    if (graph_ != nullptr && !serving_bias.empty()) {
-      return absl::FailedPreconditionError("cuda: a step graph takes no serving bias");
+    if (graph_ != nullptr && serving_bias.empty() == graph_key_.serving_bias) {
+      return absl::FailedPreconditionError(absl::StrCat("cuda: a step graph captured ",
+                                                        graph_key_.serving_bias ? "with" : "without",
+                                                        " a serving bias, called ", serving_bias.empty() ? "without" : "with"));
     }
-    if (Replaying()) {  // the graph computes; only the record's host copy is due
+    if (Replaying()) {
+      // The graph computes; due are this step's serving bias, staged, and
+      // the record's host copies, in the capture's order (RoutedOnDevice).
+      Scratch unused(stream_);
+      if (!serving_bias.empty()) {
+        DMOE_RETURN_IF_ERROR(UploadBytes(unused, serving_bias.data(), serving_bias.size() * sizeof(float)).status());
+        if (host_unbiased_topk_idx != nullptr) {
+          DMOE_RETURN_IF_ERROR(CopyToHostLater(nullptr, n * k * 4, host_unbiased_topk_idx));
+        }
+      }
       return host_topk_idx == nullptr ? absl::OkStatus() : CopyToHostLater(nullptr, n * k * 4, host_topk_idx);
     }
     const DevLayer& dl = layers_[layer];
@@ -858,11 +869,16 @@ class CudaBackend : public ComputeBackend {
     g.n = n;
     g.correction_bias = c.model_type == ModelType::kDeepseekV3 ? dl.correction_bias : nullptr;
     if (!serving_bias.empty()) {
-      DMOE_ASSIGN_OR_RETURN(float* dev_bias, scratch.Get<float>(E));
-      DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(static_cast<size_t>(E) * 4));
-      std::memcpy(staged, serving_bias.data(), static_cast<size_t>(E) * 4);
-      DMOE_CUDA_CALL(cudaMemcpyAsync(dev_bias, staged, static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, stream_));
-      g.serving_bias = dev_bias;
+      if (graph_ != nullptr) {
+        DMOE_ASSIGN_OR_RETURN(void* dev_bias, UploadBytes(scratch, serving_bias.data(), static_cast<size_t>(E) * 4));
+        g.serving_bias = static_cast<const float*>(dev_bias);
+      } else {  // through the pinned ring: an asynchronous copy that does not wait for the stream
+        DMOE_ASSIGN_OR_RETURN(float* dev_bias, scratch.Get<float>(E));
+        DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(static_cast<size_t>(E) * 4));
+        std::memcpy(staged, serving_bias.data(), static_cast<size_t>(E) * 4);
+        DMOE_CUDA_CALL(cudaMemcpyAsync(dev_bias, staged, static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, stream_));
+        g.serving_bias = dev_bias;
+      }
     }
     g.topk_idx = idx;
     g.topk_weights = w;
@@ -1057,9 +1073,12 @@ class CudaBackend : public ComputeBackend {
     const size_t n = static_cast<size_t>(key.tokens), D = static_cast<size_t>(c.hidden_size);
     const size_t ints = 6 * n + n * static_cast<size_t>(key.max_pages) + static_cast<size_t>(c.num_attention_heads) + 1;
     auto g = std::make_unique<StepGraph>();
-    g->device_bytes = Align256(8 * n * D * sizeof(float) + ints * 4 + (64 << 10));
-    g->pinned_bytes = Align256(ints * 4 + static_cast<size_t>(c.num_hidden_layers * c.num_experts_per_tok) * n * 4 +
-                               16 * n + (64 << 10));
+    // With a serving bias: each layer's bias staged, and the unbiased record.
+    const size_t layers = static_cast<size_t>(c.num_hidden_layers);
+    const size_t biases = key.serving_bias ? layers * Align256(static_cast<size_t>(c.n_routed_experts) * 4) : 0;
+    const size_t record = layers * static_cast<size_t>(c.num_experts_per_tok) * n * 4;
+    g->device_bytes = Align256(8 * n * D * sizeof(float) + ints * 4 + biases + (64 << 10));
+    g->pinned_bytes = Align256(ints * 4 + (key.serving_bias ? 2 : 1) * record + biases + 16 * n + (64 << 10));
     DMOE_CUDA_CALL(cudaMalloc(&g->device, g->device_bytes));
     void* pinned = nullptr;
     DMOE_CUDA_CALL(cudaMallocHost(&pinned, g->pinned_bytes));
@@ -1177,23 +1196,26 @@ class CudaBackend : public ComputeBackend {
     return static_cast<char*>(upload_staging_);
   }
 
-  absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {
-    if (graph_ != nullptr) {  // staged in the graph's pinned memory; its copy is a node of the graph
-      const size_t bytes = values.size() * sizeof(int32_t);
+  // `bytes` of host memory in device memory for the operation: in a step
+  // graph, staged in its pinned memory (the copy a node of the graph, so a
+  // replay copies what was staged for it); else a copy into `scratch`.
+  absl::StatusOr<void*> UploadBytes(Scratch& scratch, const void* host, size_t bytes) {
+    if (graph_ != nullptr) {
       DMOE_ASSIGN_OR_RETURN(char* staged, GraphPinned(bytes));
-      if (!values.empty()) std::memcpy(staged, values.data(), bytes);
+      if (bytes > 0) std::memcpy(staged, host, bytes);
       DMOE_ASSIGN_OR_RETURN(void* dev, GraphDevice(bytes));
       if (capturing_ && bytes > 0) {
         DMOE_CUDA_CALL(cudaMemcpyAsync(dev, staged, bytes, cudaMemcpyHostToDevice, stream_));
       }
-      return static_cast<int32_t*>(dev);
+      return dev;
     }
-    DMOE_ASSIGN_OR_RETURN(int32_t* dev, scratch.Get<int32_t>(static_cast<int64_t>(values.size())));
-    if (!values.empty()) {
-      DMOE_CUDA_CALL(cudaMemcpyAsync(dev, values.data(), values.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                                     stream_));
-    }
+    DMOE_ASSIGN_OR_RETURN(void* dev, scratch.Bytes(bytes));
+    if (bytes > 0) DMOE_CUDA_CALL(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream_));
     return dev;
+  }
+  absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {
+    DMOE_ASSIGN_OR_RETURN(void* dev, UploadBytes(scratch, values.data(), values.size() * sizeof(int32_t)));
+    return static_cast<int32_t*>(dev);
   }
 
   // dst[a][b][c] = src[a][b][c] with the given strides (a < na, b < nb, c < nc).

@@ -512,6 +512,81 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
               static_cast<long long>(differing));
 }
 
+// With a serving bias pushed (balancing on), decode steps still replay
+// graphs, and each replay routes with the bias of its own step: the bias
+// changes every 5 steps here and the graph steps' tokens, log-probabilities
+// and both routing records (biased and unbiased) equal the eager steps'.
+TEST_F(CudaEngineTest, DecodeStepGraphsTakeEachStepsServingBias) {
+  SyntheticModelOptions o;
+  o.preset = "v2-lite-shape";
+  o.num_layers = 3;
+  auto text = SyntheticConfigJson(o);
+  ASSERT_TRUE(text.ok());
+  auto config = ModelConfig::FromJson(*text);
+  ASSERT_TRUE(config.ok());
+  cuda::CudaBackendOptions options;
+  options.precision = cuda::CudaPrecision::kBf16;
+  auto backend = cuda::CreateDummyCudaBackend(*config, WeightSelection::All(), 4, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EngineOptions eager_options;
+  eager_options.device_graphs = false;
+  auto graphs = Engine::Create(*backend);
+  auto eager = Engine::Create(*backend, eager_options);
+  ASSERT_TRUE(graphs.ok() && eager.ok());
+  BackendExperts gexperts(**backend), eexperts(**backend);
+  auto gcache = (*graphs)->CreateCache(16);
+  auto ecache = (*eager)->CreateCache(16);
+  ASSERT_TRUE(gcache.ok() && ecache.ok());
+  const ModelConfig& c = *config;
+  std::vector<StepSequence> batch;
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int32_t> ids(40 + 9 * s);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7919 + 13 * s + 1) % c.vocab_size);
+    batch.push_back({static_cast<SequenceId>(s), ids, false, /*greedy_only=*/true});
+  }
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);  // large enough to move choices
+  std::vector<std::vector<float>> bias(c.num_hidden_layers);
+  int64_t decisions = 0, moved = 0;
+  for (int step = 0; step < 30; ++step) {
+    if (step % 5 == 0) {
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        if (!c.is_moe_layer(l)) continue;
+        bias[l].resize(c.n_routed_experts);
+        for (float& b : bias[l]) b = u(rng);
+      }
+    }
+    std::vector<std::vector<int32_t>> gtopk, gunbiased, etopk, eunbiased;
+    StepRouting gr, er;
+    gr.topk_idx_out = &gtopk;
+    gr.unbiased_topk_idx_out = &gunbiased;
+    er.topk_idx_out = &etopk;
+    er.unbiased_topk_idx_out = &eunbiased;
+    gr.serving_bias = er.serving_bias = &bias;
+    auto g = (*graphs)->Step(batch, **gcache, gexperts, gr);
+    auto e = (*eager)->Step(batch, **ecache, eexperts, er);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(e.ok()) << e.status();
+    EXPECT_EQ(gtopk, etopk) << "step " << step;
+    EXPECT_EQ(gunbiased, eunbiased) << "step " << step;
+    for (size_t l = 0; l < etopk.size(); ++l) {
+      decisions += static_cast<int64_t>(etopk[l].size());
+      for (size_t i = 0; i < etopk[l].size() && i < eunbiased[l].size(); ++i) moved += etopk[l][i] != eunbiased[l][i];
+    }
+    for (size_t s = 0; s < batch.size(); ++s) {
+      ASSERT_EQ((*g)[s].greedy_token, (*e)[s].greedy_token) << "step " << step;
+      EXPECT_EQ((*g)[s].greedy_logprob, (*e)[s].greedy_logprob) << "step " << step;
+      batch[s].tokens = {(*e)[s].greedy_token};
+    }
+  }
+  // The prefill and the first decode step run eagerly; the other 28 replay.
+  EXPECT_EQ((*graphs)->graph_steps(), 28);
+  EXPECT_GT(moved, 0) << "the bias moved no choice of " << decisions;
+  std::printf("[cuda graphs] serving bias: %lld of 30 steps as graphs, %lld of %lld decisions moved by the bias\n",
+              static_cast<long long>((*graphs)->graph_steps()), static_cast<long long>(moved),
+              static_cast<long long>(decisions));
+}
+
 TEST_F(CudaEngineTest, CacheSizedByMemoryFractionAndForeignCachesRefused) {
   auto weights = ModelWeights::Load(GoldenModelDir());
   ASSERT_TRUE(weights.ok());
