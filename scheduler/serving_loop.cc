@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <future>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -94,7 +93,9 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
   // A restarted scheduler's request ids start again: whatever the nodes
   // cached for its predecessor must go before they are reused.
   for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
+  loop->step_requests_.resize(loop->nodes_.size());
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
+  loop->delivery_thread_ = std::thread([l = loop.get()] { l->RunDelivery(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
   metrics::Scheduler().SetClusterStatsSource([l = loop.get()] { return l->Stats(); });
   return loop;
@@ -113,6 +114,11 @@ ServingLoop::~ServingLoop() {
     stop_ = true;
   }
   if (thread_.joinable()) thread_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    stop_delivery_ = true;  // after the loop: it queues nothing more
+  }
+  if (delivery_thread_.joinable()) delivery_thread_.join();  // every queued event pushed
   {
     absl::MutexLock lock(&mu_);
     if (steps_ > 0) {
@@ -157,18 +163,19 @@ void ServingLoop::Cancel(RequestId id) {
   ++work_version_;
 }
 
+bool ServingLoop::IdleLocked() const {
+  return batcher_->num_waiting() == 0 && batcher_->num_running() == 0 && outgoing_.empty() && !pushing_;
+}
+
 bool ServingLoop::Idle() const {
   absl::MutexLock lock(&mu_);
-  return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
+  return IdleLocked();
 }
 
 bool ServingLoop::WaitIdle(absl::Time deadline) const {
   absl::MutexLock lock(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
-  };
-  mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
-  return idle();
+  mu_.AwaitWithDeadline(absl::Condition(this, &ServingLoop::IdleLocked), deadline);
+  return IdleLocked();
 }
 
 v1::GetClusterStatsResponse ServingLoop::Stats() const {
@@ -201,41 +208,77 @@ v1::GetClusterStatsResponse ServingLoop::Stats() const {
   return r;
 }
 
-void ServingLoop::Deliver(const std::vector<RequestEvent>& events) {
+void ServingLoop::Deliver(std::vector<RequestEvent> events) {
   if (events.empty()) return;
   const absl::Time now = absl::Now();
-  std::vector<std::pair<std::shared_ptr<RequestStream>, const RequestEvent*>> out;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const RequestEvent& e : events) {
-      auto it = streams_.find(e.id);
-      if (it == streams_.end()) continue;
-      out.emplace_back(it->second, &e);
-      if (e.finished) streams_.erase(it);
+  absl::MutexLock lock(&mu_);
+  // The delivery thread took the last batch (it may still be pushing it).
+  auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outgoing_.empty(); };
+  mu_.Await(absl::Condition(&room));
+  for (RequestEvent& e : events) {
+    auto it = streams_.find(e.id);
+    if (it == streams_.end()) continue;
+    if (e.finished) {
+      outgoing_.push_back({std::move(it->second), std::move(e), now});
+      streams_.erase(it);
+    } else {
+      outgoing_.push_back({it->second, std::move(e), now});
     }
   }
-  // Outside the lock: a stream may call back into Cancel.
-  for (auto& [stream, e] : out) {
-    if (!e->new_tokens.empty()) stream->MarkFirstToken(now);
-    stream->Push(*e);
+}
+
+void ServingLoop::RunDelivery() {
+  std::vector<Outgoing> batch;
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      pushing_ = false;
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !outgoing_.empty() || stop_delivery_; };
+      mu_.Await(absl::Condition(&ready));
+      if (outgoing_.empty()) return;  // stopped, and everything pushed
+      batch.swap(outgoing_);
+      pushing_ = true;
+    }
+    // Outside the lock: a stream may call back into Cancel.
+    for (Outgoing& o : batch) {
+      if (!o.event.new_tokens.empty()) o.stream->MarkFirstToken(o.at);
+      o.stream->Push(std::move(o.event));
+    }
+    batch.clear();  // drops the streams' references outside the lock too
   }
 }
 
 std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const std::vector<bool>& up,
                                                   std::vector<BatchScheduler::NodeFailure>* failed) {
-  std::vector<std::future<std::pair<grpc::Status, v1::StepResult>>> calls(nodes_.size());
+  // The RPCs run on gRPC's callback API (no thread per call); the calls
+  // are shared with their callbacks, which may still be returning when the
+  // last one has signalled.
+  struct Calls {
+    struct Call {
+      bool sent = false;
+      grpc::ClientContext ctx;
+      v1::StepResult result;
+      grpc::Status status;
+    };
+    explicit Calls(size_t n) : calls(n) {}
+    std::vector<Call> calls;
+    absl::Mutex mu;
+    int pending ABSL_GUARDED_BY(mu) = 0;
+  };
+  auto state = std::make_shared<Calls>(nodes_.size());
   for (size_t n = 0; n < nodes_.size(); ++n) {
     const NodeStep& step = plan.nodes[n];
     const bool send_bias = node_bias_version_[n] != bias_version_;
     if (!up[n] || (step.empty() && !send_bias)) continue;
-    v1::StepRequest request;
+    v1::StepRequest& request = step_requests_[n];
+    request.Clear();
     request.set_step_id(plan.step_id);
     request.set_participating_attention_nodes(static_cast<int32_t>(nodes_.size()));
     for (RequestId id : step.frees) request.add_free_sequences(id);
     for (const ScheduledSequence& s : step.sequences) {
       v1::StepSequence* q = request.add_sequences();
       q->set_sequence_id(s.id);
-      for (int32_t t : s.tokens) q->add_tokens(t);
+      q->mutable_tokens()->Add(s.tokens.begin(), s.tokens.end());
       q->set_sample(s.sample);
       q->set_temperature(s.sampling.temperature);
       q->set_top_p(s.sampling.top_p);
@@ -247,25 +290,36 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
     }
     if (send_bias) {
       request.set_has_serving_bias(true);
-      for (float b : serving_bias_flat_) request.add_serving_bias(b);
+      request.mutable_serving_bias()->Add(serving_bias_flat_.begin(), serving_bias_flat_.end());
       node_bias_version_[n] = bias_version_;
     }
-    calls[n] = std::async(std::launch::async, [this, n, request = std::move(request)] {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
-      v1::StepResult result;
-      grpc::Status st = nodes_[n]->RunStep(&ctx, request, &result);
-      return std::make_pair(st, std::move(result));
+    Calls::Call& call = state->calls[n];
+    call.sent = true;
+    call.ctx.set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
+    {
+      absl::MutexLock lock(&state->mu);
+      ++state->pending;
+    }
+    nodes_[n]->async()->RunStep(&call.ctx, &request, &call.result, [state, &call](grpc::Status st) {
+      call.status = std::move(st);
+      absl::MutexLock lock(&state->mu);
+      --state->pending;
     });
+  }
+  {
+    absl::MutexLock lock(&state->mu);
+    auto done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) { return state->pending == 0; };
+    state->mu.Await(absl::Condition(&done));
   }
   std::vector<SampledToken> sampled;
   int64_t decisions = 0, changed = 0;
   double compute = 0, wait = 0, other = 0;
   std::vector<std::pair<int, int64_t>> pages;
-  for (size_t n = 0; n < calls.size(); ++n) {
-    if (!calls[n].valid()) continue;
-    auto [status, result] = calls[n].get();
+  for (size_t n = 0; n < state->calls.size(); ++n) {
+    if (!state->calls[n].sent) continue;
+    const grpc::Status& status = state->calls[n].status;
+    const v1::StepResult& result = state->calls[n].result;
     if (!status.ok()) {
       // Its sequences get no token: ApplyResults ends them with this error
       // naming the node and the cause; other nodes' requests go on.
@@ -414,7 +468,7 @@ void ServingLoop::SyncMembership() {
     DMOE_LOG(kInfo, "scheduler") << (cannot_serve.empty() ? "serving again" : "not serving");
     if (options_.on_serving_changed) options_.on_serving_changed(cannot_serve.empty());
   }
-  Deliver(events);
+  Deliver(std::move(events));
 }
 
 void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
@@ -483,7 +537,7 @@ void ServingLoop::Run() {
         }
       }
     }
-    Deliver(plan.events);
+    Deliver(std::move(plan.events));
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) {
@@ -504,7 +558,7 @@ void ServingLoop::Run() {
       events = batcher_->ApplyResults(plan, sampled, failed);
       ++steps_;
     }
-    Deliver(events);
+    Deliver(std::move(events));
     Balance(step_load_);
     metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
                                       coordinator_.placement());
