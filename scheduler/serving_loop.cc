@@ -208,13 +208,9 @@ v1::GetClusterStatsResponse ServingLoop::Stats() const {
   return r;
 }
 
-void ServingLoop::Deliver(std::vector<RequestEvent> events) {
+void ServingLoop::QueueLocked(std::vector<RequestEvent> events) {
   if (events.empty()) return;
   const absl::Time now = absl::Now();
-  absl::MutexLock lock(&mu_);
-  // The delivery thread took the last batch (it may still be pushing it).
-  auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outgoing_.empty(); };
-  mu_.Await(absl::Condition(&room));
   for (RequestEvent& e : events) {
     auto it = streams_.find(e.id);
     if (it == streams_.end()) continue;
@@ -403,7 +399,6 @@ void ServingLoop::FreeLeftovers(int n) {
 void ServingLoop::SyncMembership() {
   const std::vector<NodeSlot> slots = coordinator_.Slots();
   const int N = coordinator_.num_attention_nodes();
-  std::vector<RequestEvent> events;
   std::string cannot_serve;
   bool any_attention = false;
   for (int i = 0; i < N; ++i) {
@@ -419,11 +414,12 @@ void ServingLoop::SyncMembership() {
                                                                                   : "it is not serving";
         std::vector<RequestEvent> lost = batcher_->NodeDown(
             i, absl::StatusCode::kUnavailable, absl::StrCat(node_slots_[i].name, " unavailable: ", why));
-        events.insert(events.end(), lost.begin(), lost.end());
+        const size_t num_lost = lost.size();
+        QueueLocked(std::move(lost));
         pages_free_[i] = 0;
         was_up = false;
         DMOE_LOG(kWarning, "scheduler") << node_slots_[i].name << " is out of service (" << why << "); "
-                                        << lost.size() << " requests on it ended";
+                                        << num_lost << " requests on it ended";
       }
     }
     if (!was_up && slot.serving) {
@@ -457,9 +453,9 @@ void ServingLoop::SyncMembership() {
     absl::MutexLock lock(&mu_);
     if (!cannot_serve.empty() && unavailable_.empty()) {
       std::vector<RequestEvent> lost = batcher_->FailAll(absl::StatusCode::kUnavailable, cannot_serve);
-      events.insert(events.end(), lost.begin(), lost.end());
       DMOE_LOG(kWarning, "scheduler") << "cannot serve: " << cannot_serve << "; " << lost.size()
                                       << " requests ended";
+      QueueLocked(std::move(lost));
     }
     changed = cannot_serve.empty() != unavailable_.empty();
     unavailable_ = cannot_serve;
@@ -468,7 +464,6 @@ void ServingLoop::SyncMembership() {
     DMOE_LOG(kInfo, "scheduler") << (cannot_serve.empty() ? "serving again" : "not serving");
     if (options_.on_serving_changed) options_.on_serving_changed(cannot_serve.empty());
   }
-  Deliver(std::move(events));
 }
 
 void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
@@ -525,8 +520,13 @@ void ServingLoop::Run() {
         idle_at = -1;
         continue;
       }
+      // Streaming lags at most one step: the delivery thread has taken what
+      // the last step queued (it may still be pushing it).
+      auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outgoing_.empty(); };
+      mu_.Await(absl::Condition(&room));
       t0 = absl::Now();
       plan = batcher_->PlanStep(t0);
+      QueueLocked(std::move(plan.events));
       preemptions_ += static_cast<int64_t>(plan.preempted.size());
       for (int n = 0; n < batcher_->num_nodes(); ++n) up.push_back(batcher_->node_up(n));
       const absl::Time now = absl::Now();
@@ -537,7 +537,6 @@ void ServingLoop::Run() {
         }
       }
     }
-    Deliver(std::move(plan.events));
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) {
@@ -552,13 +551,11 @@ void ServingLoop::Run() {
     std::vector<BatchScheduler::NodeFailure> failed;
     std::vector<SampledToken> sampled = RunOnNodes(plan, up, &failed);
     const absl::Time t2 = absl::Now();
-    std::vector<RequestEvent> events;
     {
       absl::MutexLock lock(&mu_);
-      events = batcher_->ApplyResults(plan, sampled, failed);
+      QueueLocked(batcher_->ApplyResults(plan, sampled, failed));
       ++steps_;
     }
-    Deliver(std::move(events));
     Balance(step_load_);
     metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
                                       coordinator_.placement());

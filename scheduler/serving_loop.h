@@ -99,10 +99,12 @@ class ServingLoop {
   void FreeLeftovers(int n);
   // Feeds one step's routing counts [layer * E + e] to the balancer.
   void Balance(const std::vector<int64_t>& step_load);
-  // Queues the events for their streams (the loop thread). It waits only
-  // while the delivery thread still has an earlier batch queued, which
-  // bounds how far streaming can lag behind the steps.
-  void Deliver(std::vector<RequestEvent> events);
+  // Queues the events for their streams, in the critical section that made
+  // them (so Idle() never sees a finished request whose event is not
+  // queued). Loop thread; before each plan it waits until the delivery
+  // thread has taken the last step's events, which bounds how far streaming
+  // lags behind the steps.
+  void QueueLocked(std::vector<RequestEvent> events) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The delivery thread: pushes the queued events in order until
   // stop_delivery_ and nothing is left.
   void RunDelivery();
