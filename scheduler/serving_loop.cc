@@ -114,6 +114,11 @@ ServingLoop::~ServingLoop() {
     stop_ = true;
   }
   if (thread_.joinable()) thread_.join();
+  step_cq_.Shutdown();  // no call is in flight once the loop is gone
+  void* tag = nullptr;
+  bool ok = false;
+  while (step_cq_.Next(&tag, &ok)) {
+  }
   {
     absl::MutexLock lock(&mu_);
     stop_delivery_ = true;  // after the loop: it queues nothing more
@@ -246,22 +251,17 @@ void ServingLoop::RunDelivery() {
 
 std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const std::vector<bool>& up,
                                                   std::vector<BatchScheduler::NodeFailure>* failed) {
-  // The RPCs run on gRPC's callback API (no thread per call); the calls
-  // are shared with their callbacks, which may still be returning when the
-  // last one has signalled.
-  struct Calls {
-    struct Call {
-      bool sent = false;
-      grpc::ClientContext ctx;
-      v1::StepResult result;
-      grpc::Status status;
-    };
-    explicit Calls(size_t n) : calls(n) {}
-    std::vector<Call> calls;
-    absl::Mutex mu;
-    int pending ABSL_GUARDED_BY(mu) = 0;
+  // The RPCs are asynchronous on the loop's own completion queue, which
+  // this thread drains: no thread per call, no hand-off back.
+  struct Call {
+    bool sent = false;
+    grpc::ClientContext ctx;
+    v1::StepResult result;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::StepResult>> reader;
   };
-  auto state = std::make_shared<Calls>(nodes_.size());
+  std::vector<Call> calls(nodes_.size());
+  int pending = 0;
   for (size_t n = 0; n < nodes_.size(); ++n) {
     const NodeStep& step = plan.nodes[n];
     const bool send_bias = node_bias_version_[n] != bias_version_;
@@ -289,33 +289,27 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
       request.mutable_serving_bias()->Add(serving_bias_flat_.begin(), serving_bias_flat_.end());
       node_bias_version_[n] = bias_version_;
     }
-    Calls::Call& call = state->calls[n];
+    Call& call = calls[n];
     call.sent = true;
     call.ctx.set_deadline(std::chrono::system_clock::now() +
                           std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
-    {
-      absl::MutexLock lock(&state->mu);
-      ++state->pending;
-    }
-    nodes_[n]->async()->RunStep(&call.ctx, &request, &call.result, [state, &call](grpc::Status st) {
-      call.status = std::move(st);
-      absl::MutexLock lock(&state->mu);
-      --state->pending;
-    });
+    call.reader = nodes_[n]->AsyncRunStep(&call.ctx, request, &step_cq_);
+    call.reader->Finish(&call.result, &call.status, &call);
+    ++pending;
   }
-  {
-    absl::MutexLock lock(&state->mu);
-    auto done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) { return state->pending == 0; };
-    state->mu.Await(absl::Condition(&done));
+  // Every call ends (by its deadline at the latest) with its Finish tag.
+  for (void* tag = nullptr; pending > 0; --pending) {
+    bool ok = false;
+    if (!step_cq_.Next(&tag, &ok)) break;  // not reached: shut down only after the loop
   }
   std::vector<SampledToken> sampled;
   int64_t decisions = 0, changed = 0;
   double compute = 0, wait = 0, other = 0;
   std::vector<std::pair<int, int64_t>> pages;
-  for (size_t n = 0; n < state->calls.size(); ++n) {
-    if (!state->calls[n].sent) continue;
-    const grpc::Status& status = state->calls[n].status;
-    const v1::StepResult& result = state->calls[n].result;
+  for (size_t n = 0; n < calls.size(); ++n) {
+    if (!calls[n].sent) continue;
+    const grpc::Status& status = calls[n].status;
+    const v1::StepResult& result = calls[n].result;
     if (!status.ok()) {
       // Its sequences get no token: ApplyResults ends them with this error
       // naming the node and the cause; other nodes' requests go on.

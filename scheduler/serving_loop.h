@@ -6,6 +6,8 @@
 #ifndef DMOE_SCHEDULER_SERVING_LOOP_H_
 #define DMOE_SCHEDULER_SERVING_LOOP_H_
 
+#include <grpcpp/completion_queue.h>
+
 #include <atomic>
 #include <deque>
 #include <functional>
@@ -124,6 +126,7 @@ class ServingLoop {
   std::vector<int64_t> node_bias_version_;  // last version each node received
   std::vector<int64_t> step_load_;          // [layer * E], this step's routing counts
   std::vector<v1::StepRequest> step_requests_;  // per node, reused every step (its capacity kept)
+  grpc::CompletionQueue step_cq_;               // the RunStep calls'; the loop thread drains it
 
   mutable absl::Mutex mu_;
   std::unique_ptr<BatchScheduler> batcher_ ABSL_GUARDED_BY(mu_);
