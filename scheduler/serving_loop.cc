@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <future>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -94,7 +93,9 @@ absl::StatusOr<std::unique_ptr<ServingLoop>> ServingLoop::Start(const ModelConfi
   // A restarted scheduler's request ids start again: whatever the nodes
   // cached for its predecessor must go before they are reused.
   for (int i = 0; i < coordinator.num_attention_nodes(); ++i) loop->FreeLeftovers(i);
+  loop->step_requests_.resize(loop->nodes_.size());
   coordinator.SetListener([l = loop.get()] { l->Bump(); });
+  loop->delivery_thread_ = std::thread([l = loop.get()] { l->RunDelivery(); });
   loop->thread_ = std::thread([l = loop.get()] { l->Run(); });
   metrics::Scheduler().SetClusterStatsSource([l = loop.get()] { return l->Stats(); });
   return loop;
@@ -113,6 +114,16 @@ ServingLoop::~ServingLoop() {
     stop_ = true;
   }
   if (thread_.joinable()) thread_.join();
+  step_cq_.Shutdown();  // no call is in flight once the loop is gone
+  void* tag = nullptr;
+  bool ok = false;
+  while (step_cq_.Next(&tag, &ok)) {
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    stop_delivery_ = true;  // after the loop: it queues nothing more
+  }
+  if (delivery_thread_.joinable()) delivery_thread_.join();  // every queued event pushed
   {
     absl::MutexLock lock(&mu_);
     if (steps_ > 0) {
@@ -157,18 +168,19 @@ void ServingLoop::Cancel(RequestId id) {
   ++work_version_;
 }
 
+bool ServingLoop::IdleLocked() const {
+  return batcher_->num_waiting() == 0 && batcher_->num_running() == 0 && outgoing_.empty() && !pushing_;
+}
+
 bool ServingLoop::Idle() const {
   absl::MutexLock lock(&mu_);
-  return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
+  return IdleLocked();
 }
 
 bool ServingLoop::WaitIdle(absl::Time deadline) const {
   absl::MutexLock lock(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return batcher_->num_waiting() == 0 && batcher_->num_running() == 0;
-  };
-  mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
-  return idle();
+  mu_.AwaitWithDeadline(absl::Condition(this, &ServingLoop::IdleLocked), deadline);
+  return IdleLocked();
 }
 
 v1::GetClusterStatsResponse ServingLoop::Stats() const {
@@ -201,41 +213,68 @@ v1::GetClusterStatsResponse ServingLoop::Stats() const {
   return r;
 }
 
-void ServingLoop::Deliver(const std::vector<RequestEvent>& events) {
+void ServingLoop::QueueLocked(std::vector<RequestEvent> events) {
   if (events.empty()) return;
   const absl::Time now = absl::Now();
-  std::vector<std::pair<std::shared_ptr<RequestStream>, const RequestEvent*>> out;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const RequestEvent& e : events) {
-      auto it = streams_.find(e.id);
-      if (it == streams_.end()) continue;
-      out.emplace_back(it->second, &e);
-      if (e.finished) streams_.erase(it);
+  for (RequestEvent& e : events) {
+    auto it = streams_.find(e.id);
+    if (it == streams_.end()) continue;
+    if (e.finished) {
+      outgoing_.push_back({std::move(it->second), std::move(e), now});
+      streams_.erase(it);
+    } else {
+      outgoing_.push_back({it->second, std::move(e), now});
     }
   }
-  // Outside the lock: a stream may call back into Cancel.
-  for (auto& [stream, e] : out) {
-    if (!e->new_tokens.empty()) stream->MarkFirstToken(now);
-    stream->Push(*e);
+}
+
+void ServingLoop::RunDelivery() {
+  std::vector<Outgoing> batch;
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      pushing_ = false;
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !outgoing_.empty() || stop_delivery_; };
+      mu_.Await(absl::Condition(&ready));
+      if (outgoing_.empty()) return;  // stopped, and everything pushed
+      batch.swap(outgoing_);
+      pushing_ = true;
+    }
+    // Outside the lock: a stream may call back into Cancel.
+    for (Outgoing& o : batch) {
+      if (!o.event.new_tokens.empty()) o.stream->MarkFirstToken(o.at);
+      o.stream->Push(std::move(o.event));
+    }
+    batch.clear();  // drops the streams' references outside the lock too
   }
 }
 
 std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const std::vector<bool>& up,
                                                   std::vector<BatchScheduler::NodeFailure>* failed) {
-  std::vector<std::future<std::pair<grpc::Status, v1::StepResult>>> calls(nodes_.size());
+  // The RPCs are asynchronous on the loop's own completion queue, which
+  // this thread drains: no thread per call, no hand-off back.
+  struct Call {
+    bool sent = false;
+    grpc::ClientContext ctx;
+    v1::StepResult result;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::StepResult>> reader;
+  };
+  std::vector<Call> calls(nodes_.size());
+  int pending = 0;
   for (size_t n = 0; n < nodes_.size(); ++n) {
     const NodeStep& step = plan.nodes[n];
     const bool send_bias = node_bias_version_[n] != bias_version_;
     if (!up[n] || (step.empty() && !send_bias)) continue;
-    v1::StepRequest request;
+    v1::StepRequest& request = step_requests_[n];
+    request.Clear();
     request.set_step_id(plan.step_id);
     request.set_participating_attention_nodes(static_cast<int32_t>(nodes_.size()));
     for (RequestId id : step.frees) request.add_free_sequences(id);
     for (const ScheduledSequence& s : step.sequences) {
       v1::StepSequence* q = request.add_sequences();
       q->set_sequence_id(s.id);
-      for (int32_t t : s.tokens) q->add_tokens(t);
+      q->mutable_tokens()->Add(s.tokens.begin(), s.tokens.end());
       q->set_sample(s.sample);
       q->set_temperature(s.sampling.temperature);
       q->set_top_p(s.sampling.top_p);
@@ -247,25 +286,30 @@ std::vector<SampledToken> ServingLoop::RunOnNodes(const StepPlan& plan, const st
     }
     if (send_bias) {
       request.set_has_serving_bias(true);
-      for (float b : serving_bias_flat_) request.add_serving_bias(b);
+      request.mutable_serving_bias()->Add(serving_bias_flat_.begin(), serving_bias_flat_.end());
       node_bias_version_[n] = bias_version_;
     }
-    calls[n] = std::async(std::launch::async, [this, n, request = std::move(request)] {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
-      v1::StepResult result;
-      grpc::Status st = nodes_[n]->RunStep(&ctx, request, &result);
-      return std::make_pair(st, std::move(result));
-    });
+    Call& call = calls[n];
+    call.sent = true;
+    call.ctx.set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(absl::ToInt64Milliseconds(options_.step_rpc_timeout)));
+    call.reader = nodes_[n]->AsyncRunStep(&call.ctx, request, &step_cq_);
+    call.reader->Finish(&call.result, &call.status, &call);
+    ++pending;
+  }
+  // Every call ends (by its deadline at the latest) with its Finish tag.
+  for (void* tag = nullptr; pending > 0; --pending) {
+    bool ok = false;
+    if (!step_cq_.Next(&tag, &ok)) break;  // not reached: shut down only after the loop
   }
   std::vector<SampledToken> sampled;
   int64_t decisions = 0, changed = 0;
   double compute = 0, wait = 0, other = 0;
   std::vector<std::pair<int, int64_t>> pages;
   for (size_t n = 0; n < calls.size(); ++n) {
-    if (!calls[n].valid()) continue;
-    auto [status, result] = calls[n].get();
+    if (!calls[n].sent) continue;
+    const grpc::Status& status = calls[n].status;
+    const v1::StepResult& result = calls[n].result;
     if (!status.ok()) {
       // Its sequences get no token: ApplyResults ends them with this error
       // naming the node and the cause; other nodes' requests go on.
@@ -349,7 +393,6 @@ void ServingLoop::FreeLeftovers(int n) {
 void ServingLoop::SyncMembership() {
   const std::vector<NodeSlot> slots = coordinator_.Slots();
   const int N = coordinator_.num_attention_nodes();
-  std::vector<RequestEvent> events;
   std::string cannot_serve;
   bool any_attention = false;
   for (int i = 0; i < N; ++i) {
@@ -365,11 +408,12 @@ void ServingLoop::SyncMembership() {
                                                                                   : "it is not serving";
         std::vector<RequestEvent> lost = batcher_->NodeDown(
             i, absl::StatusCode::kUnavailable, absl::StrCat(node_slots_[i].name, " unavailable: ", why));
-        events.insert(events.end(), lost.begin(), lost.end());
+        const size_t num_lost = lost.size();
+        QueueLocked(std::move(lost));
         pages_free_[i] = 0;
         was_up = false;
         DMOE_LOG(kWarning, "scheduler") << node_slots_[i].name << " is out of service (" << why << "); "
-                                        << lost.size() << " requests on it ended";
+                                        << num_lost << " requests on it ended";
       }
     }
     if (!was_up && slot.serving) {
@@ -403,9 +447,9 @@ void ServingLoop::SyncMembership() {
     absl::MutexLock lock(&mu_);
     if (!cannot_serve.empty() && unavailable_.empty()) {
       std::vector<RequestEvent> lost = batcher_->FailAll(absl::StatusCode::kUnavailable, cannot_serve);
-      events.insert(events.end(), lost.begin(), lost.end());
       DMOE_LOG(kWarning, "scheduler") << "cannot serve: " << cannot_serve << "; " << lost.size()
                                       << " requests ended";
+      QueueLocked(std::move(lost));
     }
     changed = cannot_serve.empty() != unavailable_.empty();
     unavailable_ = cannot_serve;
@@ -414,7 +458,6 @@ void ServingLoop::SyncMembership() {
     DMOE_LOG(kInfo, "scheduler") << (cannot_serve.empty() ? "serving again" : "not serving");
     if (options_.on_serving_changed) options_.on_serving_changed(cannot_serve.empty());
   }
-  Deliver(events);
 }
 
 void ServingLoop::Balance(const std::vector<int64_t>& step_load) {
@@ -471,8 +514,13 @@ void ServingLoop::Run() {
         idle_at = -1;
         continue;
       }
+      // Streaming lags at most one step: the delivery thread has taken what
+      // the last step queued (it may still be pushing it).
+      auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outgoing_.empty(); };
+      mu_.Await(absl::Condition(&room));
       t0 = absl::Now();
       plan = batcher_->PlanStep(t0);
+      QueueLocked(std::move(plan.events));
       preemptions_ += static_cast<int64_t>(plan.preempted.size());
       for (int n = 0; n < batcher_->num_nodes(); ++n) up.push_back(batcher_->node_up(n));
       const absl::Time now = absl::Now();
@@ -483,7 +531,6 @@ void ServingLoop::Run() {
         }
       }
     }
-    Deliver(plan.events);
     bool any = false;
     for (const NodeStep& node : plan.nodes) any = any || !node.empty();
     if (!any) {
@@ -498,13 +545,11 @@ void ServingLoop::Run() {
     std::vector<BatchScheduler::NodeFailure> failed;
     std::vector<SampledToken> sampled = RunOnNodes(plan, up, &failed);
     const absl::Time t2 = absl::Now();
-    std::vector<RequestEvent> events;
     {
       absl::MutexLock lock(&mu_);
-      events = batcher_->ApplyResults(plan, sampled, failed);
+      QueueLocked(batcher_->ApplyResults(plan, sampled, failed));
       ++steps_;
     }
-    Deliver(events);
     Balance(step_load_);
     metrics::Scheduler().StepFinished(absl::Now() - t0, plan.num_sequences(), plan.num_tokens(), step_load_,
                                       coordinator_.placement());

@@ -1,9 +1,12 @@
 // The scheduler's step loop: one thread that plans each step with the
 // BatchScheduler, runs it on every attention node (RunStep RPCs in
-// parallel), applies the sampled tokens, streams the events to the
-// requests' Generate calls, and drives the expert-load balancer.
+// parallel), applies the sampled tokens and drives the expert-load
+// balancer; a second thread streams the events to the requests' Generate
+// calls, so that writing them overlaps the next step.
 #ifndef DMOE_SCHEDULER_SERVING_LOOP_H_
 #define DMOE_SCHEDULER_SERVING_LOOP_H_
+
+#include <grpcpp/completion_queue.h>
 
 #include <atomic>
 #include <deque>
@@ -23,8 +26,9 @@
 namespace dmoe::scheduler {
 
 // Where the events of one request go (its Generate call), with the times
-// its usage reports. Push is called from the step loop, in order, never
-// after the finished event. Thread-safe.
+// its usage reports. Push is called from the loop's delivery thread, one
+// call at a time, in event order, never after the finished event; the loop
+// does not wait for it. Thread-safe.
 class RequestStream {
  public:
   explicit RequestStream(absl::Time arrival) : arrival_(arrival) {}
@@ -74,7 +78,7 @@ class ServingLoop {
   // UNAVAILABLE naming the lost node while the cluster cannot serve.
   absl::Status Submit(Request request, std::shared_ptr<RequestStream> stream);
   void Cancel(RequestId id);
-  // No request waiting or running.
+  // No request waiting or running, and every event pushed to its stream.
   bool Idle() const;
   // Waits until Idle() or the deadline; returns Idle().
   bool WaitIdle(absl::Time deadline) const;
@@ -97,7 +101,16 @@ class ServingLoop {
   void FreeLeftovers(int n);
   // Feeds one step's routing counts [layer * E + e] to the balancer.
   void Balance(const std::vector<int64_t>& step_load);
-  void Deliver(const std::vector<RequestEvent>& events);
+  // Queues the events for their streams, in the critical section that made
+  // them (so Idle() never sees a finished request whose event is not
+  // queued). Loop thread; before each plan it waits until the delivery
+  // thread has taken the last step's events, which bounds how far streaming
+  // lags behind the steps.
+  void QueueLocked(std::vector<RequestEvent> events) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The delivery thread: pushes the queued events in order until
+  // stop_delivery_ and nothing is left.
+  void RunDelivery();
+  bool IdleLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Bump();  // the coordinator's listener
 
   const ModelConfig config_;
@@ -112,6 +125,8 @@ class ServingLoop {
   int64_t bias_version_ = 0;
   std::vector<int64_t> node_bias_version_;  // last version each node received
   std::vector<int64_t> step_load_;          // [layer * E], this step's routing counts
+  std::vector<v1::StepRequest> step_requests_;  // per node, reused every step (its capacity kept)
+  grpc::CompletionQueue step_cq_;               // the RunStep calls'; the loop thread drains it
 
   mutable absl::Mutex mu_;
   std::unique_ptr<BatchScheduler> batcher_ ABSL_GUARDED_BY(mu_);
@@ -135,7 +150,18 @@ class ServingLoop {
   double scheduler_s_ ABSL_GUARDED_BY(mu_) = 0, rpc_s_ ABSL_GUARDED_BY(mu_) = 0;
   double node_compute_s_ ABSL_GUARDED_BY(mu_) = 0, node_wait_s_ ABSL_GUARDED_BY(mu_) = 0;
   double node_other_s_ ABSL_GUARDED_BY(mu_) = 0;
+  // Events for the delivery thread, in order, with the time the loop had
+  // them (MarkFirstToken).
+  struct Outgoing {
+    std::shared_ptr<RequestStream> stream;
+    RequestEvent event;
+    absl::Time at;
+  };
+  std::vector<Outgoing> outgoing_ ABSL_GUARDED_BY(mu_);
+  bool pushing_ ABSL_GUARDED_BY(mu_) = false;  // the delivery thread holds a batch
+  bool stop_delivery_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
+  std::thread delivery_thread_;
 };
 
 }  // namespace dmoe::scheduler

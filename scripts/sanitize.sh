@@ -19,7 +19,7 @@ case "${preset}" in
     # unless given); parallel_test is the thread pool's stress test. The soak
     # test (2 minutes of load) is left to the normal build.
     tests=(parallel_test batch_scheduler_test batch_scheduler_stop_test stop_matcher_test
-           batch_scheduler_random_test node_failure_test coordinator_test
+           batch_scheduler_random_test node_failure_test coordinator_test serving_loop_test
            transport_conformance_test transport_byte_identity_test ucx_multiprocess_test
            cluster_test failure_test:failure)
     extra_targets=(ucx_transport_peer dmoe-scheduler dmoe-attention-node dmoe-expert-node)

@@ -18,6 +18,7 @@
 #include <random>
 #include <utility>
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
 #include "core/metrics/metrics.h"
@@ -569,6 +570,8 @@ int NodeMain(int argc, char** argv, const char* usage, const char* component,
   // UCX_WARN_UNUSED_ENV_VARS: libucs reads that one when it is loaded, so
   // setting it here would only make UCX warn about that very variable.
   setenv("UCX_NET_DEVICES", "lo", /*overwrite=*/0);
+  // As dmoe-scheduler's main: no per-lock deadlock graph in a server.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   InstallStopSignalHandlers();
   const std::vector<std::string> args(argv + 1, argv + argc);
   for (const std::string& a : args) {
