@@ -69,19 +69,13 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
 // BK = 64: each weight row contributes 128 contiguous bytes per stage (32
 // gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
 // decode shapes).
-constexpr int kBN = 128, kBK = 64;
+constexpr int kBN = 128, kBK = 64, kGThreads = 128;
 // Pipeline depth: 3 stages for 16-row tiles (3 blocks of 62 KB per SM);
 // 4 for 64-row tiles, whose 2 blocks per SM fit 4 stages (110 KB each) as
-// well as 3, so the extra stage in flight costs no occupancy; 4 for
-// 128-row tiles (one block of 147 KB per SM).
+// well as 3, so the extra stage in flight costs no occupancy.
 template <int BM>
 constexpr int GemmStages() {
-  return BM == 16 ? 3 : 4;
-}
-// Threads per block: 4 warps; 8 for 128-row tiles.
-template <int BM>
-constexpr int GemmThreads() {
-  return BM == 128 ? 256 : 128;
+  return BM == 64 ? 4 : 3;
 }
 constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
 template <int BM>
@@ -114,18 +108,15 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // tile counts (offsets read on the device). BM = 64 rows per tile for
 // well-filled groups; BM = 16 when groups hold few rows each (decode: a few
 // tokens per expert), so the padding does not turn a weight-bandwidth-bound
-// product into a compute-bound one; BM = 128 for groups of 128 rows and
-// more on average (prefill: twice the reuse of each loaded tile, whose L2
-// traffic bounded the 64-row tiles). Warps: BM 128 -> 2 x 4 warps of
-// 64 x 32; BM 64 -> 2 x 2 warps of 32 x 64; BM 16 -> 1 x 4 warps of 16 x 32.
+// product into a compute-bound one. Warps: BM 64 -> 2 x 2 warps of 32 x 64;
+// BM 16 -> 1 x 4 warps of 16 x 32.
 template <int BM>
-__global__ void __launch_bounds__(GemmThreads<BM>()) GroupedGemmKernel(GroupedGemmParams p) {
+__global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
   constexpr int kGStages = GemmStages<BM>();
-  constexpr int kGThreads = GemmThreads<BM>();
-  constexpr int MT = BM == 128 ? 4 : BM == 64 ? 2 : 1;  // m16 tiles per warp
-  constexpr int WARPS_M = BM / (16 * MT);               // 2, 2 or 1
-  constexpr int WARPS_N = kGThreads / 32 / WARPS_M;     // 4, 2 or 4
-  constexpr int NT = kBN / (8 * WARPS_N);               // n8 tiles per warp: 4, 8 or 4
+  constexpr int MT = BM == 64 ? 2 : 1;     // m16 tiles per warp
+  constexpr int WARPS_M = BM / (16 * MT);  // 2 or 1
+  constexpr int WARPS_N = 4 / WARPS_M;     // 2 or 4
+  constexpr int NT = kBN / (8 * WARPS_N);  // n8 tiles per warp: 8 or 4
   extern __shared__ __align__(16) unsigned char gsmem[];
   uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);  // [kGStages][BM * kGStride]
   uint16_t* bs_base = as_base + kGStages * BM * kGStride;  // [kGStages][kBN * kGStride]
@@ -549,10 +540,10 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
   DMOE_CUDA_CHECK_ARG(p.ab_type == OutType::kBF16, "GroupedGemm: float32 inputs take kCublas");
   if (p.max_rows == 0) return absl::OkStatus();
-  // Few rows per group (decode, <= 8 on average): 16-row tiles (16-row tiles
-  // over fuller groups would re-read each weight per tile); 128 rows and
-  // more on average (prefill): 128-row tiles; else 64.
-  const int bm = p.max_rows <= 8 * p.num_groups ? 16 : p.max_rows >= 128 * p.num_groups ? 128 : 64;
+  // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
+  // (16-row tiles over fuller groups would re-read each weight per tile).
+  const bool small = p.max_rows <= 8 * p.num_groups;
+  const int bm = small ? 16 : 64;
   const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
@@ -560,16 +551,11 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
       GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<16>()));
   static const cudaError_t attr64 = cudaFuncSetAttribute(
       GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<64>()));
-  static const cudaError_t attr128 = cudaFuncSetAttribute(
-      GroupedGemmKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<128>()));
-  DMOE_RETURN_IF_ERROR_CU(
-      CudaStatus(bm == 16 ? attr16 : bm == 64 ? attr64 : attr128, "cudaFuncSetAttribute(GroupedGemmKernel)"));
-  if (bm == 16) {
-    GroupedGemmKernel<16><<<grid, GemmThreads<16>(), GemmSmemBytes<16>(), AsStream(stream)>>>(p);
-  } else if (bm == 64) {
-    GroupedGemmKernel<64><<<grid, GemmThreads<64>(), GemmSmemBytes<64>(), AsStream(stream)>>>(p);
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
+  if (small) {
+    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
   } else {
-    GroupedGemmKernel<128><<<grid, GemmThreads<128>(), GemmSmemBytes<128>(), AsStream(stream)>>>(p);
+    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), AsStream(stream)>>>(p);
   }
   return LaunchStatus("GroupedGemmKernel");
 }

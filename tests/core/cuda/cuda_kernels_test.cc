@@ -348,8 +348,8 @@ TEST_F(CudaGemmTest, Float32GemmIsNotTf32) {
 class CudaGroupedGemmTest : public CudaTest, public ::testing::WithParamInterface<std::vector<int32_t>> {};
 
 // Rows per group: well filled (64-row tiles), decode-like (16-row tiles)
-// and prefill-like (128 rows or more on average: 128-row tiles, with
-// partial and empty tiles).
+// and prefill-like (hundreds of rows per group, with partial and empty
+// tiles).
 INSTANTIATE_TEST_SUITE_P(RowCounts, CudaGroupedGemmTest,
                          ::testing::Values(std::vector<int32_t>{0, 1, 17, 64, 65, 0, 130, 3, 200, 0},
                                            std::vector<int32_t>{0, 1, 5, 16, 17, 0, 3, 2},
