@@ -36,7 +36,7 @@ struct EngineOptions {
   // depend on the split.
   int64_t ping_pong_min_tokens = 0;
   // Decode steps that run wholly on a device (one token per sequence,
-  // greedy, MoE routed there, no serving bias) replay device graphs
+  // greedy, MoE routed there, a serving bias on all MoE layers or none) replay device graphs
   // (ComputeBackend::BeginStepGraph) where the backend has them.
   bool device_graphs = true;
 };
