@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "core/config.h"
+#include "tests/scheduler/node_registration.h"
 #include "tests/test_util.h"
 
 namespace dmoe::scheduler {
@@ -20,7 +21,7 @@ using ::testing::HasSubstr;
 class CoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    absl::StatusOr<ModelConfig> config = ModelConfig::Load(testing::GoldenModelDir().string());
+    absl::StatusOr<ModelConfig> config = ModelConfig::Load(dmoe::testing::GoldenModelDir().string());
     ASSERT_TRUE(config.ok()) << config.status();
     absl::StatusOr<router::ExpertPlacement> placement = router::ExpertPlacement::Contiguous(config->n_routed_experts, 2);
     ASSERT_TRUE(placement.ok());
@@ -29,25 +30,9 @@ class CoordinatorTest : public ::testing::Test {
 
   // Both registration phases and NodeReady of one node process.
   int32_t Join(v1::NodeKind kind, const std::string& address, uint64_t incarnation, const std::string& transport) {
-    v1::RegisterNodeRequest r;
-    r.set_kind(kind);
-    r.set_grpc_address(address);
-    r.set_incarnation(incarnation);
-    r.set_cache_pages(16);
-    r.set_page_size(64);
-    absl::StatusOr<v1::RegisterNodeResponse> first = coordinator_->RegisterNode(r);
-    EXPECT_TRUE(first.ok()) << first.status();
-    if (!first.ok()) return -1;
-    r.set_node_id(first->node_id());
-    r.set_transport_address(transport);
-    absl::StatusOr<v1::RegisterNodeResponse> second = coordinator_->RegisterNode(r);
-    EXPECT_TRUE(second.ok()) << second.status();
-    v1::NodeReadyRequest ready;
-    ready.set_node_id(first->node_id());
-    ready.set_incarnation(incarnation);
-    ready.set_cluster_epoch(coordinator_->epoch());
-    EXPECT_TRUE(coordinator_->NodeReady(ready).ok());
-    return first->node_id();
+    const int32_t id = testing::RegisterNode(*coordinator_, kind, address, incarnation, transport);
+    if (id >= 0) testing::MarkNodeReady(*coordinator_, id, incarnation);
+    return id;
   }
 
   std::unique_ptr<Coordinator> coordinator_;

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "core/config.h"
+#include "tests/scheduler/node_registration.h"
 #include "tests/test_util.h"
 
 namespace dmoe::scheduler {
@@ -88,7 +89,7 @@ class RecordingStream final : public RequestStream {
 class ServingLoopTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    absl::StatusOr<ModelConfig> config = ModelConfig::Load(testing::GoldenModelDir().string());
+    absl::StatusOr<ModelConfig> config = ModelConfig::Load(dmoe::testing::GoldenModelDir().string());
     ASSERT_TRUE(config.ok()) << config.status();
     config_ = *config;
     grpc::ServerBuilder builder;
@@ -127,30 +128,10 @@ class ServingLoopTest : public ::testing::Test {
     if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now());
   }
 
-  // Both registration phases of one node process; returns its id.
   int32_t Register(v1::NodeKind kind, const std::string& address, uint64_t incarnation) {
-    v1::RegisterNodeRequest r;
-    r.set_kind(kind);
-    r.set_grpc_address(address);
-    r.set_incarnation(incarnation);
-    r.set_cache_pages(16);
-    r.set_page_size(64);
-    absl::StatusOr<v1::RegisterNodeResponse> first = coordinator_->RegisterNode(r);
-    EXPECT_TRUE(first.ok()) << first.status();
-    if (!first.ok()) return -1;
-    r.set_node_id(first->node_id());
-    r.set_transport_address("t" + std::to_string(incarnation));
-    EXPECT_TRUE(coordinator_->RegisterNode(r).ok());
-    return first->node_id();
+    return testing::RegisterNode(*coordinator_, kind, address, incarnation, "t" + std::to_string(incarnation));
   }
-  // NodeReady, having applied every peer's address.
-  void Ready(int32_t id, uint64_t incarnation) {
-    v1::NodeReadyRequest ready;
-    ready.set_node_id(id);
-    ready.set_incarnation(incarnation);
-    ready.set_cluster_epoch(coordinator_->epoch());
-    EXPECT_TRUE(coordinator_->NodeReady(ready).ok());
-  }
+  void Ready(int32_t id, uint64_t incarnation) { testing::MarkNodeReady(*coordinator_, id, incarnation); }
 
   static Request Req(RequestId id, int max_tokens) {
     Request r;
