@@ -70,11 +70,9 @@ __global__ void StridedCopy4Kernel(StridedCopyParams p) {
     const float4 v = *reinterpret_cast<const float4*>(p.src + a * p.src_a + b * p.src_b + c);
     const int64_t o = a * p.dst_a + b * p.dst_b + c;
     if (p.dst_type == OutType::kBF16) {
-      const uint32_t lo = FloatToBf16Bits(v.x) | (uint32_t{FloatToBf16Bits(v.y)} << 16);
-      const uint32_t hi = FloatToBf16Bits(v.z) | (uint32_t{FloatToBf16Bits(v.w)} << 16);
-      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(p.dst) + o) = make_uint2(lo, hi);
+      Store4(static_cast<uint16_t*>(p.dst) + o, v);
     } else {
-      *reinterpret_cast<float4*>(static_cast<float*>(p.dst) + o) = v;
+      Store4(static_cast<float*>(p.dst) + o, v);
     }
   }
 }

@@ -518,7 +518,7 @@ class CudaBackend : public ComputeBackend {
     }
     std::vector<int32_t> query_blocks;
     if (multi_token) {
-      query_blocks = MlaQueryBlocks(std::vector<int32_t>(host.begin() + 2 * n, host.begin() + 3 * n), H);
+      query_blocks = MlaQueryBlocks(absl::MakeConstSpan(host.data() + 2 * n, n), H);
     }
     const int64_t blocks_at = static_cast<int64_t>(host.size());
     host.insert(host.end(), query_blocks.begin(), query_blocks.end());
@@ -698,12 +698,18 @@ class CudaBackend : public ComputeBackend {
     if (Replaying()) return absl::OkStatus();
     std::lock_guard<std::mutex> lock(mu_);
     DMOE_RETURN_IF_ERROR(SetDevice());
-    const DevLayer& dl = layers_[layer];
+    return SharedMlp(layers_[layer], h, n, out, stream_, blas_.get());
+  }
+
+  // out[n, D] = the layer's shared experts(h), zeros when it has none, on
+  // `stream` with `blas`.
+  absl::Status SharedMlp(const DevLayer& dl, const float* h, int64_t n, float* out, cudaStream_t stream,
+                         BlasHandle* blas) {
     if (dl.shared_gate_up.p == nullptr) {
-      DMOE_CUDA_CALL(cudaMemsetAsync(out, 0, static_cast<size_t>(n * config().hidden_size) * sizeof(float), stream_));
+      DMOE_CUDA_CALL(cudaMemsetAsync(out, 0, static_cast<size_t>(n * config().hidden_size) * sizeof(float), stream));
       return absl::OkStatus();
     }
-    return Mlp(dl.shared_gate_up, dl.shared_down, h, n, out);
+    return Mlp(dl.shared_gate_up, dl.shared_down, h, n, out, stream, blas);
   }
 
   absl::Status RouterLogits(int64_t layer, const float* h, int64_t n, float* host_logits,
@@ -835,14 +841,10 @@ class CudaBackend : public ComputeBackend {
     // The shared experts on the side stream, beside the router, gate and
     // routed experts (small GEMMs that leave most of the GPU idle); joined
     // before this returns, so the caller's stream order holds.
-    bool forked = false;
-    if (shared_out != nullptr && dl.shared_gate_up.p == nullptr) {
-      DMOE_CUDA_CALL(cudaMemsetAsync(shared_out, 0, static_cast<size_t>(n * c.hidden_size) * sizeof(float), stream_));
-    } else if (shared_out != nullptr) {
+    if (shared_out != nullptr) {
       DMOE_CUDA_CALL(cudaEventRecord(side_fork_, stream_));
       DMOE_CUDA_CALL(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
-      forked = true;
-      absl::Status st = Mlp(dl.shared_gate_up, dl.shared_down, h, n, shared_out, side_stream_, side_blas_.get());
+      absl::Status st = SharedMlp(dl, h, n, shared_out, side_stream_, side_blas_.get());
       DMOE_CUDA_CALL(cudaEventRecord(side_join_, side_stream_));
       if (!st.ok()) {
         DMOE_CUDA_CALL(cudaStreamWaitEvent(stream_, side_join_, 0));
@@ -850,7 +852,7 @@ class CudaBackend : public ComputeBackend {
       }
     }
     absl::Status st = RoutedOnDevice(dl, h, n, serving_bias, out, host_topk_idx, host_unbiased_topk_idx);
-    if (forked) DMOE_CUDA_CALL(cudaStreamWaitEvent(stream_, side_join_, 0));
+    if (shared_out != nullptr) DMOE_CUDA_CALL(cudaStreamWaitEvent(stream_, side_join_, 0));
     return st;
   }
 
@@ -869,16 +871,8 @@ class CudaBackend : public ComputeBackend {
     g.n = n;
     g.correction_bias = c.model_type == ModelType::kDeepseekV3 ? dl.correction_bias : nullptr;
     if (!serving_bias.empty()) {
-      if (graph_ != nullptr) {
-        DMOE_ASSIGN_OR_RETURN(void* dev_bias, UploadBytes(scratch, serving_bias.data(), static_cast<size_t>(E) * 4));
-        g.serving_bias = static_cast<const float*>(dev_bias);
-      } else {  // through the pinned ring: an asynchronous copy that does not wait for the stream
-        DMOE_ASSIGN_OR_RETURN(float* dev_bias, scratch.Get<float>(E));
-        DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(static_cast<size_t>(E) * 4));
-        std::memcpy(staged, serving_bias.data(), static_cast<size_t>(E) * 4);
-        DMOE_CUDA_CALL(cudaMemcpyAsync(dev_bias, staged, static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, stream_));
-        g.serving_bias = dev_bias;
-      }
+      DMOE_ASSIGN_OR_RETURN(void* dev_bias, UploadBytes(scratch, serving_bias.data(), static_cast<size_t>(E) * 4));
+      g.serving_bias = static_cast<const float*>(dev_bias);
     }
     g.topk_idx = idx;
     g.topk_weights = w;
@@ -1198,7 +1192,8 @@ class CudaBackend : public ComputeBackend {
 
   // `bytes` of host memory in device memory for the operation: in a step
   // graph, staged in its pinned memory (the copy a node of the graph, so a
-  // replay copies what was staged for it); else a copy into `scratch`.
+  // replay copies what was staged for it); else staged in the pinned ring
+  // and copied into `scratch`.
   absl::StatusOr<void*> UploadBytes(Scratch& scratch, const void* host, size_t bytes) {
     if (graph_ != nullptr) {
       DMOE_ASSIGN_OR_RETURN(char* staged, GraphPinned(bytes));
@@ -1209,8 +1204,14 @@ class CudaBackend : public ComputeBackend {
       }
       return dev;
     }
+    // Through the pinned ring: an asynchronous copy, which a pageable one
+    // is not (it may wait for the work queued before it).
     DMOE_ASSIGN_OR_RETURN(void* dev, scratch.Bytes(bytes));
-    if (bytes > 0) DMOE_CUDA_CALL(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream_));
+    if (bytes > 0) {
+      DMOE_ASSIGN_OR_RETURN(char* staged, TakePinned(bytes));
+      std::memcpy(staged, host, bytes);
+      DMOE_CUDA_CALL(cudaMemcpyAsync(dev, staged, bytes, cudaMemcpyHostToDevice, stream_));
+    }
     return dev;
   }
   absl::StatusOr<int32_t*> UploadInts(Scratch& scratch, absl::Span<const int32_t> values) {

@@ -34,6 +34,13 @@ __device__ __forceinline__ float LoadAsFloat(uint16_t v) { return Bf16BitsToFloa
 __device__ __forceinline__ float LoadAsFloat(float v) { return v; }
 __device__ __forceinline__ void StoreAs(uint16_t* dst, float v) { *dst = FloatToBf16Bits(v); }
 __device__ __forceinline__ void StoreAs(float* dst, float v) { *dst = v; }
+// Four floats stored as bf16 bits or floats at dst (4-element aligned).
+__device__ __forceinline__ void Store4(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
+__device__ __forceinline__ void Store4(uint16_t* dst, float4 v) {
+  const uint32_t lo = FloatToBf16Bits(v.x) | (uint32_t{FloatToBf16Bits(v.y)} << 16);
+  const uint32_t hi = FloatToBf16Bits(v.z) | (uint32_t{FloatToBf16Bits(v.w)} << 16);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+}
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -389,14 +389,6 @@ __global__ void MoePermuteKernel(const int32_t* topk_idx, int64_t slots, int64_t
 }
 
 
-// Four floats stored as T (bf16 bits or float) at dst (4-element aligned).
-__device__ __forceinline__ void Store4(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
-__device__ __forceinline__ void Store4(uint16_t* dst, float4 v) {
-  const uint32_t lo = FloatToBf16Bits(v.x) | (uint32_t{FloatToBf16Bits(v.y)} << 16);
-  const uint32_t hi = FloatToBf16Bits(v.z) | (uint32_t{FloatToBf16Bits(v.w)} << 16);
-  *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
-}
-
 // x_perm[row] = T(x[row_token[row]]), one block per row, 4 floats per
 // thread and turn (D % 8 == 0) (T: bf16 bits or float).
 template <typename T>

@@ -27,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 
 namespace dmoe {
 struct ModelConfig;
@@ -282,7 +283,7 @@ size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_
 // query_blocks for queries of sequences query_seq (a sequence's queries
 // adjacent): runs of one sequence, at most 64 / num_heads queries each.
 // Empty when num_heads > 32 (a query fills a block's 64 rows by itself).
-std::vector<int32_t> MlaQueryBlocks(const std::vector<int32_t>& query_seq, int64_t num_heads);
+std::vector<int32_t> MlaQueryBlocks(absl::Span<const int32_t> query_seq, int64_t num_heads);
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream);
 
 // A plain reference kernel of the same function (one block per query and head,

@@ -483,7 +483,7 @@ size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_
   return static_cast<size_t>(num_splits) * num_queries * num_heads * (kv_lora_rank + 1) * sizeof(float);
 }
 
-std::vector<int32_t> MlaQueryBlocks(const std::vector<int32_t>& query_seq, int64_t num_heads) {
+std::vector<int32_t> MlaQueryBlocks(absl::Span<const int32_t> query_seq, int64_t num_heads) {
   std::vector<int32_t> blocks;
   if (num_heads <= 0 || num_heads > 32) return blocks;
   const int64_t per = 64 / num_heads;

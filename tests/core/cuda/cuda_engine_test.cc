@@ -99,6 +99,48 @@ std::vector<float> Prefill(const Engine& engine, ExpertBackend& experts, const s
   return out.ok() ? (*out)[0].logits : std::vector<float>();
 }
 
+// Dummy V2-Lite-shape weights (bf16) on the GPU, served by one engine that
+// replays CUDA graphs and one that steps eagerly, each with its experts and
+// a latent cache of `pages` pages.
+struct GraphPair {
+  ModelConfig config;
+  std::shared_ptr<ComputeBackend> backend;
+  std::unique_ptr<Engine> graphs, eager;
+  std::unique_ptr<BackendExperts> gexperts, eexperts;
+  std::unique_ptr<LatentCache> gcache, ecache;
+};
+
+void MakeGraphPair(int64_t layers, uint64_t seed, int64_t pages, GraphPair& p) {
+  SyntheticModelOptions o;
+  o.preset = "v2-lite-shape";
+  o.num_layers = layers;
+  auto text = SyntheticConfigJson(o);
+  ASSERT_TRUE(text.ok());
+  auto config = ModelConfig::FromJson(*text);
+  ASSERT_TRUE(config.ok());
+  p.config = *config;
+  cuda::CudaBackendOptions options;
+  options.precision = cuda::CudaPrecision::kBf16;
+  auto backend = cuda::CreateDummyCudaBackend(p.config, WeightSelection::All(), seed, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  p.backend = *backend;
+  ASSERT_TRUE(p.backend->SupportsStepGraphs());
+  EngineOptions eager_options;
+  eager_options.device_graphs = false;
+  auto graphs = Engine::Create(p.backend);
+  auto eager = Engine::Create(p.backend, eager_options);
+  ASSERT_TRUE(graphs.ok() && eager.ok());
+  p.graphs = std::move(graphs).value();
+  p.eager = std::move(eager).value();
+  p.gexperts = std::make_unique<BackendExperts>(*p.backend);
+  p.eexperts = std::make_unique<BackendExperts>(*p.backend);
+  auto gcache = p.graphs->CreateCache(pages);
+  auto ecache = p.eager->CreateCache(pages);
+  ASSERT_TRUE(gcache.ok() && ecache.ok());
+  p.gcache = std::move(gcache).value();
+  p.ecache = std::move(ecache).value();
+}
+
 class CudaEngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -408,28 +450,10 @@ TEST_F(CudaEngineTest, DeviceRoutingRecordsTheHostGatesChoices) {
 // positions (block tables of 4, then 8 pages: another graph), routing
 // record included; both engines get the same tokens every step.
 TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
-  SyntheticModelOptions o;
-  o.preset = "v2-lite-shape";
-  o.num_layers = 2;
-  auto text = SyntheticConfigJson(o);
-  ASSERT_TRUE(text.ok());
-  auto config = ModelConfig::FromJson(*text);
-  ASSERT_TRUE(config.ok());
-  cuda::CudaBackendOptions options;
-  options.precision = cuda::CudaPrecision::kBf16;
-  auto backend = cuda::CreateDummyCudaBackend(*config, WeightSelection::All(), 3, options);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  ASSERT_TRUE((*backend)->SupportsStepGraphs());
-  EngineOptions eager_options;
-  eager_options.device_graphs = false;
-  auto graphs = Engine::Create(*backend);
-  auto eager = Engine::Create(*backend, eager_options);
-  ASSERT_TRUE(graphs.ok() && eager.ok());
-  BackendExperts gexperts(**backend), eexperts(**backend);
-  auto gcache = (*graphs)->CreateCache(32);
-  auto ecache = (*eager)->CreateCache(32);
-  ASSERT_TRUE(gcache.ok() && ecache.ok());
-  const int64_t V = config->vocab_size;
+  GraphPair pair;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphPair(2, 3, 32, pair));
+  BackendExperts &gexperts = *pair.gexperts, &eexperts = *pair.eexperts;
+  const int64_t V = pair.config.vocab_size;
   std::vector<StepSequence> batch;
   const std::vector<int> prompt_lens = {230, 100, 250, 20};
   for (size_t s = 0; s < prompt_lens.size(); ++s) {
@@ -445,8 +469,8 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
     StepRouting gr, er;
     gr.topk_idx_out = &gtopk;
     er.topk_idx_out = &etopk;
-    auto g = (*graphs)->Step(batch, **gcache, gexperts, gr);
-    auto e = (*eager)->Step(batch, **ecache, eexperts, er);
+    auto g = pair.graphs->Step(batch, *pair.gcache, gexperts, gr);
+    auto e = pair.eager->Step(batch, *pair.ecache, eexperts, er);
     ASSERT_TRUE(g.ok()) << g.status();
     ASSERT_TRUE(e.ok()) << e.status();
     for (size_t s = 0; s < batch.size(); ++s) {
@@ -466,13 +490,13 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
   EXPECT_EQ(differing, 0) << "of " << decisions << " routing decisions";
   // Eager: the prefill, and the first step of each of the three decode
   // shapes (a shape is captured once it repeats).
-  EXPECT_EQ((*graphs)->graph_steps(), 60 - 3);
+  EXPECT_EQ(pair.graphs->graph_steps(), 60 - 3);
 
   // A second cache on the same engine, its steps interleaved with the
   // first's, with the first's shape (3 sequences, 8-page tables): its steps
   // must not replay the first cache's graph (which writes the first cache).
-  auto gcache2 = (*graphs)->CreateCache(32);
-  auto ecache2 = (*eager)->CreateCache(32);
+  auto gcache2 = pair.graphs->CreateCache(32);
+  auto ecache2 = pair.eager->CreateCache(32);
   ASSERT_TRUE(gcache2.ok() && ecache2.ok());
   std::vector<StepSequence> batch2;
   for (int s = 0; s < 3; ++s) {
@@ -480,18 +504,18 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 104729 + 17 * s + 3) % V);
     batch2.push_back({static_cast<SequenceId>(100 + s), ids, false, /*greedy_only=*/true});
   }
-  const int64_t before = (*graphs)->graph_steps();
+  const int64_t before = pair.graphs->graph_steps();
   for (int step = 0; step < 8; ++step) {
     for (int which = 0; which < 2; ++which) {
       std::vector<StepSequence>& b = which == 0 ? batch : batch2;
-      LatentCache& gc = which == 0 ? **gcache : **gcache2;
-      LatentCache& ec = which == 0 ? **ecache : **ecache2;
+      LatentCache& gc = which == 0 ? *pair.gcache : **gcache2;
+      LatentCache& ec = which == 0 ? *pair.ecache : **ecache2;
       std::vector<std::vector<int32_t>> gtopk, etopk;
       StepRouting gr, er;
       gr.topk_idx_out = &gtopk;
       er.topk_idx_out = &etopk;
-      auto g = (*graphs)->Step(b, gc, gexperts, gr);
-      auto e = (*eager)->Step(b, ec, eexperts, er);
+      auto g = pair.graphs->Step(b, gc, gexperts, gr);
+      auto e = pair.eager->Step(b, ec, eexperts, er);
       ASSERT_TRUE(g.ok()) << g.status();
       ASSERT_TRUE(e.ok()) << e.status();
       EXPECT_EQ(gtopk, etopk) << "cache " << which << " step " << step;
@@ -502,13 +526,13 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
       }
     }
   }
-  EXPECT_EQ((*graphs)->graph_steps() - before, 8) << "the first cache's steps replay its graph";
-  EXPECT_EQ((*eager)->graph_steps(), 0);
+  EXPECT_EQ(pair.graphs->graph_steps() - before, 8) << "the first cache's steps replay its graph";
+  EXPECT_EQ(pair.eager->graph_steps(), 0);
   // The prompt, then 60 decode steps, then the 8 interleaved ones.
-  EXPECT_EQ((*gcache)->SequenceLength(0), 230 + 60 + 8);
+  EXPECT_EQ(pair.gcache->SequenceLength(0), 230 + 60 + 8);
   std::printf("[cuda graphs] %lld of 61 + 16 steps ran as graphs (8 more of the first cache's, none of the second's); "
               "greedy tokens equal; max |logprob| difference %.3g; %lld routing decisions, %lld differ\n",
-              static_cast<long long>((*graphs)->graph_steps()), worst_logprob, static_cast<long long>(decisions),
+              static_cast<long long>(pair.graphs->graph_steps()), worst_logprob, static_cast<long long>(decisions),
               static_cast<long long>(differing));
 }
 
@@ -517,27 +541,10 @@ TEST_F(CudaEngineTest, DecodeStepGraphsGiveTheEagerSteps) {
 // changes every 5 steps here and the graph steps' tokens, log-probabilities
 // and both routing records (biased and unbiased) equal the eager steps'.
 TEST_F(CudaEngineTest, DecodeStepGraphsTakeEachStepsServingBias) {
-  SyntheticModelOptions o;
-  o.preset = "v2-lite-shape";
-  o.num_layers = 3;
-  auto text = SyntheticConfigJson(o);
-  ASSERT_TRUE(text.ok());
-  auto config = ModelConfig::FromJson(*text);
-  ASSERT_TRUE(config.ok());
-  cuda::CudaBackendOptions options;
-  options.precision = cuda::CudaPrecision::kBf16;
-  auto backend = cuda::CreateDummyCudaBackend(*config, WeightSelection::All(), 4, options);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  EngineOptions eager_options;
-  eager_options.device_graphs = false;
-  auto graphs = Engine::Create(*backend);
-  auto eager = Engine::Create(*backend, eager_options);
-  ASSERT_TRUE(graphs.ok() && eager.ok());
-  BackendExperts gexperts(**backend), eexperts(**backend);
-  auto gcache = (*graphs)->CreateCache(16);
-  auto ecache = (*eager)->CreateCache(16);
-  ASSERT_TRUE(gcache.ok() && ecache.ok());
-  const ModelConfig& c = *config;
+  GraphPair pair;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphPair(3, 4, 16, pair));
+  BackendExperts &gexperts = *pair.gexperts, &eexperts = *pair.eexperts;
+  const ModelConfig& c = pair.config;
   std::vector<StepSequence> batch;
   for (int s = 0; s < 3; ++s) {
     std::vector<int32_t> ids(40 + 9 * s);
@@ -563,8 +570,8 @@ TEST_F(CudaEngineTest, DecodeStepGraphsTakeEachStepsServingBias) {
     er.topk_idx_out = &etopk;
     er.unbiased_topk_idx_out = &eunbiased;
     gr.serving_bias = er.serving_bias = &bias;
-    auto g = (*graphs)->Step(batch, **gcache, gexperts, gr);
-    auto e = (*eager)->Step(batch, **ecache, eexperts, er);
+    auto g = pair.graphs->Step(batch, *pair.gcache, gexperts, gr);
+    auto e = pair.eager->Step(batch, *pair.ecache, eexperts, er);
     ASSERT_TRUE(g.ok()) << g.status();
     ASSERT_TRUE(e.ok()) << e.status();
     EXPECT_EQ(gtopk, etopk) << "step " << step;
@@ -580,10 +587,10 @@ TEST_F(CudaEngineTest, DecodeStepGraphsTakeEachStepsServingBias) {
     }
   }
   // The prefill and the first decode step run eagerly; the other 28 replay.
-  EXPECT_EQ((*graphs)->graph_steps(), 28);
+  EXPECT_EQ(pair.graphs->graph_steps(), 28);
   EXPECT_GT(moved, 0) << "the bias moved no choice of " << decisions;
   std::printf("[cuda graphs] serving bias: %lld of 30 steps as graphs, %lld of %lld decisions moved by the bias\n",
-              static_cast<long long>((*graphs)->graph_steps()), static_cast<long long>(moved),
+              static_cast<long long>(pair.graphs->graph_steps()), static_cast<long long>(moved),
               static_cast<long long>(decisions));
 }
 
