@@ -268,8 +268,11 @@ void GroupedGemms(Out& out, bool quick) {
       "experts' weights over the time (the bound at few tokens per expert). 'dense cuBLAS' = one cuBLASLt GEMM "
       "[rows, D] x [2I, D]^T of the same FLOPs (one weight). 'pipeline' = MoeExperts end to end (permute, "
       "gather, both GEMMs, SwiGLU, weighted combine).\n\n"
-      "| model | tokens | rows | product | dmoe us | dmoe TFLOP/s | dmoe weights GB/s | cuBLAS grouped us | "
-      "cuBLAS TFLOP/s | dense cuBLAS us | dense TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+      "'tile rows' = the rows per tile dmoe picks (16, 64: mma.sync; 128: wgmma 128 x 256 tiles); the two "
+      "columns after its time force 64-row mma.sync and 128-row wgmma tiles.\n\n"
+      "| model | tokens | rows | product | tile rows | dmoe us | dmoe TFLOP/s | 64-row mma.sync us | "
+      "128-row wgmma us | dmoe weights GB/s | cuBLAS grouped us | "
+      "cuBLAS TFLOP/s | dense cuBLAS us | dense TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   std::printf("\ngrouped GEMM  model tokens product  dmoe_us TF  cublas_us TF  dense_us TF\n");
   bool first = true;
   std::string pipeline_md =
@@ -331,7 +334,17 @@ void GroupedGemms(Out& out, bool quick) {
         g.max_rows = rows;
         g.blas = &blas;
         g.impl = GroupedGemmImpl::kOwn;
+        const int tile_rows = GroupedGemmTileRows(g.max_rows, g.num_groups);
         const double own = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
+        // Each of dmoe's tile shapes on this product, beside the default's choice.
+        auto own_with = [&](int rows_per_tile) {
+          if (rows_per_tile == 128 && !WgmmaAvailable()) return -1.0;
+          g.tile_rows = rows_per_tile;
+          const double ms = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
+          g.tile_rows = 0;
+          return ms;
+        };
+        const double own64 = own_with(64), own128 = own_with(128);
         g.impl = GroupedGemmImpl::kCublas;
         const double cub = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
         GemmParams d{a, pr.b, OutType::kBF16, c, OutType::kF32, rows, pr.N, pr.K};
@@ -344,7 +357,9 @@ void GroupedGemms(Out& out, bool quick) {
                     "\", \"tokens\": " + std::to_string(n) + ", \"rows\": " + std::to_string(rows) +
                     ", \"product\": \"" + pr.name + "\", \"N\": " + std::to_string(pr.N) +
                     ", \"K\": " + std::to_string(pr.K) + ", \"experts_touched\": " + std::to_string(touched) +
-                    ", \"dmoe_us\": " + Fmt("%.2f", own * 1e3) + ", \"dmoe_tflops\": " + Fmt("%.1f", tf(own)) +
+                    ", \"tile_rows\": " + std::to_string(tile_rows) + ", \"dmoe_us\": " + Fmt("%.2f", own * 1e3) +
+                    ", \"mma_sync_64_us\": " + Fmt("%.2f", own64 * 1e3) +
+                    ", \"wgmma_128_us\": " + Fmt("%.2f", own128 * 1e3) + ", \"dmoe_tflops\": " + Fmt("%.1f", tf(own)) +
                     ", \"dmoe_weight_gbps\": " + Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) +
                     ", \"cublas_grouped_us\": " + Fmt("%.2f", cub * 1e3) +
                     ", \"cublas_grouped_tflops\": " + Fmt("%.1f", tf(cub)) +
@@ -352,7 +367,10 @@ void GroupedGemms(Out& out, bool quick) {
                     ", \"dense_cublas_tflops\": " + Fmt("%.1f", tf(dense)) + "}";
         first = false;
         out.md += std::string("| ") + m.name + " | " + std::to_string(n) + " | " + std::to_string(rows) + " | " +
-                  pr.name + " | " + Fmt("%.1f", own * 1e3) + " | " + Fmt("%.0f", tf(own)) + " | " +
+                  pr.name + " | " + std::to_string(tile_rows) + " | " + Fmt("%.1f", own * 1e3) + " | " +
+                  Fmt("%.0f", tf(own)) + " | " + Fmt("%.1f", own64 * 1e3) + " | " +
+                  (own128 > 0 ? Fmt("%.1f", own128 * 1e3) + " (" + Fmt("%.0f", tf(own128)) + " TF)" : std::string("-")) +
+                  " | " +
                   Fmt("%.0f", wbytes / (own * 1e-3) / 1e9) + " | " + Fmt("%.1f", cub * 1e3) + " | " +
                   Fmt("%.0f", tf(cub)) + " | " + Fmt("%.1f", dense * 1e3) + " | " + Fmt("%.0f", tf(dense)) + " |\n";
         std::printf("GG %-8s %5ld %-8s %9.1f %5.0f %9.1f %5.0f %9.1f %5.0f\n", m.name, long(n), pr.name, own * 1e3,

@@ -85,7 +85,7 @@ done
 built=0
 if stage build 200; then
   {
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
       -DDMOE_BUILD_BENCH=OFF &&
       cmake --build build-gpu -j"$(nproc)" --target $tests ${RUN_GOLDEN:+golden_test} gpu_kernel_bench decode_step_bench
   } > "$out/build.log" 2>&1 && built=1

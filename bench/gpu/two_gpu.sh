@@ -41,7 +41,7 @@ note "gpus: $(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | w
 
 built=0
 if stage build 200; then
-  if cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  if cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
        -DDMOE_BUILD_BENCH=ON > "$work/configure.log" 2>&1 &&
      grep -q "building dmoe_transport_nccl" "$work/configure.log" &&
      timeout "$(left)" cmake --build build-gpu -j"$(nproc)" --target message_frame_test framed_transport_test \

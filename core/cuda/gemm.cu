@@ -10,6 +10,7 @@
 
 #include "core/cuda/cuda_util.cuh"
 #include "core/cuda/kernels.h"
+#include "core/cuda/tensor_core.cuh"
 
 namespace dmoe::cuda {
 
@@ -84,23 +85,58 @@ constexpr size_t GemmSmemBytes() {
 }
 constexpr int kMaxGroups = 1024;
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+// The row tile `tile` of BM-row tiles laid over the groups in order: its
+// group (-1 past the last tile) and first row. A block-wide scan of the
+// groups' tile counts (offsets read on the device); every thread calls it.
+struct RowTile {
+  int group;
+  int64_t row0;
+};
+template <int BM, int THREADS>
+__device__ RowTile FindRowTile(const GroupedGemmParams& p, int tile) {
+  __shared__ int32_t warp_tot[THREADS / 32];
+  __shared__ int32_t found[2];  // group, first tile of the group
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = static_cast<int>(p.num_groups);
+  // Tiles of the groups this thread scans: contiguous groups [g0, g1).
+  const int per = (G + THREADS - 1) / THREADS;
+  const int g0 = tid * per, g1 = min(G, g0 + per);
+  int mine = 0;
+  for (int g = g0; g < g1; ++g) mine += (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
+  int incl = mine;  // inclusive scan within the warp
+  for (int o = 1; o < 32; o *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  if (tid == 0) found[0] = -1;
+  __syncthreads();
+  int base = 0;
+  for (int w = 0; w < warp; ++w) base += warp_tot[w];
+  int start = base + incl - mine;  // exclusive prefix: first tile of group g0
+  for (int g = g0; g < g1; ++g) {
+    const int t = (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
+    if (tile >= start && tile < start + t) {
+      found[0] = g;
+      found[1] = start;
+    }
+    start += t;
+  }
+  __syncthreads();
+  const int group = found[0];
+  if (group < 0) return {-1, 0};
+  return {group, p.offsets[group] + int64_t{tile - found[1]} * BM};
 }
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+
+// C[row][col], C[row][col + 1] = v0, v1 (float32 or bf16 C; N % 8 == 0
+// keeps both columns in range when col is).
+__device__ __forceinline__ void StorePair(const GroupedGemmParams& p, int64_t row, int64_t col, float v0, float v1) {
+  if (p.c_type == OutType::kF32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(p.c) + row * p.n + col) = make_float2(v0, v1);
+  } else {
+    const uint32_t packed = FloatToBf16Bits(v0) | (uint32_t{FloatToBf16Bits(v1)} << 16);
+    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.c) + row * p.n + col) = packed;
+  }
 }
 
 // grid.x: n tiles; grid.y: an upper bound of the m tiles summed over groups.
@@ -120,40 +156,12 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   extern __shared__ __align__(16) unsigned char gsmem[];
   uint16_t* as_base = reinterpret_cast<uint16_t*>(gsmem);  // [kGStages][BM * kGStride]
   uint16_t* bs_base = as_base + kGStages * BM * kGStride;  // [kGStages][kBN * kGStride]
-  __shared__ int32_t warp_tot[kGThreads / 32];
-  __shared__ int32_t found[2];  // group, first tile of the group
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int G = static_cast<int>(p.num_groups);
-  // Tiles of the groups this thread scans: contiguous groups [g0, g1).
-  const int per = (G + kGThreads - 1) / kGThreads;
-  const int g0 = tid * per, g1 = min(G, g0 + per);
-  int mine = 0;
-  for (int g = g0; g < g1; ++g) mine += (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
-  int incl = mine;  // inclusive scan within the warp
-  for (int o = 1; o < 32; o *= 2) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == 31) warp_tot[warp] = incl;
-  if (tid == 0) found[0] = -1;
-  __syncthreads();
-  int base = 0;
-  for (int w = 0; w < warp; ++w) base += warp_tot[w];
-  int start = base + incl - mine;  // exclusive prefix: first tile of group g0
-  const int tile = blockIdx.y;
-  for (int g = g0; g < g1; ++g) {
-    const int t = (p.offsets[g + 1] - p.offsets[g] + BM - 1) / BM;
-    if (tile >= start && tile < start + t) {
-      found[0] = g;
-      found[1] = start;
-    }
-    start += t;
-  }
-  __syncthreads();
-  const int group = found[0];
-  if (group < 0) return;  // past the last tile
-  const int64_t row0 = p.offsets[group] + int64_t{tile - found[1]} * BM;
+  const RowTile rt = FindRowTile<BM, kGThreads>(p, blockIdx.y);
+  if (rt.group < 0) return;  // past the last tile
+  const int group = rt.group;
+  const int64_t row0 = rt.row0;
   const int64_t row_end = p.offsets[group + 1];
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t K = p.k, N = p.n;
@@ -179,7 +187,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
   const int64_t ktiles = (K + kBK - 1) / kBK;
   for (int s = 0; s < kGStages - 1; ++s) {
     if (s < ktiles) load(s * kBK, s);
-    asm volatile("cp.async.commit_group;\n" ::);
+    CpAsyncCommit();
   }
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   float acc[MT][NT][4];
@@ -189,10 +197,10 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
     for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
   const int mi = lane / 8, mr = lane % 8;
   for (int64_t kt = 0; kt < ktiles; ++kt) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kGStages - 2));
+    CpAsyncWait<kGStages - 2>();
     __syncthreads();
     if (kt + kGStages - 1 < ktiles) load((kt + kGStages - 1) * kBK, static_cast<int>((kt + kGStages - 1) % kGStages));
-    asm volatile("cp.async.commit_group;\n" ::);
+    CpAsyncCommit();
     const uint16_t* at = as_base + (kt % kGStages) * BM * kGStride;
     const uint16_t* btile = bs_base + (kt % kGStages) * kBN * kGStride;
     // Two k16 steps' fragments at a time, then their mma.
@@ -221,7 +229,7 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
           }
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  CpAsyncWait<0>();
   const int g = lane / 4, q4 = lane % 4;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -233,16 +241,108 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
       for (int j = 0; j < NT; ++j) {
         const int64_t col = col0 + wn * 8 * NT + j * 8 + q4 * 2;
         if (col >= N) continue;  // N % 8 == 0: both columns in range
-        const float v0 = acc[i][j][hh * 2], v1 = acc[i][j][hh * 2 + 1];
-        if (p.c_type == OutType::kF32) {
-          *reinterpret_cast<float2*>(static_cast<float*>(p.c) + row * N + col) = make_float2(v0, v1);
-        } else {
-          const uint32_t packed = FloatToBf16Bits(v0) | (uint32_t{FloatToBf16Bits(v1)} << 16);
-          *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.c) + row * N + col) = packed;
-        }
+        StorePair(p, row, col, acc[i][j][hh * 2], acc[i][j][hh * 2 + 1]);
       }
     }
   }
+}
+
+// ---- Hopper grouped GEMM: wgmma.m64n256k16 over 128 x 256 tiles. ----
+// Two warpgroups, each 64 rows x 256 columns (128 float32 accumulators per
+// thread) of the tile. Both operands stream through a 4-stage cp.async ring
+// of 128-byte-swizzled K-major tiles (A 128 x 64, B 256 x 64: 48 KB a
+// stage), two k-tiles ahead, and each warpgroup keeps one k-tile's MMAs in
+// flight while the next tile's barrier and copies are issued. A warpgroup
+// whose 64 rows are all past its group's end issues no MMAs (the tensor
+// cores go to the other one). For groups of many rows (prefill); decode's
+// few rows per expert stay on the 16-row mma.sync tiles above.
+constexpr int64_t kWgmmaMinRowsPerGroup = 64;
+constexpr int kWBM = 128, kWBN = 256, kWBK = 64, kWStages = 4, kWThreads = 256;
+constexpr size_t kWTileA = size_t{kWBM} * 128, kWTileB = size_t{kWBN} * 128;
+constexpr size_t kWStageBytes = kWTileA + kWTileB;
+constexpr size_t kWSmemBytes = kWStages * kWStageBytes + 1024;  // + room to align the ring to 1024 bytes
+
+__global__ void __launch_bounds__(kWThreads, 1) GroupedGemmWgmmaKernel(GroupedGemmParams p) {
+#if DMOE_HAS_WGMMA
+  extern __shared__ __align__(16) unsigned char wsmem[];
+  unsigned char* ring = wsmem + ((1024 - SmemAddr(wsmem) % 1024) % 1024);
+  const int tid = threadIdx.x;
+  const RowTile rt = FindRowTile<kWBM, kWThreads>(p, blockIdx.y);
+  if (rt.group < 0) return;
+  const int64_t row0 = rt.row0, row_end = p.offsets[rt.group + 1];
+  const int64_t col0 = int64_t{blockIdx.x} * kWBN;
+  const int64_t K = p.k, N = p.n;
+  const uint16_t* A = static_cast<const uint16_t*>(p.a);
+  const uint16_t* B =
+      static_cast<const uint16_t*>(p.b) + rt.group * (p.b_group_stride != 0 ? p.b_group_stride : N * K);
+
+  // Rows past the group's end, columns past N and k past K are zero-filled,
+  // so every byte a wgmma reads was written this stage.
+  auto load = [&](int64_t k0, int stage) {
+    unsigned char* sa = ring + stage * kWStageBytes;
+    unsigned char* sb = sa + kWTileA;
+#pragma unroll
+    for (int i = 0; i < kWBM * 8 / kWThreads; ++i) {
+      const int c = tid + i * kWThreads, r = c / 8, ch = c % 8;
+      const int64_t row = row0 + r, kk = k0 + ch * 8;
+      const bool ok = row < row_end && kk < K;
+      CpAsync16(sa + Sw128Offset(r, ch), ok ? A + row * K + kk : A, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kWBN * 8 / kWThreads; ++i) {
+      const int c = tid + i * kWThreads, r = c / 8, ch = c % 8;
+      const int64_t col = col0 + r, kk = k0 + ch * 8;
+      const bool ok = col < N && kk < K;
+      CpAsync16(sb + Sw128Offset(r, ch), ok ? B + col * K + kk : B, ok ? 16 : 0);
+    }
+  };
+  constexpr int kAhead = kWStages - 2;  // k-tiles loading while one computes and one's MMAs drain
+  const int64_t ktiles = CeilDiv(K, kWBK);
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < ktiles) load(s * kWBK, s);
+    CpAsyncCommit();
+  }
+  const int wg = tid / 128;
+  const bool active = row0 + wg * 64 < row_end;
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    CpAsyncWait<kAhead - 1>();  // this thread's copies of k-tile kt landed
+    FenceProxyAsync();          // ... and are visible to wgmma's async proxy
+    WgmmaWait<1>();             // this warpgroup's MMAs of k-tile kt-2 are done
+    __syncthreads();            // all threads: tile kt complete, stage of kt-2 free
+    if (kt + kAhead < ktiles) load((kt + kAhead) * kWBK, static_cast<int>((kt + kAhead) % kWStages));
+    CpAsyncCommit();
+    if (active) {
+      const unsigned char* sa = ring + (kt % kWStages) * kWStageBytes + wg * 64 * 128;
+      const uint64_t da = Sw128Desc(sa), db = Sw128Desc(sa - wg * 64 * 128 + kWTileA);
+      FenceAccumulators(acc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kWBK / 16; ++kk) WgmmaM64N256K16(acc, da + 2 * kk, db + 2 * kk, 1);
+      WgmmaCommit();
+      FenceAccumulators(acc);
+    }
+  }
+  WgmmaWait<0>();
+  FenceAccumulators(acc);
+  CpAsyncWait<0>();
+  if (!active) return;
+  const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, q4 = lane % 4;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t row = row0 + wg * 64 + warp * 16 + g + hh * 8;
+    if (row >= row_end) continue;
+#pragma unroll
+    for (int j = 0; j < kWBN / 8; ++j) {
+      const int64_t col = col0 + j * 8 + q4 * 2;
+      if (col < N) StorePair(p, row, col, acc[j * 4 + hh * 2], acc[j * 4 + hh * 2 + 1]);
+    }
+  }
+#else
+  __trap();  // launched only where WgmmaAvailable()
+#endif
 }
 
 cudaDataType_t CudaType(OutType t) { return t == OutType::kF32 ? CUDA_R_32F : CUDA_R_16BF; }
@@ -454,6 +554,21 @@ __global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const float*
 
 }  // namespace
 
+bool WgmmaAvailable() {
+#if defined(DMOE_SM90A)
+  static const bool ok = [] {
+    int dev = 0, major = 0, minor = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+           minor == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 BlasHandle::BlasHandle(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 BlasHandle::~BlasHandle() = default;
 
@@ -525,6 +640,16 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
 
 const char* CublasGroupedPath(const BlasHandle& blas) { return blas.impl()->grouped_path.c_str(); }
 
+int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups) {
+  const int64_t per_group = num_groups > 0 ? max_rows / num_groups : max_rows;
+  // Few rows per group (decode, <= 8 on average): 16-row tiles, so padding
+  // does not turn a weight-bandwidth-bound product into a compute-bound one.
+  if (per_group <= 8) return 16;
+  // Many (prefill): Hopper's 128 x 256 wgmma tiles where built and present.
+  if (per_group >= kWgmmaMinRowsPerGroup && WgmmaAvailable()) return 128;
+  return 64;
+}
+
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   DMOE_CUDA_CHECK_ARG(p.num_groups > 0 && p.num_groups <= kMaxGroups, "GroupedGemm: 0 < num_groups <= 1024");
   DMOE_CUDA_CHECK_ARG(p.n > 0 && p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0, "GroupedGemm: n, k positive multiples of 8");
@@ -532,22 +657,32 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
   if (p.impl == GroupedGemmImpl::kCublas) return GroupedGemmCublas(p, stream);
   DMOE_CUDA_CHECK_ARG(p.ab_type == OutType::kBF16, "GroupedGemm: float32 inputs take kCublas");
   if (p.max_rows == 0) return absl::OkStatus();
-  // Few rows per group (decode, <= 8 on average): 16-row tiles; else 64
-  // (16-row tiles over fuller groups would re-read each weight per tile).
-  const bool small = p.max_rows <= 8 * p.num_groups;
-  const int bm = small ? 16 : 64;
+  DMOE_CUDA_CHECK_ARG(p.tile_rows == 0 || p.tile_rows == 16 || p.tile_rows == 64 || p.tile_rows == 128,
+                      "GroupedGemm: tile_rows 0, 16, 64 or 128");
+  DMOE_CUDA_CHECK_ARG(p.tile_rows != 128 || WgmmaAvailable(),
+                      "GroupedGemm: tile_rows 128 needs an sm_90 device and a build for CUDA architecture 90a");
+  const int bm = p.tile_rows != 0 ? p.tile_rows : GroupedGemmTileRows(p.max_rows, p.num_groups);
   const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
+  cudaStream_t s = AsStream(stream);
+  if (bm == 128) {
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        GroupedGemmWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWSmemBytes));
+    DMOE_RETURN_IF_ERROR_CU(CudaStatus(attr, "cudaFuncSetAttribute(GroupedGemmWgmmaKernel)"));
+    const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kWBN)), static_cast<unsigned>(tiles_y));
+    GroupedGemmWgmmaKernel<<<grid, kWThreads, kWSmemBytes, s>>>(p);
+    return LaunchStatus("GroupedGemmWgmmaKernel");
+  }
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
   static const cudaError_t attr16 = cudaFuncSetAttribute(
       GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<16>()));
   static const cudaError_t attr64 = cudaFuncSetAttribute(
       GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<64>()));
-  DMOE_RETURN_IF_ERROR_CU(CudaStatus(small ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
-  if (small) {
-    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), AsStream(stream)>>>(p);
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(bm == 16 ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
+  if (bm == 16) {
+    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), s>>>(p);
   } else {
-    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), AsStream(stream)>>>(p);
+    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), s>>>(p);
   }
   return LaunchStatus("GroupedGemmKernel");
 }

@@ -347,7 +347,17 @@ struct GroupedGemmParams {
   int64_t max_rows = 0;                   // host: an upper bound of offsets[G] (sizes the grid)
   GroupedGemmImpl impl = GroupedGemmImpl::kOwn;
   BlasHandle* blas = nullptr;  // kCublas only
+  // kOwn's rows per tile: 0 picks GroupedGemmTileRows(max_rows, num_groups);
+  // 16 or 64 (mma.sync tiles), 128 (wgmma tiles: sm_90 device, 90a build).
+  int tile_rows = 0;
 };
+// The wgmma kernels can run: a build for CUDA architecture 90a on an sm_90
+// device (H100 / H200).
+bool WgmmaAvailable();
+// kOwn's default rows per tile for an upper bound of max_rows rows over
+// num_groups groups: 16 at <= 8 rows a group, 128 from 64 rows a group on
+// Hopper (sm_90a build), else 64.
+int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups);
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
 // Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or, once
 // that refused an output type, "cublasGemmEx loop for ... (... returned

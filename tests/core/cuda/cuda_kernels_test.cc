@@ -360,7 +360,8 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
   ASSERT_TRUE(blas.ok()) << blas.status();
   std::mt19937 rng(22);
   const std::vector<int32_t> counts = GetParam();
-  const int64_t G = counts.size(), n = 136, k = 264;  // n, k not tile multiples
+  // n spans a full and a partial 256-column tile, k a partial 64-deep one.
+  const int64_t G = counts.size(), n = 392, k = 264;
   std::vector<int32_t> offsets(G + 1, 0);
   for (int64_t g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + counts[g];
   const int64_t rows = offsets[G];
@@ -372,7 +373,16 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
     std::copy(cg.begin(), cg.end(), ref.begin() + offsets[g] * n);
   }
   DeviceBuffer da = Upload(a), db = Upload(b), doff = Upload(offsets);
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::kOwn, GroupedGemmImpl::kCublas}) {
+  // kOwn with its default tile, then each tile shape forced (128: wgmma,
+  // where this build and device have it); kCublas (tile_rows unused).
+  struct Variant {
+    GroupedGemmImpl impl;
+    int tile_rows;
+  };
+  std::vector<Variant> variants = {{GroupedGemmImpl::kOwn, 0}, {GroupedGemmImpl::kOwn, 16}, {GroupedGemmImpl::kOwn, 64}};
+  if (WgmmaAvailable()) variants.push_back({GroupedGemmImpl::kOwn, 128});
+  variants.push_back({GroupedGemmImpl::kCublas, 0});
+  for (const auto& [impl, tile_rows] : variants) {
     for (OutType ct : {OutType::kF32, OutType::kBF16}) {
       DeviceBuffer dc = ct == OutType::kF32 ? Poisoned<float>(rows * n) : Poisoned<uint16_t>(rows * n);
       GroupedGemmParams p;
@@ -387,8 +397,9 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
       p.host_offsets = offsets.data();
       p.max_rows = rows + 3;  // an upper bound, not exact
       p.impl = impl;
+      p.tile_rows = tile_rows;
       p.blas = blas->get();
-      ASSERT_TRUE(GroupedGemm(p, nullptr).ok());
+      ASSERT_TRUE(GroupedGemm(p, nullptr).ok()) << "tile_rows " << tile_rows;
       std::vector<float> got(rows * n);
       if (ct == OutType::kF32) {
         got = Download<float>(dc, rows * n);
@@ -397,16 +408,38 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
         for (int64_t i = 0; i < rows * n; ++i) got[i] = Bf16ToFloat(g16[i]);
       }
       EXPECT_LT(RelL2(got, ref), ct == OutType::kF32 ? 1e-5 : 4e-3)
-          << (impl == GroupedGemmImpl::kOwn ? "own" : "cublas") << (ct == OutType::kF32 ? " f32" : " bf16");
+          << (impl == GroupedGemmImpl::kOwn ? "own" : "cublas") << (ct == OutType::kF32 ? " f32" : " bf16")
+          << " tile_rows " << tile_rows;
     }
   }
 }
 
-TEST_F(CudaGemmTest, MoeExpertsMatchFloat64BothImpls) {
+TEST_F(CudaTest, GroupedGemmRejectsUnknownTileRows) {
+  GroupedGemmParams p;
+  p.num_groups = 1;
+  p.n = 8;
+  p.k = 8;
+  p.max_rows = 1;
+  p.tile_rows = 32;
+  const absl::Status st = GroupedGemm(p, nullptr);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("tile_rows"), std::string::npos) << st;
+  if (!WgmmaAvailable()) {
+    p.tile_rows = 128;
+    EXPECT_EQ(GroupedGemm(p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// Tokens: 45 (about 11 rows per expert: 64-row tiles) and 400 (100 per
+// expert: the prefill tiles, wgmma on Hopper).
+class CudaMoeExpertsTest : public CudaTest, public ::testing::WithParamInterface<int64_t> {};
+INSTANTIATE_TEST_SUITE_P(Tokens, CudaMoeExpertsTest, ::testing::Values(45, 400));
+
+TEST_P(CudaMoeExpertsTest, MoeExpertsMatchFloat64BothImpls) {
   auto blas = BlasHandle::Create();
   ASSERT_TRUE(blas.ok()) << blas.status();
   std::mt19937 rng(23);
-  const int64_t n = 45, k = 4, E = 16, D = 256, I = 136;
+  const int64_t n = GetParam(), k = 4, E = 16, D = 256, I = 136;
   const auto x = Random(n * D, rng);
   const auto wgu = RandomBf16(E * 2 * I * D, rng, 0.1f), wd = RandomBf16(E * D * I, rng, 0.1f);
   // Uneven routing: experts 0..11 only (12..15 stay empty), token 3 routes
