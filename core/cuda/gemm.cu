@@ -3,6 +3,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <tuple>
@@ -70,19 +71,22 @@ absl::Status BlasStatus(cublasStatus_t st, const char* what) {
 // BK = 64: each weight row contributes 128 contiguous bytes per stage (32
 // gave 64-byte pieces of 128 scattered rows and ~2.3 TB/s on weight-bound
 // decode shapes).
-constexpr int kBN = 128, kBK = 64, kGThreads = 128;
-// Pipeline depth: 3 stages for 16-row tiles (3 blocks of 62 KB per SM);
-// 4 for 64-row tiles, whose 2 blocks per SM fit 4 stages (110 KB each) as
-// well as 3, so the extra stage in flight costs no occupancy.
-template <int BM>
-constexpr int GemmStages() {
-  return BM == 64 ? 4 : 3;
-}
-constexpr int kGStride = kBK + 8;  // bf16 per smem row (144 bytes, an odd count of 16: conflict-free ldmatrix)
-template <int BM>
-constexpr size_t GemmSmemBytes() {
-  return size_t{GemmStages<BM>()} * (BM + kBN) * kGStride * 2;
-}
+constexpr int kGThreads = 128;
+// A tile shape of the mma.sync kernel: BM x BN output rows x columns, BK deep
+// k-stages, STAGES of them in the cp.async ring. Smem rows are BK + 8 bf16
+// (an odd count of 16 bytes: conflict-free ldmatrix).
+template <int BM_, int BN_, int BK_, int STAGES_>
+struct MmaTile {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, kStages = STAGES_, kStride = BK_ + 8;
+  static constexpr size_t kSmemBytes = size_t{STAGES_} * (BM_ + BN_) * kStride * 2;
+};
+// 64-row tiles: 2 blocks of 110 KB per SM fit 4 stages as well as 3.
+using MmaTile64 = MmaTile<64, 128, 64, 4>;
+// 16-row tiles (decode): 3 blocks of 62 KB per SM.
+using MmaTile16 = MmaTile<16, 128, 64, 3>;
+using MmaTile16N64K128 = MmaTile<16, 64, 128, 3>;
+using MmaTile16K128 = MmaTile<16, 128, 128, 2>;
+using MmaTile16N64K256 = MmaTile<16, 64, 256, 2>;
 constexpr int kMaxGroups = 1024;
 
 // The row tile `tile` of BM-row tiles laid over the groups in order: its
@@ -146,9 +150,10 @@ __device__ __forceinline__ void StorePair(const GroupedGemmParams& p, int64_t ro
 // tokens per expert), so the padding does not turn a weight-bandwidth-bound
 // product into a compute-bound one. Warps: BM 64 -> 2 x 2 warps of 32 x 64;
 // BM 16 -> 1 x 4 warps of 16 x 32.
-template <int BM>
+template <class Tile>
 __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams p) {
-  constexpr int kGStages = GemmStages<BM>();
+  constexpr int BM = Tile::BM, kBN = Tile::BN, kBK = Tile::BK, kGStride = Tile::kStride;
+  constexpr int kGStages = Tile::kStages;
   constexpr int MT = BM == 64 ? 2 : 1;     // m16 tiles per warp
   constexpr int WARPS_M = BM / (16 * MT);  // 2 or 1
   constexpr int WARPS_N = 4 / WARPS_M;     // 2 or 4
@@ -256,7 +261,6 @@ __global__ void __launch_bounds__(kGThreads) GroupedGemmKernel(GroupedGemmParams
 // whose 64 rows are all past its group's end issues no MMAs (the tensor
 // cores go to the other one). For groups of many rows (prefill); decode's
 // few rows per expert stay on the 16-row mma.sync tiles above.
-constexpr int64_t kWgmmaMinRowsPerGroup = 64;
 constexpr int kWBM = 128, kWBN = 256, kWBK = 64, kWStages = 4, kWThreads = 256;
 constexpr size_t kWTileA = size_t{kWBM} * 128, kWTileB = size_t{kWBN} * 128;
 constexpr size_t kWStageBytes = kWTileA + kWTileB;
@@ -640,13 +644,26 @@ absl::Status Gemm(BlasHandle& blas, const GemmParams& p0, Stream stream) {
 
 const char* CublasGroupedPath(const BlasHandle& blas) { return blas.impl()->grouped_path.c_str(); }
 
-int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups) {
+template <class Tile>
+absl::Status LaunchMmaTiles(const GroupedGemmParams& p, int64_t tiles_y, cudaStream_t s) {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      GroupedGemmKernel<Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Tile::kSmemBytes));
+  DMOE_RETURN_IF_ERROR_CU(CudaStatus(attr, "cudaFuncSetAttribute(GroupedGemmKernel)"));
+  const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, Tile::BN)), static_cast<unsigned>(tiles_y));
+  GroupedGemmKernel<Tile><<<grid, kGThreads, Tile::kSmemBytes, s>>>(p);
+  return LaunchStatus("GroupedGemmKernel");
+}
+
+int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups, int64_t n) {
   const int64_t per_group = num_groups > 0 ? max_rows / num_groups : max_rows;
   // Few rows per group (decode, <= 8 on average): 16-row tiles, so padding
   // does not turn a weight-bandwidth-bound product into a compute-bound one.
   if (per_group <= 8) return 16;
-  // Many (prefill): Hopper's 128 x 256 wgmma tiles where built and present.
-  if (per_group >= kWgmmaMinRowsPerGroup && WgmmaAvailable()) return 128;
+  // More: Hopper's 128 x 256 wgmma tiles where built and present (measured
+  // faster than 64-row mma.sync tiles from 16 rows a group up, and 2x at
+  // prefill's hundreds: bench/results/gpu_kernels.md).
+  // (Not for products narrower than its 256 columns, e.g. MLA's per-head ones.)
+  if (WgmmaAvailable() && n >= kWBN) return 128;
   return 64;
 }
 
@@ -661,7 +678,7 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
                       "GroupedGemm: tile_rows 0, 16, 64 or 128");
   DMOE_CUDA_CHECK_ARG(p.tile_rows != 128 || WgmmaAvailable(),
                       "GroupedGemm: tile_rows 128 needs an sm_90 device and a build for CUDA architecture 90a");
-  const int bm = p.tile_rows != 0 ? p.tile_rows : GroupedGemmTileRows(p.max_rows, p.num_groups);
+  const int bm = p.tile_rows != 0 ? p.tile_rows : GroupedGemmTileRows(p.max_rows, p.num_groups, p.n);
   const int64_t tiles_y = CeilDiv(p.max_rows, bm) + p.num_groups;
   DMOE_CUDA_CHECK_ARG(tiles_y < 65536, "GroupedGemm: too many row tiles");
   cudaStream_t s = AsStream(stream);
@@ -673,18 +690,21 @@ absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream) {
     GroupedGemmWgmmaKernel<<<grid, kWThreads, kWSmemBytes, s>>>(p);
     return LaunchStatus("GroupedGemmWgmmaKernel");
   }
-  const dim3 grid(static_cast<unsigned>(CeilDiv(p.n, kBN)), static_cast<unsigned>(tiles_y));
-  static const cudaError_t attr16 = cudaFuncSetAttribute(
-      GroupedGemmKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<16>()));
-  static const cudaError_t attr64 = cudaFuncSetAttribute(
-      GroupedGemmKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(GemmSmemBytes<64>()));
-  DMOE_RETURN_IF_ERROR_CU(CudaStatus(bm == 16 ? attr16 : attr64, "cudaFuncSetAttribute(GroupedGemmKernel)"));
   if (bm == 16) {
-    GroupedGemmKernel<16><<<grid, kGThreads, GemmSmemBytes<16>(), s>>>(p);
-  } else {
-    GroupedGemmKernel<64><<<grid, kGThreads, GemmSmemBytes<64>(), s>>>(p);
+    // EXPERIMENT (removed once measured): 16-row tile variants.
+    const char* v = std::getenv("DMOE_GG16_VARIANT");
+    switch (v != nullptr ? std::atoi(v) : 0) {
+      case 1:
+        return LaunchMmaTiles<MmaTile16N64K128>(p, tiles_y, s);
+      case 2:
+        return LaunchMmaTiles<MmaTile16K128>(p, tiles_y, s);
+      case 3:
+        return LaunchMmaTiles<MmaTile16N64K256>(p, tiles_y, s);
+      default:
+        return LaunchMmaTiles<MmaTile16>(p, tiles_y, s);
+    }
   }
-  return LaunchStatus("GroupedGemmKernel");
+  return LaunchMmaTiles<MmaTile64>(p, tiles_y, s);
 }
 
 size_t MoeExpertsWorkspaceBytes(int64_t n, int64_t top_k, int64_t num_experts, int64_t hidden, int64_t intermediate,

@@ -347,7 +347,7 @@ struct GroupedGemmParams {
   int64_t max_rows = 0;                   // host: an upper bound of offsets[G] (sizes the grid)
   GroupedGemmImpl impl = GroupedGemmImpl::kOwn;
   BlasHandle* blas = nullptr;  // kCublas only
-  // kOwn's rows per tile: 0 picks GroupedGemmTileRows(max_rows, num_groups);
+  // kOwn's rows per tile: 0 picks GroupedGemmTileRows(max_rows, num_groups, n);
   // 16 or 64 (mma.sync tiles), 128 (wgmma tiles: sm_90 device, 90a build).
   int tile_rows = 0;
 };
@@ -355,9 +355,9 @@ struct GroupedGemmParams {
 // device (H100 / H200).
 bool WgmmaAvailable();
 // kOwn's default rows per tile for an upper bound of max_rows rows over
-// num_groups groups: 16 at <= 8 rows a group, 128 from 64 rows a group on
-// Hopper (sm_90a build), else 64.
-int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups);
+// num_groups groups of n columns: 16 at <= 8 rows a group; above, 128 on
+// Hopper (sm_90a build) when n >= 256, else 64.
+int GroupedGemmTileRows(int64_t max_rows, int64_t num_groups, int64_t n);
 absl::Status GroupedGemm(const GroupedGemmParams& p, Stream stream);
 // Which cuBLAS call kCublas used: "cublasGemmGroupedBatchedEx", or, once
 // that refused an output type, "cublasGemmEx loop for ... (... returned
