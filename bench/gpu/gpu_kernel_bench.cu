@@ -345,18 +345,6 @@ void GroupedGemms(Out& out, bool quick) {
           return ms;
         };
         const double own64 = own_with(64), own128 = own_with(128);
-        // EXPERIMENT (removed once measured): 16-row tile variants at decode sizes.
-        if (tile_rows == 16) {
-          const char* names[] = {"BN128 BK64 S3", "BN64 BK128 S3", "BN128 BK128 S2", "BN64 BK256 S2"};
-          for (int v = 0; v < 4; ++v) {
-            setenv("DMOE_GG16_VARIANT", std::to_string(v).c_str(), 1);
-            const double ms = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
-            const double wb = double(touched) * pr.N * pr.K * 2;
-            std::printf("GGV %-8s %5ld %-8s %-16s %9.1f us %6.0f GB/s\n", m.name, long(n), pr.name, names[v], ms * 1e3,
-                        wb / (ms * 1e-3) / 1e9);
-          }
-          unsetenv("DMOE_GG16_VARIANT");
-        }
         g.impl = GroupedGemmImpl::kCublas;
         const double cub = TimeMs([&](int) { CS(GroupedGemm(g, nullptr)); });
         GemmParams d{a, pr.b, OutType::kBF16, c, OutType::kF32, rows, pr.N, pr.K};

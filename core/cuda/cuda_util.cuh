@@ -44,6 +44,19 @@ __device__ __forceinline__ void Store4(uint16_t* dst, float4 v) {
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The current device's SM count (132 when it cannot be read), read once.
+inline int NumSms() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 132;
+    }
+    return n;
+  }();
+  return sms;
+}
+
 // f(row[i], i) for every i < n, the block's threads striding over the row
 // with kUnroll independent loads in flight each (one block reading a whole
 // vocabulary row is latency-bound with one load at a time).

@@ -333,18 +333,6 @@ __global__ void MlaCombineKernel(MlaAttentionParams p, int splits) {
   if (p.lse != nullptr && threadIdx.x == 0) p.lse[row] = wsum > 0.f ? mx + logf(wsum) : -INFINITY;
 }
 
-int NumSms() {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      return 132;
-    }
-    return n;
-  }();
-  return sms;
-}
-
 absl::Status CheckParams(const MlaAttentionParams& p) {
   DMOE_CUDA_CHECK_ARG(p.shape.kv_lora_rank == kRank && p.shape.rope_dim == kRope,
                       "MlaAttention: kv_lora_rank 512 and rope_dim 64 only");

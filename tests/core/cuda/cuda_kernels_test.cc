@@ -345,6 +345,19 @@ TEST_F(CudaGemmTest, Float32GemmIsNotTf32) {
   }
 }
 
+// C[offsets[g] ..) = A[offsets[g] ..) · B_g^T in float64, B_g = b + g * stride.
+std::vector<double> GroupedReference(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, int64_t stride,
+                                     const std::vector<int32_t>& offsets, int64_t n, int64_t k) {
+  const int64_t G = static_cast<int64_t>(offsets.size()) - 1;
+  std::vector<double> ref(offsets[G] * n);
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<uint16_t> ag(a.begin() + offsets[g] * k, a.begin() + offsets[g + 1] * k);
+    const auto cg = RefGemm(ag, b.data() + g * stride, offsets[g + 1] - offsets[g], n, k);
+    std::copy(cg.begin(), cg.end(), ref.begin() + offsets[g] * n);
+  }
+  return ref;
+}
+
 class CudaGroupedGemmTest : public CudaTest, public ::testing::WithParamInterface<std::vector<int32_t>> {};
 
 // Rows per group: well filled (64-row tiles), decode-like (16-row tiles)
@@ -366,12 +379,7 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
   for (int64_t g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + counts[g];
   const int64_t rows = offsets[G];
   const auto a = RandomBf16(rows * k, rng), b = RandomBf16(G * n * k, rng);
-  std::vector<double> ref(rows * n);
-  for (int64_t g = 0; g < G; ++g) {
-    std::vector<uint16_t> ag(a.begin() + offsets[g] * k, a.begin() + offsets[g + 1] * k);
-    const auto cg = RefGemm(ag, b.data() + g * n * k, counts[g], n, k);
-    std::copy(cg.begin(), cg.end(), ref.begin() + offsets[g] * n);
-  }
+  const std::vector<double> ref = GroupedReference(a, b, n * k, offsets, n, k);
   DeviceBuffer da = Upload(a), db = Upload(b), doff = Upload(offsets);
   // kOwn with its default tile, then each tile shape forced (128: wgmma,
   // where this build and device have it); kCublas (tile_rows unused).
@@ -412,6 +420,34 @@ TEST_P(CudaGroupedGemmTest, UnevenAndEmptyGroupsBothImpls) {
           << " tile_rows " << tile_rows;
     }
   }
+}
+
+// Decode over many experts: 1024 groups of 0-3 rows and 9 column tiles, a
+// grid wide enough for the 16-row kernel's 128-column tiles (narrow grids
+// take its 64-column ones, which the test above covers). The groups' weights
+// overlap (stride k) to keep the test small.
+TEST_F(CudaTest, GroupedGemmManyGroupsWideGrid) {
+  std::mt19937 rng(24);
+  const int64_t G = 1024, n = 1152, k = 264;
+  std::vector<int32_t> offsets(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + static_cast<int32_t>(rng() % 4);
+  const int64_t rows = offsets[G];
+  const auto a = RandomBf16(rows * k, rng), b = RandomBf16((G - 1) * k + n * k, rng);
+  const std::vector<double> ref = GroupedReference(a, b, k, offsets, n, k);
+  DeviceBuffer da = Upload(a), db = Upload(b), doff = Upload(offsets), dc = Poisoned<float>(rows * n);
+  GroupedGemmParams p;
+  p.a = da.as<uint16_t>();
+  p.b = db.as<uint16_t>();
+  p.b_group_stride = k;
+  p.c = dc.data();
+  p.num_groups = G;
+  p.n = n;
+  p.k = k;
+  p.offsets = doff.as<int32_t>();
+  p.max_rows = rows;
+  ASSERT_EQ(GroupedGemmTileRows(p.max_rows, p.num_groups, p.n), 16);
+  ASSERT_TRUE(GroupedGemm(p, nullptr).ok());
+  EXPECT_LT(RelL2(Download<float>(dc, rows * n), ref), 1e-5);
 }
 
 TEST_F(CudaTest, GroupedGemmRejectsUnknownTileRows) {
