@@ -142,7 +142,7 @@ double CopyBandwidth(Out& out) {
 }
 
 void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, int64_t H, std::vector<int64_t> batches,
-               std::vector<int64_t> contexts, int head_block = 0) {
+               std::vector<int64_t> contexts, int head_block = 0, bool allow_wgmma = true) {
   constexpr int64_t R = 512, DR = 64, W = R + DR, PAGE = 64;
   int64_t max_tokens = 0, max_b = 0;
   for (int64_t b : batches)
@@ -173,8 +173,8 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
             "\n\n"
             "Bytes = latent cache read (B x ctx x 1152) + q (bf16) + out (fp32) + LSE. "
             "% copy = GB/s over the copy bandwidth above.\n\n"
-            "| batch | context | splits | time (us) | GB/s | % copy | TFLOP/s |\n|---|---|---|---|---|---|---|\n";
-  std::printf("\n%s\nMLA decode  B  ctx  splits  us  GB/s  %%copy  TFLOP/s\n", title);
+            "| batch | context | splits | kernel | time (us) | GB/s | % copy | TFLOP/s |\n|---|---|---|---|---|---|---|---|\n";
+  std::printf("\n%s\nMLA decode  B  ctx  splits  kernel  us  GB/s  %%copy  TFLOP/s\n", title);
   bool first = true;
   for (int64_t B : batches) {
     for (int64_t ctx : contexts) {
@@ -213,6 +213,9 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       p.workspace = ws;
       p.workspace_bytes = ws_bytes;
       p.head_block = head_block;
+      p.allow_wgmma = allow_wgmma;
+      const int used_splits = MlaAttentionSplits(p);
+      const char* kernel = MlaAttentionUsesWgmma(p) ? "wgmma" : "mma.sync";
       const double ms = TimeMs([&](int i) {
         MlaAttentionParams pi = p;
         pi.block_tables = d_tables + int64_t{i % sets} * need;
@@ -223,15 +226,16 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       const double gbs = bytes / (ms * 1e-3) / 1e9;
       const double tflops = double(B) * ctx * H * (W + R) * 2 / (ms * 1e-3) / 1e12;
       out.json += std::string(first ? "" : ",\n") + "    {\"batch\": " + std::to_string(B) +
-                  ", \"context\": " + std::to_string(ctx) + ", \"splits\": " + std::to_string(splits) +
+                  ", \"context\": " + std::to_string(ctx) + ", \"splits\": " + std::to_string(used_splits) +
+                  ", \"kernel\": \"" + kernel + "\"" +
                   ", \"us\": " + Fmt("%.2f", ms * 1e3) + ", \"gbps\": " + Fmt("%.1f", gbs) +
                   ", \"pct_copy\": " + Fmt("%.1f", 100 * gbs / copy_gbs) + ", \"tflops\": " + Fmt("%.1f", tflops) +
                   ", \"rotated_sets\": " + std::to_string(sets) + "}";
       first = false;
-      out.md += "| " + std::to_string(B) + " | " + std::to_string(ctx) + " | " + std::to_string(splits) + " | " +
+      out.md += "| " + std::to_string(B) + " | " + std::to_string(ctx) + " | " + std::to_string(used_splits) + " | " + kernel + " | " +
                 Fmt("%.1f", ms * 1e3) + " | " + Fmt("%.0f", gbs) + " | " + Fmt("%.1f", 100 * gbs / copy_gbs) + " | " +
                 Fmt("%.0f", tflops) + " |\n";
-      std::printf("MLA %4ld %6ld %4d %9.1f %7.0f %5.1f %6.0f\n", long(B), long(ctx), splits, ms * 1e3, gbs,
+      std::printf("MLA %4ld %6ld %4d %-8s %9.1f %7.0f %5.1f %6.0f\n", long(B), long(ctx), used_splits, kernel, ms * 1e3, gbs,
                   100 * gbs / copy_gbs, tflops);
       if (ws) CK(cudaFree(ws));
       CK(cudaFree(d_tables));
@@ -461,6 +465,9 @@ int main(int argc, char** argv) {
       out, copy, "mla_decode",
       "MLA absorbed decode, DeepSeek-V3 attention (H=128, kv_lora 512, rope 64, bf16 latent pages of 64)", 128,
       quick ? V{1, 64} : V{1, 16, 64, 128}, quick ? V{1024, 16384} : V{1024, 4096, 16384});
+  dmoe::cuda::MlaDecode(out, copy, "mla_decode_mma_sync",
+                        "MLA absorbed decode, DeepSeek-V3 attention, the mma.sync kernel (allow_wgmma = false)", 128,
+                        V{16, 64, 128}, V{4096, 16384}, 0, false);
   dmoe::cuda::MlaDecode(out, copy, "mla_decode_v2_lite",
                         "MLA absorbed decode, DeepSeek-V2-Lite attention (H=16, kv_lora 512, rope 64)", 16,
                         V{1, 16, 64, 256}, V{768, 4096});

@@ -261,6 +261,10 @@ struct MlaAttentionParams {
   // 16 pads H <= 16 (V2-Lite) to 16 instead of 64 rows, with 2 blocks per SM
   // (tested like 64; its speed is in the benchmark runs after commit c44a3d8).
   int head_block = 0;
+  // Blocks of 64 heads of one query take the Hopper (wgmma) kernel where the
+  // build and GPU have it (WgmmaAvailable()) and page_size % 64 == 0; false
+  // keeps the mma.sync kernel (the tests compare both).
+  bool allow_wgmma = true;
   // Prefill: blocks of several queries of one sequence (rows = queries x
   // heads, 64 in all, so each latent tile is read once for all of them
   // instead of once per query). query_blocks[b] .. query_blocks[b + 1] - 1
@@ -279,6 +283,12 @@ struct MlaAttentionParams {
 // given, or the automatic choice).
 int MlaAttentionNumSplits(int64_t num_queries, int64_t num_heads, int64_t max_context_len, int requested_splits,
                           int head_block = 0);
+// Whether MlaAttention takes the Hopper (wgmma) kernel for these parameters.
+bool MlaAttentionUsesWgmma(const MlaAttentionParams& p);
+// The split count MlaAttention uses for p: MlaAttentionNumSplits' choice,
+// clamped to the wgmma kernel's 64-token tiles where that kernel runs (its
+// workspace need is never more than MlaAttentionNumSplits' count sized).
+int MlaAttentionSplits(const MlaAttentionParams& p);
 size_t MlaAttentionWorkspaceBytes(int64_t num_queries, int64_t num_heads, int64_t kv_lora_rank, int num_splits);
 // query_blocks for queries of sequences query_seq (a sequence's queries
 // adjacent): runs of one sequence, at most 64 / num_heads queries each.

@@ -9,6 +9,7 @@
 // see the whole tile's row, then the online softmax runs in registers in the
 // A-fragment layout of mma.m16n8k16 and PV uses the tile (c part) straight
 // from shared memory through ldmatrix.trans.
+#include <algorithm>
 #include <cfloat>
 
 #include "core/cuda/cuda_util.cuh"
@@ -54,6 +55,29 @@ struct Grid {
   int splits;
 };
 
+// Query q's context length. A position past the block table's row (a
+// caller's bug) is clamped, never read out of bounds.
+__device__ __forceinline__ int64_t MlaContext(const MlaAttentionParams& p, int64_t q) {
+  const int64_t cap = p.max_pages_per_seq * p.shape.page_size;
+  const int32_t pos = p.query_pos[q];
+  return pos < 0 ? 0 : (int64_t{pos} + 1 < cap ? int64_t{pos} + 1 : cap);
+}
+
+// Where output row `row` (query * H + head) of this split goes: the output
+// itself with one split, else the split's workspace slice. Records the row's
+// LSE when write_lse.
+__device__ __forceinline__ float* MlaRowOutput(const MlaAttentionParams& p, int splits, int split, int64_t row,
+                                               float lse, bool write_lse) {
+  if (splits == 1) {
+    if (p.lse != nullptr && write_lse) p.lse[row] = lse;
+    return p.out + row * kRank;
+  }
+  float* ws = static_cast<float*>(p.workspace);
+  const int64_t rows_total = p.num_queries * p.num_heads;
+  if (write_lse) ws[int64_t{splits} * rows_total * kRank + int64_t{split} * rows_total + row] = lse;
+  return ws + (int64_t{split} * rows_total + row) * kRank;
+}
+
 // Block index -> (query, split, head block); head block fastest so the
 // blocks reading the same tiles run side by side (the second read hits L2).
 template <int ROWS>
@@ -80,12 +104,7 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const int64_t q_first = grouped ? p.query_blocks[qb] : qb;
   const int q_count = grouped ? static_cast<int>(p.query_blocks[qb + 1] - q_first) : 1;
   const int page_size = static_cast<int>(p.shape.page_size);
-  // A position past the block table's row (a caller's bug) is clamped, never read out of bounds.
-  const int64_t cap = p.max_pages_per_seq * page_size;
-  auto ctx_of = [&](int64_t q) -> int64_t {
-    const int32_t pos = p.query_pos[q];
-    return pos < 0 ? 0 : (int64_t{pos} + 1 < cap ? int64_t{pos} + 1 : cap);
-  };
+  auto ctx_of = [&](int64_t q) { return MlaContext(p, q); };
   // Block row r -> its row of q_lat / out (query * H + head), -1 for padding.
   auto row_of = [&](int r) -> int64_t {
     if (grouped) return r / H < q_count ? q_first * H + r : -1;
@@ -275,7 +294,6 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   CpAsyncWait<0>();
 
   // Row sums over the 4 lanes of a row; write normalized O and the LSE.
-  const bool direct = grid.splits == 1;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -285,23 +303,216 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     if (row < 0) continue;
     const float inv = l > 0.f ? 1.0f / l : 0.f;
     const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-    float* dst;
-    if (direct) {
-      dst = p.out + row * kRank;
-      if (p.lse != nullptr && half == 0 && q4 == 0) p.lse[row] = lse;
-    } else {
-      float* ws = static_cast<float*>(p.workspace);
-      const int64_t rows_total = p.num_queries * H;
-      dst = ws + (int64_t{split} * rows_total + row) * kRank;
-      float* ws_lse = ws + int64_t{grid.splits} * rows_total * kRank;
-      if (half == 0 && q4 == 0) ws_lse[int64_t{split} * rows_total + row] = lse;
-    }
+    float* dst = MlaRowOutput(p, grid.splits, split, row, lse, half == 0 && q4 == 0);
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int col = half * 256 + j * 8 + q4 * 2;
       *reinterpret_cast<float2*>(dst + col) = make_float2(o[j][r * 2] * inv, o[j][r * 2 + 1] * inv);
     }
   }
+}
+
+// Hopper kernel (sm_90a, wgmma) for blocks of 64 heads of one query: 2
+// warpgroups, 64-token tiles, 2 stages. Q, each tile and P live in shared
+// memory as 128-byte-swizzled column blocks of 64 dims ([rows x 128 bytes]
+// each), which serve as K-major wgmma operands for Q K^T and, for P V, the
+// tile's c part as the MN-major B operand. Warpgroup w scores tokens
+// 32w..32w+31 of the tile for all 64 heads; the two halves' row maxes meet in
+// shared memory, each writes its half of P, then warpgroup w accumulates
+// latent dims 256w..256w+255 of O over all 64 tokens.
+struct MlaWg {
+  static constexpr int kTile = 64;
+  static constexpr int kThreads = 256;
+  static constexpr int kColBlocks = kWidth / 64;                  // 9
+  static constexpr uint32_t kColBlockBytes = 64 * 128;            // 64 rows (heads or tokens) x 64 dims
+  static constexpr uint32_t kTileBytes = kColBlocks * kColBlockBytes;  // Q or one tile: 72 KB
+  static constexpr size_t kSmemBytes = 3 * size_t{kTileBytes} + kColBlockBytes + 2 * 64 * sizeof(float);
+};
+
+// Byte offset of 16-byte chunk `chunk` (of the 72 in a 576-dim row) of row
+// `row` in the column-block layout.
+__device__ __forceinline__ uint32_t MlaWgChunkOffset(int row, int chunk) {
+  return (chunk / 8) * MlaWg::kColBlockBytes + Sw128Offset(row, chunk % 8);
+}
+
+__global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(MlaAttentionParams p, Grid grid) {
+#if DMOE_HAS_WGMMA
+  constexpr int kT = MlaWg::kTile;
+  constexpr int kChunks = kChunksPerRow;  // 72
+  extern __shared__ __align__(1024) unsigned char wg_smem[];
+  unsigned char* qs = wg_smem;
+  unsigned char* ks = wg_smem + MlaWg::kTileBytes;  // 2 stages
+  unsigned char* ps = ks + 2 * MlaWg::kTileBytes;   // P: 64 heads x 64 tokens, bf16
+  float* red = reinterpret_cast<float*>(ps + MlaWg::kColBlockBytes);  // [2 warpgroups][64 rows]
+
+  const int64_t block = blockIdx.x;
+  const int hb = static_cast<int>(block % grid.head_blocks);
+  const int split = static_cast<int>((block / grid.head_blocks) % grid.splits);
+  const int64_t q = block / (int64_t{grid.head_blocks} * grid.splits);
+  const int H = static_cast<int>(p.num_heads);
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int row0 = ((tid % 128) / 32) * 16 + (tid % 32) / 4;  // this thread's rows row0, row0 + 8
+  const int q4 = tid % 4;
+  auto row_of = [&](int r) -> int64_t {
+    const int h = hb * 64 + r;
+    return h < H ? q * H + h : -1;
+  };
+  const int page_size = static_cast<int>(p.shape.page_size);
+  const int64_t ctx = MlaContext(p, q);
+  const int64_t tiles = CeilDiv(ctx, kT);
+  const int64_t per_split = CeilDiv(tiles, grid.splits);
+  const int64_t t0 = split * per_split;
+  const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
+  const int32_t* bt = p.block_tables + int64_t{p.query_seq[q]} * p.max_pages_per_seq;
+  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
+  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
+  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
+
+  for (int c = tid; c < 64 * kChunks; c += MlaWg::kThreads) {
+    const int row = c / kChunks, chunk = c % kChunks;
+    const int64_t qrow = row_of(row);
+    const uint16_t* src = q_lat;
+    int bytes = 0;
+    if (qrow >= 0) {
+      bytes = 16;
+      src = chunk < kRank / 8 ? q_lat + qrow * kRank + chunk * 8 : q_pe + qrow * kRope + (chunk - kRank / 8) * 8;
+    }
+    CpAsync16(qs + MlaWgChunkOffset(row, chunk), src, bytes);
+  }
+  // A 64-token tile never straddles pages (page_size % 64 == 0).
+  auto load_tile = [&](int64_t ti, int stage) {
+    unsigned char* dst = ks + stage * MlaWg::kTileBytes;
+    const int64_t pos0 = ti * kT;
+    const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
+    const uint16_t* base = cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
+    const int valid_rows = ctx - pos0 < kT ? static_cast<int>(ctx - pos0) : kT;
+#pragma unroll
+    for (int i = 0; i < kT * kChunks / MlaWg::kThreads; ++i) {
+      const int c = tid + i * MlaWg::kThreads;
+      const int row = c / kChunks, chunk = c % kChunks;
+      const bool ok = row < valid_rows;
+      CpAsync16(dst + MlaWgChunkOffset(row, chunk), ok ? base + row * kWidth + chunk * 8 : cache, ok ? 16 : 0);
+    }
+  };
+  if (t0 < t1) load_tile(t0, 0);
+  CpAsyncCommit();  // Q rides with the first tile
+
+  const float scale2 = p.scale * kLog2e;
+  const uint64_t q_desc = Sw128Desc(qs);
+  const uint64_t p_desc = Sw128Desc(ps);
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // log2 units
+  float l_run[2] = {0.f, 0.f};              // this thread's share of the row sums
+
+  for (int64_t ti = t0; ti < t1; ++ti) {
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();  // tile ti (and Q) landed for all; both warpgroups' P V of ti - 1 done
+    if (ti + 1 < t1) load_tile(ti + 1, static_cast<int>((ti - t0 + 1) & 1));
+    CpAsyncCommit();
+    unsigned char* kt = ks + ((ti - t0) & 1) * MlaWg::kTileBytes;
+
+    // S = Q K^T over this warpgroup's 32 tokens: 36 k-steps of 16 dims.
+    float s[16];
+    const uint64_t k_desc = Sw128Desc(kt + wg * 32 * 128);
+    WgmmaFence();
+#pragma unroll
+    for (int kstep = 0; kstep < kWidth / 16; ++kstep) {
+      const uint32_t off = (kstep / 4) * MlaWg::kColBlockBytes + (kstep % 4) * 32;
+      WgmmaM64N32K16(s, q_desc + (off >> 4), k_desc + (off >> 4), kstep > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceAccumulators(s);
+
+    // s[4j + e]: row row0 + 8 (e / 2), token 32 wg + 8j + 2 q4 + e % 2.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int64_t tok = ti * kT + wg * 32 + (i / 4) * 8 + q4 * 2 + (i % 2);
+      s[i] = tok < ctx ? s[i] * scale2 : -INFINITY;
+      mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      if (q4 == 0) red[wg * 64 + row0 + 8 * r] = mx[r];
+    }
+    __syncthreads();
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m_run[r], fmaxf(red[row0 + 8 * r], red[64 + row0 + 8 * r]));
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = exp2f(m_run[r] - m_use[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float p0 = exp2f(s[4 * j + 2 * r] - m_use[r]);
+        const float p1 = exp2f(s[4 * j + 2 * r + 1] - m_use[r]);
+        l_run[r] += p0 + p1;
+        const int col = wg * 32 + j * 8 + q4 * 2;
+        *reinterpret_cast<uint32_t*>(ps + Sw128Offset(row0 + 8 * r, col / 8) + (col % 8) * 2) = PackBf16(p0, p1);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i / 2) % 2];
+    FenceProxyAsync();
+    __syncthreads();  // P complete; the row maxes read
+
+    // O[:, 256 wg ..] += P V: 4 k-steps of 16 tokens; V's dims 256 wg .. are
+    // column blocks 4 wg .. 4 wg + 3 of the tile.
+    const uint64_t v_desc = Sw128DescMn(kt + wg * 4 * MlaWg::kColBlockBytes, MlaWg::kColBlockBytes);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kT / 16; ++kk) {
+      WgmmaM64N256K16<1>(o, p_desc + ((kk * 32) >> 4), v_desc + ((kk * 16 * 128) >> 4), 1);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceAccumulators(o);
+  }
+  CpAsyncWait<0>();
+
+  // Row sums: over the 4 lanes of a row, then over the two warpgroups'
+  // tokens (the row maxes' slots are free: their last reads preceded the
+  // last barrier).
+  float l_tot[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (q4 == 0) red[wg * 64 + row0 + 8 * r] = l;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l_tot[r] = red[row0 + 8 * r] + red[64 + row0 + 8 * r];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row_of(row0 + 8 * r);
+    if (row < 0) continue;
+    const float l = l_tot[r];
+    const float inv = l > 0.f ? 1.0f / l : 0.f;
+    const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+    float* dst = MlaRowOutput(p, grid.splits, split, row, lse, wg == 0 && q4 == 0);
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+      const int col = wg * 256 + j * 8 + q4 * 2;
+      *reinterpret_cast<float2*>(dst + col) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    }
+  }
+#else
+  __trap();  // launched only where WgmmaAvailable()
+#endif
 }
 
 // One block (128 threads, 4 dims each) per (query, head): merges the splits'
@@ -365,10 +576,8 @@ __global__ void MlaReferenceKernel(MlaAttentionParams p) {
   for (int i = tid; i < kWidth; i += blockDim.x) {
     q[i] = Bf16BitsToFloat(i < kRank ? q_lat[row * kRank + i] : q_pe[row * kRope + i - kRank]);
   }
-  const int32_t qpos = p.query_pos[qi];
   const int64_t ps = p.shape.page_size;
-  const int64_t cap = p.max_pages_per_seq * ps;
-  const int64_t ctx = qpos < 0 ? 0 : (int64_t{qpos} + 1 < cap ? int64_t{qpos} + 1 : cap);
+  const int64_t ctx = MlaContext(p, qi);
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[qi]} * p.max_pages_per_seq;
   float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
   __syncthreads();
@@ -451,34 +660,70 @@ std::vector<int32_t> MlaQueryBlocks(absl::Span<const int32_t> query_seq, int64_t
   return blocks;
 }
 
+namespace {
+
+// Sets a kernel's dynamic shared-memory limit once per process.
+template <typename Kernel>
+absl::Status AllowSmem(Kernel kernel, size_t bytes) {
+  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                    "cudaFuncSetAttribute(MlaAttention kernel)");
+}
+
+template <typename Kernel>
+absl::Status LaunchMla(Kernel kernel, const absl::Status& smem_status, int64_t blocks, int threads, size_t smem,
+                       const MlaAttentionParams& p, Grid grid, Stream stream) {
+  if (!smem_status.ok()) return smem_status;
+  DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, AsStream(stream)>>>(p, grid);
+  return LaunchStatus("MlaAttentionKernel");
+}
+
+absl::Status LaunchMlaKernel(const MlaAttentionParams& p, bool wgmma, bool small, int64_t blocks, Grid grid,
+                             Stream stream) {
+  if (wgmma) {
+    static const absl::Status smem = AllowSmem(MlaAttentionWgmmaKernel, MlaWg::kSmemBytes);
+    return LaunchMla(MlaAttentionWgmmaKernel, smem, blocks, MlaWg::kThreads, MlaWg::kSmemBytes, p, grid, stream);
+  }
+  if (small) {
+    static const absl::Status smem = AllowSmem(MlaAttentionKernel<16>, MlaCfg<16>::kSmemBytes);
+    return LaunchMla(MlaAttentionKernel<16>, smem, blocks, MlaCfg<16>::kThreads, MlaCfg<16>::kSmemBytes, p, grid,
+                     stream);
+  }
+  static const absl::Status smem = AllowSmem(MlaAttentionKernel<64>, MlaCfg<64>::kSmemBytes);
+  return LaunchMla(MlaAttentionKernel<64>, smem, blocks, MlaCfg<64>::kThreads, MlaCfg<64>::kSmemBytes, p, grid, stream);
+}
+
+}  // namespace
+
+bool MlaAttentionUsesWgmma(const MlaAttentionParams& p) {
+  return p.allow_wgmma && p.head_block != 16 && p.query_blocks == nullptr && p.shape.page_size % MlaWg::kTile == 0 &&
+         WgmmaAvailable();
+}
+
+int MlaAttentionSplits(const MlaAttentionParams& p) {
+  const int64_t query_blocks = p.query_blocks != nullptr ? p.num_query_blocks : p.num_queries;
+  const int splits = MlaAttentionNumSplits(query_blocks, p.num_heads, p.max_context_len, p.num_splits, p.head_block);
+  if (!MlaAttentionUsesWgmma(p)) return splits;
+  // The wgmma kernel's tiles are 64 tokens: no more splits than those (less
+  // workspace than MlaAttentionNumSplits sized, never more).
+  return static_cast<int>(std::min<int64_t>(splits, CeilDiv(std::max<int64_t>(p.max_context_len, 1), MlaWg::kTile)));
+}
+
 absl::Status MlaAttention(const MlaAttentionParams& p, Stream stream) {
   if (absl::Status st = CheckParams(p); !st.ok()) return st;
   if (p.num_queries <= 0) return absl::OkStatus();
   // Blocks of queries: one query each, or query_blocks' runs.
   const int64_t query_blocks = p.query_blocks != nullptr ? p.num_query_blocks : p.num_queries;
-  const int splits = MlaAttentionNumSplits(query_blocks, p.num_heads, p.max_context_len, p.num_splits, p.head_block);
+  const bool small = p.head_block == 16;
+  const bool wgmma = MlaAttentionUsesWgmma(p);
+  const int splits = MlaAttentionSplits(p);
   const size_t need = MlaAttentionWorkspaceBytes(p.num_queries, p.num_heads, kRank, splits);
   DMOE_CUDA_CHECK_ARG(p.workspace_bytes >= need && (need == 0 || p.workspace != nullptr),
                       absl::StrCat("MlaAttention: workspace needs ", need, " bytes for ", splits, " splits"));
-  const bool small = p.head_block == 16;
   const int rows = small ? 16 : 64;
-  static const cudaError_t attr64 = cudaFuncSetAttribute(
-      MlaAttentionKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(MlaCfg<64>::kSmemBytes));
-  static const cudaError_t attr16 = cudaFuncSetAttribute(
-      MlaAttentionKernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(MlaCfg<16>::kSmemBytes));
-  const cudaError_t attr_err = small ? attr16 : attr64;
-  if (attr_err != cudaSuccess) return CudaStatus(attr_err, "cudaFuncSetAttribute(MlaAttentionKernel)");
   const Grid grid{p.query_blocks != nullptr ? 1 : static_cast<int>(CeilDiv(p.num_heads, rows)), splits};
   const int64_t blocks = query_blocks * grid.head_blocks * splits;
-  DMOE_CUDA_CHECK_ARG(blocks < (int64_t{1} << 31), "MlaAttention: grid too large");
-  if (small) {
-    MlaAttentionKernel<16>
-        <<<static_cast<unsigned>(blocks), MlaCfg<16>::kThreads, MlaCfg<16>::kSmemBytes, AsStream(stream)>>>(p, grid);
-  } else {
-    MlaAttentionKernel<64>
-        <<<static_cast<unsigned>(blocks), MlaCfg<64>::kThreads, MlaCfg<64>::kSmemBytes, AsStream(stream)>>>(p, grid);
-  }
-  if (absl::Status st = LaunchStatus("MlaAttentionKernel"); !st.ok()) return st;
+  if (absl::Status st = LaunchMlaKernel(p, wgmma, small, blocks, grid, stream); !st.ok()) return st;
   if (splits > 1) {
     MlaCombineKernel<<<static_cast<unsigned>(p.num_queries * p.num_heads), kRank / 4, 0, AsStream(stream)>>>(p, splits);
     return LaunchStatus("MlaCombineKernel");

@@ -82,6 +82,8 @@ class MlaWorld {
   }
 
   const std::vector<int64_t>& lengths() const { return lengths_; }
+  // false: the mma.sync kernel even where the wgmma kernel would run.
+  bool allow_wgmma = true;
 
   // Runs the kernel (or the reference kernel) and compares with float64.
   void Check(const std::vector<Query>& queries, int64_t H, float scale, float q_scale, int num_splits,
@@ -143,6 +145,7 @@ class MlaWorld {
     p.lse = lse.as<float>();
     p.num_splits = num_splits;
     p.head_block = head_block;
+    p.allow_wgmma = allow_wgmma;
     // Prefill blocks: runs of one sequence's queries (MlaQueryBlocks).
     const std::vector<int32_t> blocks = query_blocks ? MlaQueryBlocks(qseq, H) : std::vector<int32_t>{};
     ASSERT_TRUE(!query_blocks || !blocks.empty()) << what;
@@ -161,8 +164,13 @@ class MlaWorld {
     ASSERT_TRUE(StreamSynchronize(nullptr).ok()) << what;
     const auto got = Download<float>(out, nq * H * kRank);
     const auto got_lse = Download<float>(lse, nq * H);
+    const bool wgmma = MlaAttentionUsesWgmma(p);
+    if (!reference_kernel && allow_wgmma && H > 32 && head_block != 16) {
+      EXPECT_EQ(wgmma, WgmmaAvailable()) << what << ": blocks of 64 heads take the wgmma kernel where it exists";
+    }
     const std::string label = what + " splits=" + std::to_string(splits) + " head_block=" + std::to_string(head_block) +
-                              (query_blocks ? " query blocks" : "") + (reference_kernel ? " (reference kernel)" : "");
+                              (query_blocks ? " query blocks" : "") + (reference_kernel ? " (reference kernel)" : "") +
+                              (wgmma && !reference_kernel ? " (wgmma)" : "");
     EXPECT_LT(RelL2(got, ref), reference_kernel ? 1e-4 : 8e-3) << label;
     for (int64_t i = 0; i < nq * H; ++i) {
       if (std::isinf(ref_lse[i])) {
@@ -200,29 +208,40 @@ class CudaMlaTest : public CudaTest {};
 
 constexpr float kScaleV3 = 0.135234f;  // 192^-0.5 * m(40, 1)^2 (MODEL_SPEC.md 3.4)
 
+// Blocks of 64 heads: the wgmma kernel (where the GPU has it) and the
+// mma.sync kernel, each against float64.
 TEST_F(CudaMlaTest, DecodeEveryLengthAcrossPagesAndTiles) {
-  for (int64_t L : {1, 31, 32, 33, 63, 64, 65, 200, 1000, 4097}) {
+  for (int64_t L : {1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 1000, 4097}) {
     MlaWorld world({L}, static_cast<uint32_t>(L));
-    const std::string what = "L=" + std::to_string(L);
-    world.Check(DecodeQueries(world.lengths()), 128, kScaleV3, 1.0f, 0, false, what + " auto");
-    world.Check(DecodeQueries(world.lengths()), 128, kScaleV3, 1.0f, 1, false, what);
+    for (bool wgmma : {true, false}) {
+      world.allow_wgmma = wgmma;
+      const std::string what = "L=" + std::to_string(L);
+      world.Check(DecodeQueries(world.lengths()), 128, kScaleV3, 1.0f, 0, false, what + " auto");
+      world.Check(DecodeQueries(world.lengths()), 128, kScaleV3, 1.0f, 1, false, what);
+    }
   }
 }
 
 TEST_F(CudaMlaTest, DecodeMixedBatchAndSplitCounts) {
   MlaWorld world({4097, 1, 65, 200, 64, 1000, 63, 2, 130}, 7);
   const auto q = DecodeQueries(world.lengths());
-  for (int splits : {0, 1, 3, 7, 40}) world.Check(q, 128, kScaleV3, 1.0f, splits, false, "mixed");
-  world.Check(q, 128, kScaleV3, 2.0f, 0, false, "mixed, peaked scores");
+  for (bool wgmma : {true, false}) {
+    world.allow_wgmma = wgmma;
+    for (int splits : {0, 1, 3, 7, 40, 100}) world.Check(q, 128, kScaleV3, 1.0f, splits, false, "mixed");
+    world.Check(q, 128, kScaleV3, 2.0f, 0, false, "mixed, peaked scores");
+  }
   world.Check(q, 128, kScaleV3, 1.0f, 0, true, "mixed");
 }
 
 TEST_F(CudaMlaTest, HeadCountsNotAMultipleOfTheHeadBlock) {
   MlaWorld world({1, 65, 1000, 64}, 9);
   const auto q = DecodeQueries(world.lengths());
-  for (int64_t H : {16, 20, 64, 80}) {
-    world.Check(q, H, 0.1f, 1.0f, 0, false, "H=" + std::to_string(H));
-    world.Check(q, H, 0.1f, 1.0f, 2, false, "H=" + std::to_string(H));
+  for (bool wgmma : {true, false}) {
+    world.allow_wgmma = wgmma;
+    for (int64_t H : {16, 20, 64, 80}) {
+      world.Check(q, H, 0.1f, 1.0f, 0, false, "H=" + std::to_string(H));
+      world.Check(q, H, 0.1f, 1.0f, 2, false, "H=" + std::to_string(H));
+    }
   }
 }
 
@@ -254,6 +273,9 @@ TEST_F(CudaMlaTest, PrefillCausalQueriesAndPadding) {
   q.push_back({1, 0});
   world.Check(q, 16, 0.1f, 1.0f, 0, false, "prefill H=16");
   world.Check(q, 128, kScaleV3, 1.0f, 4, false, "prefill H=128");
+  world.allow_wgmma = false;
+  world.Check(q, 128, kScaleV3, 1.0f, 4, false, "prefill H=128");
+  world.allow_wgmma = true;
   world.Check(q, 16, 0.1f, 1.0f, 0, true, "prefill H=16");
 }
 
