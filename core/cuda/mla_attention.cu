@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
     const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
     float* dst = MlaRowOutput(p, grid.splits, split, row, lse, wg == 0 && q4 == 0);
 #pragma unroll
-    for (int j = 0; j < 64; ++j) {
+    for (int j = 0; j < 32; ++j) {
       const int col = wg * 256 + j * 8 + q4 * 2;
       *reinterpret_cast<float2*>(dst + col) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
     }
