@@ -411,11 +411,10 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
     CpAsyncWait<0>();
     FenceProxyAsync();
     __syncthreads();  // tile ti (and Q) landed for all; both warpgroups' P V of ti - 1 done
-    if (ti + 1 < t1) load_tile(ti + 1, static_cast<int>((ti - t0 + 1) & 1));
-    CpAsyncCommit();
     unsigned char* kt = ks + ((ti - t0) & 1) * MlaWg::kTileBytes;
 
-    // S = Q K^T over this warpgroup's 32 tokens: 36 k-steps of 16 dims.
+    // S = Q K^T over this warpgroup's 32 tokens: 36 k-steps of 16 dims. The
+    // next tile's copies are issued while the tensor cores run them.
     float s[16];
     const uint64_t k_desc = Sw128Desc(kt + wg * 32 * 128);
     WgmmaFence();
@@ -425,6 +424,8 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
       WgmmaM64N32K16(s, q_desc + (off >> 4), k_desc + (off >> 4), kstep > 0);
     }
     WgmmaCommit();
+    if (ti + 1 < t1) load_tile(ti + 1, static_cast<int>((ti - t0 + 1) & 1));
+    CpAsyncCommit();
     WgmmaWait<0>();
     FenceAccumulators(s);
 
