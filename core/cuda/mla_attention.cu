@@ -464,8 +464,12 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
         *reinterpret_cast<uint32_t*>(ps + Sw128Offset(row0 + 8 * r, col / 8) + (col % 8) * 2) = PackBf16(p0, p1);
       }
     }
+    // Rescale O only where a row's max moved (exactly 1 otherwise: skipping
+    // is bit-identical); after the first tiles most warps skip it.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i / 2) % 2];
+      for (int i = 0; i < 128; ++i) o[i] *= alpha[(i / 2) % 2];
+    }
     FenceProxyAsync();
     __syncthreads();  // P complete; the row maxes read
 
