@@ -411,10 +411,11 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
     CpAsyncWait<0>();
     FenceProxyAsync();
     __syncthreads();  // tile ti (and Q) landed for all; both warpgroups' P V of ti - 1 done
+    if (ti + 1 < t1) load_tile(ti + 1, static_cast<int>((ti - t0 + 1) & 1));
+    CpAsyncCommit();
     unsigned char* kt = ks + ((ti - t0) & 1) * MlaWg::kTileBytes;
 
-    // S = Q K^T over this warpgroup's 32 tokens: 36 k-steps of 16 dims. The
-    // next tile's copies are issued while the tensor cores run them.
+    // S = Q K^T over this warpgroup's 32 tokens: 36 k-steps of 16 dims.
     float s[16];
     const uint64_t k_desc = Sw128Desc(kt + wg * 32 * 128);
     WgmmaFence();
@@ -424,8 +425,6 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
       WgmmaM64N32K16(s, q_desc + (off >> 4), k_desc + (off >> 4), kstep > 0);
     }
     WgmmaCommit();
-    if (ti + 1 < t1) load_tile(ti + 1, static_cast<int>((ti - t0 + 1) & 1));
-    CpAsyncCommit();
     WgmmaWait<0>();
     FenceAccumulators(s);
 
@@ -464,12 +463,8 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
         *reinterpret_cast<uint32_t*>(ps + Sw128Offset(row0 + 8 * r, col / 8) + (col % 8) * 2) = PackBf16(p0, p1);
       }
     }
-    // Rescale O only where a row's max moved (exactly 1 otherwise: skipping
-    // is bit-identical); after the first tiles most warps skip it.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= alpha[(i / 2) % 2];
-    }
+    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i / 2) % 2];
     FenceProxyAsync();
     __syncthreads();  // P complete; the row maxes read
 
