@@ -657,11 +657,14 @@ class CudaBackend : public ComputeBackend {
     mp.scale = rope_.softmax_scale();
     mp.out = u;
     if (r == 512 && dr == 64 && precision_ == OutType::kBF16) {
-      // Prefill: blocks of one sequence's queries; decode with H <= 16
-      // (V2-Lite): 16-row blocks, not 64 rows of which 48 are padding.
+      // Prefill: blocks of one sequence's queries. Decode with H <= 16
+      // (V2-Lite): the Hopper kernel's 64-row blocks where it runs (measured
+      // faster than 16-row mma.sync blocks at every batch and context despite
+      // 48 rows of padding: bench/results/gpu_kernels.md), else 16-row blocks.
       mp.query_blocks = plan.query_blocks;
       mp.num_query_blocks = plan.num_query_blocks;
-      mp.head_block = plan.query_blocks == nullptr && H <= 16 ? 16 : 0;
+      mp.head_block = 0;
+      if (plan.query_blocks == nullptr && H <= 16 && !MlaAttentionUsesWgmma(mp)) mp.head_block = 16;
       const int splits = MlaAttentionNumSplits(plan.query_blocks != nullptr ? plan.num_query_blocks : n, H,
                                                plan.max_context, 0, mp.head_block);
       mp.num_splits = splits;
