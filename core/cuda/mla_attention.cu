@@ -63,19 +63,79 @@ __device__ __forceinline__ int64_t MlaContext(const MlaAttentionParams& p, int64
   return pos < 0 ? 0 : (int64_t{pos} + 1 < cap ? int64_t{pos} + 1 : cap);
 }
 
-// Where output row `row` (query * H + head) of this split goes: the output
-// itself with one split, else the split's workspace slice. Records the row's
-// LSE when write_lse.
-__device__ __forceinline__ float* MlaRowOutput(const MlaAttentionParams& p, int splits, int split, int64_t row,
-                                               float lse, bool write_lse) {
+// A finished output row `row` (query * H + head) of this split, whose
+// softmax sum is l and max m_log2 (log2 units): records its LSE (when
+// write_lse) in the output, or with several splits in the split's workspace
+// slice, and says where its normalized values go and the factor 1 / l.
+struct RowOutput {
+  float* dst;
+  float inv;
+};
+__device__ __forceinline__ RowOutput MlaFinishRow(const MlaAttentionParams& p, int splits, int split, int64_t row,
+                                                  float l, float m_log2, bool write_lse) {
+  const float inv = l > 0.f ? 1.0f / l : 0.f;
+  const float lse = l > 0.f ? (m_log2 + log2f(l)) * kLn2 : -INFINITY;
   if (splits == 1) {
     if (p.lse != nullptr && write_lse) p.lse[row] = lse;
-    return p.out + row * kRank;
+    return {p.out + row * kRank, inv};
   }
   float* ws = static_cast<float*>(p.workspace);
   const int64_t rows_total = p.num_queries * p.num_heads;
   if (write_lse) ws[int64_t{splits} * rows_total * kRank + int64_t{split} * rows_total + row] = lse;
-  return ws + (int64_t{split} * rows_total + row) * kRank;
+  return {ws + (int64_t{split} * rows_total + row) * kRank, inv};
+}
+
+// Tiles [t0, t1) of split `split`: the context's tiles cut into equal runs.
+struct TileRange {
+  int64_t t0, t1;
+};
+__device__ __forceinline__ TileRange SplitTiles(int64_t ctx, int tile, int splits, int split) {
+  const int64_t tiles = CeilDiv(ctx, tile);
+  const int64_t per_split = CeilDiv(tiles, splits);
+  const int64_t t0 = split * per_split;
+  return {t0, t0 + per_split < tiles ? t0 + per_split : tiles};
+}
+
+// Starts the copies of `rows` rows of Q ([q_lat | q_pe] of output row
+// row_of(r); zeros where it is -1, a padding row) into shared memory; at(r,
+// chunk) is where 16-byte chunk `chunk` (of 72) of row r goes.
+template <typename RowOf, typename At>
+__device__ __forceinline__ void LoadQuery(const MlaAttentionParams& p, int rows, int tid, int threads, RowOf row_of,
+                                          At at) {
+  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
+  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
+  for (int c = tid; c < rows * kChunksPerRow; c += threads) {
+    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const int64_t qrow = row_of(row);
+    const uint16_t* src = q_lat;
+    int bytes = 0;
+    if (qrow >= 0) {
+      bytes = 16;
+      src = chunk < kRank / 8 ? q_lat + qrow * kRank + chunk * 8 : q_pe + qrow * kRope + (chunk - kRank / 8) * 8;
+    }
+    CpAsync16(at(row, chunk), src, bytes);
+  }
+}
+
+// Starts the copies of cache tile ti (TILE tokens of the block table bt's
+// sequence; rows at or past ctx zero-filled). A tile never straddles pages
+// (page_size % TILE == 0): one block-table lookup, no per-chunk division.
+template <int TILE, int THREADS, typename At>
+__device__ __forceinline__ void LoadLatentTile(const MlaAttentionParams& p, const int32_t* bt, int64_t ctx, int64_t ti,
+                                               int tid, At at) {
+  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
+  const int page_size = static_cast<int>(p.shape.page_size);
+  const int64_t pos0 = ti * TILE;
+  const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
+  const uint16_t* base = cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
+  const int valid_rows = ctx - pos0 < TILE ? static_cast<int>(ctx - pos0) : TILE;
+#pragma unroll
+  for (int i = 0; i < TILE * kChunksPerRow / THREADS; ++i) {
+    const int c = tid + i * THREADS;
+    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const bool ok = row < valid_rows;
+    CpAsync16(at(row, chunk), ok ? base + row * kWidth + chunk * 8 : cache, ok ? 16 : 0);
+  }
 }
 
 // Block index -> (query, split, head block); head block fastest so the
@@ -103,7 +163,6 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const bool grouped = p.query_blocks != nullptr;
   const int64_t q_first = grouped ? p.query_blocks[qb] : qb;
   const int q_count = grouped ? static_cast<int>(p.query_blocks[qb + 1] - q_first) : 1;
-  const int page_size = static_cast<int>(p.shape.page_size);
   auto ctx_of = [&](int64_t q) { return MlaContext(p, q); };
   // Block row r -> its row of q_lat / out (query * H + head), -1 for padding.
   auto row_of = [&](int r) -> int64_t {
@@ -116,42 +175,15 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     const int64_t c = ctx_of(q_first + j);
     ctx = c > ctx ? c : ctx;
   }
-  const int64_t tiles = CeilDiv(ctx, kTile);
-  const int64_t per_split = CeilDiv(tiles, grid.splits);
-  const int64_t t0 = split * per_split;
-  const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
+  const TileRange range = SplitTiles(ctx, kTile, grid.splits, split);
+  const int64_t t0 = range.t0, t1 = range.t1;
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[q_first]} * p.max_pages_per_seq;
-  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
-  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
-  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
 
-  // Q rows (padding rows zero-filled).
-  for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
-    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    const int64_t qrow = row_of(row);
-    const uint16_t* src = q_lat;
-    int bytes = 0;
-    if (qrow >= 0) {
-      bytes = 16;
-      src = chunk < kRank / 8 ? q_lat + qrow * kRank + chunk * 8 : q_pe + qrow * kRope + (chunk - kRank / 8) * 8;
-    }
-    CpAsync16(qs + row * kStride + chunk * 8, src, bytes);
-  }
-  // A 32-token tile never straddles pages (page_size % 32 == 0): one block
-  // table lookup per tile, no per-chunk division.
+  LoadQuery(p, kRows, tid, kThreads, row_of, [&](int row, int chunk) { return qs + row * kStride + chunk * 8; });
   auto load_tile = [&](int64_t ti, int stage) {
     uint16_t* dst = ks + stage * kTile * kStride;
-    const int64_t pos0 = ti * kTile;
-    const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
-    const uint16_t* base = cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
-    const int valid_rows = ctx - pos0 < kTile ? static_cast<int>(ctx - pos0) : kTile;
-#pragma unroll
-    for (int i = 0; i < kTile * kChunksPerRow / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-      const bool ok = row < valid_rows;
-      CpAsync16(dst + row * kStride + chunk * 8, ok ? base + row * kWidth + chunk * 8 : cache, ok ? 16 : 0);
-    }
+    LoadLatentTile<kTile, kThreads>(p, bt, ctx, ti, tid,
+                                    [&](int row, int chunk) { return dst + row * kStride + chunk * 8; });
   };
   for (int s = 0; s < kStages - 1; ++s) {
     if (t0 + s < t1) load_tile(t0 + s, s);
@@ -301,13 +333,11 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t row = row_of(rb * 16 + g + r * 8);
     if (row < 0) continue;
-    const float inv = l > 0.f ? 1.0f / l : 0.f;
-    const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-    float* dst = MlaRowOutput(p, grid.splits, split, row, lse, half == 0 && q4 == 0);
+    const RowOutput out = MlaFinishRow(p, grid.splits, split, row, l, m_run[r], half == 0 && q4 == 0);
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int col = half * 256 + j * 8 + q4 * 2;
-      *reinterpret_cast<float2*>(dst + col) = make_float2(o[j][r * 2] * inv, o[j][r * 2 + 1] * inv);
+      *reinterpret_cast<float2*>(out.dst + col) = make_float2(o[j][r * 2] * out.inv, o[j][r * 2 + 1] * out.inv);
     }
   }
 }
@@ -338,7 +368,6 @@ __device__ __forceinline__ uint32_t MlaWgChunkOffset(int row, int chunk) {
 __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(MlaAttentionParams p, Grid grid) {
 #if DMOE_HAS_WGMMA
   constexpr int kT = MlaWg::kTile;
-  constexpr int kChunks = kChunksPerRow;  // 72
   extern __shared__ __align__(1024) unsigned char wg_smem[];
   unsigned char* qs = wg_smem;
   unsigned char* ks = wg_smem + MlaWg::kTileBytes;  // 2 stages
@@ -358,42 +387,16 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
     const int h = hb * 64 + r;
     return h < H ? q * H + h : -1;
   };
-  const int page_size = static_cast<int>(p.shape.page_size);
   const int64_t ctx = MlaContext(p, q);
-  const int64_t tiles = CeilDiv(ctx, kT);
-  const int64_t per_split = CeilDiv(tiles, grid.splits);
-  const int64_t t0 = split * per_split;
-  const int64_t t1 = t0 + per_split < tiles ? t0 + per_split : tiles;
+  const TileRange range = SplitTiles(ctx, kT, grid.splits, split);
+  const int64_t t0 = range.t0, t1 = range.t1;
   const int32_t* bt = p.block_tables + int64_t{p.query_seq[q]} * p.max_pages_per_seq;
-  const uint16_t* q_lat = static_cast<const uint16_t*>(p.q_lat);
-  const uint16_t* q_pe = static_cast<const uint16_t*>(p.q_pe);
-  const uint16_t* cache = static_cast<const uint16_t*>(p.cache);
 
-  for (int c = tid; c < 64 * kChunks; c += MlaWg::kThreads) {
-    const int row = c / kChunks, chunk = c % kChunks;
-    const int64_t qrow = row_of(row);
-    const uint16_t* src = q_lat;
-    int bytes = 0;
-    if (qrow >= 0) {
-      bytes = 16;
-      src = chunk < kRank / 8 ? q_lat + qrow * kRank + chunk * 8 : q_pe + qrow * kRope + (chunk - kRank / 8) * 8;
-    }
-    CpAsync16(qs + MlaWgChunkOffset(row, chunk), src, bytes);
-  }
-  // A 64-token tile never straddles pages (page_size % 64 == 0).
+  LoadQuery(p, 64, tid, MlaWg::kThreads, row_of, [&](int row, int chunk) { return qs + MlaWgChunkOffset(row, chunk); });
   auto load_tile = [&](int64_t ti, int stage) {
     unsigned char* dst = ks + stage * MlaWg::kTileBytes;
-    const int64_t pos0 = ti * kT;
-    const int32_t page = bt[static_cast<int32_t>(pos0) / page_size];
-    const uint16_t* base = cache + (int64_t{page} * page_size + static_cast<int32_t>(pos0) % page_size) * kWidth;
-    const int valid_rows = ctx - pos0 < kT ? static_cast<int>(ctx - pos0) : kT;
-#pragma unroll
-    for (int i = 0; i < kT * kChunks / MlaWg::kThreads; ++i) {
-      const int c = tid + i * MlaWg::kThreads;
-      const int row = c / kChunks, chunk = c % kChunks;
-      const bool ok = row < valid_rows;
-      CpAsync16(dst + MlaWgChunkOffset(row, chunk), ok ? base + row * kWidth + chunk * 8 : cache, ok ? 16 : 0);
-    }
+    LoadLatentTile<kT, MlaWg::kThreads>(p, bt, ctx, ti, tid,
+                                        [&](int row, int chunk) { return dst + MlaWgChunkOffset(row, chunk); });
   };
   if (t0 < t1) load_tile(t0, 0);
   CpAsyncCommit();  // Q rides with the first tile
@@ -500,14 +503,12 @@ __global__ void __launch_bounds__(MlaWg::kThreads, 1) MlaAttentionWgmmaKernel(Ml
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row_of(row0 + 8 * r);
     if (row < 0) continue;
-    const float l = l_tot[r];
-    const float inv = l > 0.f ? 1.0f / l : 0.f;
-    const float lse = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-    float* dst = MlaRowOutput(p, grid.splits, split, row, lse, wg == 0 && q4 == 0);
+    const RowOutput out = MlaFinishRow(p, grid.splits, split, row, l_tot[r], m_run[r], wg == 0 && q4 == 0);
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int col = wg * 256 + j * 8 + q4 * 2;
-      *reinterpret_cast<float2*>(dst + col) = make_float2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+      *reinterpret_cast<float2*>(out.dst + col) =
+          make_float2(o[4 * j + 2 * r] * out.inv, o[4 * j + 2 * r + 1] * out.inv);
     }
   }
 #else
