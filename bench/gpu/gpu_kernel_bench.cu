@@ -193,9 +193,6 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       CK(cudaMemcpy(d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
       std::vector<int32_t> qpos(B, static_cast<int32_t>(ctx - 1));
       CK(cudaMemcpy(d_qpos, qpos.data(), B * 4, cudaMemcpyHostToDevice));
-      const int splits = MlaAttentionNumSplits(B, H, ctx, 0, head_block);
-      const size_t ws_bytes = MlaAttentionWorkspaceBytes(B, H, R, splits);
-      void* ws = ws_bytes ? Alloc(ws_bytes) : nullptr;
       MlaAttentionParams p;
       p.shape = shape;
       p.cache = cache;
@@ -210,11 +207,13 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       p.scale = 0.135234f;
       p.out = o;
       p.lse = lse;
-      p.workspace = ws;
-      p.workspace_bytes = ws_bytes;
       p.head_block = head_block;
       p.allow_wgmma = allow_wgmma;
-      const int used_splits = MlaAttentionSplits(p);
+      const int splits = MlaAttentionSplits(p);
+      const size_t ws_bytes = MlaAttentionWorkspaceBytes(B, H, R, splits);
+      void* ws = ws_bytes ? Alloc(ws_bytes) : nullptr;
+      p.workspace = ws;
+      p.workspace_bytes = ws_bytes;
       const char* kernel = MlaAttentionUsesWgmma(p) ? "wgmma" : "mma.sync";
       const double ms = TimeMs([&](int i) {
         MlaAttentionParams pi = p;
@@ -226,16 +225,16 @@ void MlaDecode(Out& out, double copy_gbs, const char* key, const char* title, in
       const double gbs = bytes / (ms * 1e-3) / 1e9;
       const double tflops = double(B) * ctx * H * (W + R) * 2 / (ms * 1e-3) / 1e12;
       out.json += std::string(first ? "" : ",\n") + "    {\"batch\": " + std::to_string(B) +
-                  ", \"context\": " + std::to_string(ctx) + ", \"splits\": " + std::to_string(used_splits) +
+                  ", \"context\": " + std::to_string(ctx) + ", \"splits\": " + std::to_string(splits) +
                   ", \"kernel\": \"" + kernel + "\"" +
                   ", \"us\": " + Fmt("%.2f", ms * 1e3) + ", \"gbps\": " + Fmt("%.1f", gbs) +
                   ", \"pct_copy\": " + Fmt("%.1f", 100 * gbs / copy_gbs) + ", \"tflops\": " + Fmt("%.1f", tflops) +
                   ", \"rotated_sets\": " + std::to_string(sets) + "}";
       first = false;
-      out.md += "| " + std::to_string(B) + " | " + std::to_string(ctx) + " | " + std::to_string(used_splits) + " | " + kernel + " | " +
+      out.md += "| " + std::to_string(B) + " | " + std::to_string(ctx) + " | " + std::to_string(splits) + " | " + kernel + " | " +
                 Fmt("%.1f", ms * 1e3) + " | " + Fmt("%.0f", gbs) + " | " + Fmt("%.1f", 100 * gbs / copy_gbs) + " | " +
                 Fmt("%.0f", tflops) + " |\n";
-      std::printf("MLA %4ld %6ld %4d %-8s %9.1f %7.0f %5.1f %6.0f\n", long(B), long(ctx), used_splits, kernel, ms * 1e3, gbs,
+      std::printf("MLA %4ld %6ld %4d %-8s %9.1f %7.0f %5.1f %6.0f\n", long(B), long(ctx), splits, kernel, ms * 1e3, gbs,
                   100 * gbs / copy_gbs, tflops);
       if (ws) CK(cudaFree(ws));
       CK(cudaFree(d_tables));

@@ -665,8 +665,7 @@ class CudaBackend : public ComputeBackend {
       mp.num_query_blocks = plan.num_query_blocks;
       mp.head_block = 0;
       if (plan.query_blocks == nullptr && H <= 16 && !MlaAttentionUsesWgmma(mp)) mp.head_block = 16;
-      const int splits = MlaAttentionNumSplits(plan.query_blocks != nullptr ? plan.num_query_blocks : n, H,
-                                               plan.max_context, 0, mp.head_block);
+      const int splits = MlaAttentionSplits(mp);  // the count the chosen kernel uses
       mp.num_splits = splits;
       mp.workspace_bytes = MlaAttentionWorkspaceBytes(n, H, r, splits);
       DMOE_ASSIGN_OR_RETURN(mp.workspace, scratch.Bytes(mp.workspace_bytes));

@@ -163,7 +163,6 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   const bool grouped = p.query_blocks != nullptr;
   const int64_t q_first = grouped ? p.query_blocks[qb] : qb;
   const int q_count = grouped ? static_cast<int>(p.query_blocks[qb + 1] - q_first) : 1;
-  auto ctx_of = [&](int64_t q) { return MlaContext(p, q); };
   // Block row r -> its row of q_lat / out (query * H + head), -1 for padding.
   auto row_of = [&](int r) -> int64_t {
     if (grouped) return r / H < q_count ? q_first * H + r : -1;
@@ -172,7 +171,7 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
   };
   int64_t ctx = 0;
   for (int j = 0; j < q_count; ++j) {
-    const int64_t c = ctx_of(q_first + j);
+    const int64_t c = MlaContext(p, q_first + j);
     ctx = c > ctx ? c : ctx;
   }
   const TileRange range = SplitTiles(ctx, kTile, grid.splits, split);
@@ -199,7 +198,7 @@ __global__ void __launch_bounds__(MlaCfg<ROWS>::kThreads, MlaCfg<ROWS>::kBlocksP
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int br = rb * 16 + g + r * 8;
-    row_ctx[r] = !grouped ? ctx : (br / H < q_count ? ctx_of(q_first + br / H) : 0);
+    row_ctx[r] = !grouped ? ctx : (br / H < q_count ? MlaContext(p, q_first + br / H) : 0);
   }
 
   float o[32][4];

@@ -168,7 +168,7 @@ class MlaWorld {
     if (!reference_kernel && allow_wgmma && H > 32 && head_block != 16) {
       EXPECT_EQ(wgmma, WgmmaAvailable()) << what << ": blocks of 64 heads take the wgmma kernel where it exists";
     }
-    const std::string label = what + " splits=" + std::to_string(splits) + " head_block=" + std::to_string(head_block) +
+    const std::string label = what + " splits=" + std::to_string(MlaAttentionSplits(p)) + " head_block=" + std::to_string(head_block) +
                               (query_blocks ? " query blocks" : "") + (reference_kernel ? " (reference kernel)" : "") +
                               (wgmma && !reference_kernel ? " (wgmma)" : "");
     EXPECT_LT(RelL2(got, ref), reference_kernel ? 1e-4 : 8e-3) << label;
